@@ -1,0 +1,152 @@
+"""Command line: `python -m pipeline train ...` -> a checked Config -> the sequential trainer or the stage runtime.
+
+Exit codes: 0 success, 2 bad usage or config (one line, no traceback), 1 failure while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from pipeline.config import (DEVICES, LOSSES, MODELS, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
+                             DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one line and exit code 2."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def _partition(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--partition takes block counts like 2,1,1, got '{text}'") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pipeline", description="Model-parallel pipeline trainer for local learning.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser("train", help="train a network (sequentially, or as concurrent stages)")
+    add_train_arguments(train)
+    return parser
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    m, lo, o, d, pi, r = ModelConfig(), LossConfig(), OptimConfig(), DataConfig(), PipelineConfig(), RunConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=m.name, help=f"{', '.join(MODELS)} (default {m.name})")
+    g.add_argument("--num-layers", type=int, default=m.num_layers, help="hidden fully connected layers")
+    g.add_argument("--num-hidden", type=int, default=m.num_hidden, help="units per hidden fully connected layer")
+    g.add_argument("--feat-mult", type=float, default=m.feat_mult, help="multiplier on vgg feature maps")
+    g.add_argument("--nonlin", default=m.nonlin, help=f"{', '.join(NONLINEARITIES)}")
+    g.add_argument("--dropout", type=float, default=m.dropout, help="dropout after each nonlinearity")
+    g.add_argument("--no-batch-norm", action="store_true", help="no batch norm before the nonlinearities")
+    g = p.add_argument_group("learning rule")
+    g.add_argument("--loss", default=lo.loss, help=f"{', '.join(LOSSES)} (default {lo.loss})")
+    g.add_argument("--bio", action="store_true", help="backprop-free heads: feedback alignment and projected labels")
+    g.add_argument("--beta", type=float, default=lo.beta, help="weight of sim in predsim")
+    g.add_argument("--dim-in-decoder", type=int, default=lo.dim_in_decoder, help="max features into a conv block's pred head")
+    g.add_argument("--target-proj-size", type=int, default=lo.target_proj_size, help="bio label projection size")
+    g.add_argument("--no-similarity-std", action="store_true", help="no std reduction of feature maps in the similarity matrix")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optim", default=o.optim, help=f"{', '.join(OPTIMIZERS)}")
+    g.add_argument("--lr", type=float, default=o.lr, help="initial learning rate")
+    g.add_argument("--momentum", type=float, default=o.momentum, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=o.weight_decay)
+    g.add_argument("--lr-decay-milestones", type=int, nargs="+", default=list(o.lr_decay_milestones), help="epochs")
+    g.add_argument("--lr-decay-fact", type=float, default=o.lr_decay_fact)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help="mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, stl10, synthetic")
+    g.add_argument("--data-dir", default=d.data_dir, help="root of the torchvision datasets")
+    g.add_argument("--no-download", action="store_true", help="never download a missing dataset")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--no-augment", action="store_true", help="no training augmentation")
+    g.add_argument("--synthetic-like", default=d.synthetic_like, help="dataset whose shape synthetic data copies")
+    g.add_argument("--synthetic-train-size", type=int, default=d.synthetic_train_size)
+    g.add_argument("--synthetic-test-size", type=int, default=d.synthetic_test_size)
+    g.add_argument("--limit-train-batches", type=int, default=None, help="train batches per epoch at most")
+    g.add_argument("--limit-eval-batches", type=int, default=None, help="test batches per evaluation at most")
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--stages", type=int, default=None, help="stage processes K (default 1; WORLD_SIZE under torchrun)")
+    g.add_argument("--partition", type=_partition, default=None, help="blocks per stage, e.g. 2,1,1 (default: even)")
+    g.add_argument("--transport", default=pi.transport, help=f"{', '.join(TRANSPORTS)} (default {pi.transport})")
+    g.add_argument("--queue-depth", type=int, default=pi.queue_depth, help="batches in flight between two stages")
+    g.add_argument("--zmq-host", default=pi.zmq_host, help="interface zmq stages bind on across hosts")
+    g = p.add_argument_group("run")
+    g.add_argument("--epochs", type=int, default=r.epochs)
+    g.add_argument("--seed", type=int, default=r.seed)
+    g.add_argument("--device", default=r.device, help=f"{', '.join(DEVICES)}")
+    g.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per process")
+    g.add_argument("--out", default=None, help="folder for summary.json, metrics.jsonl and weights")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def torchrun_world() -> tuple[int, int] | None:
+    """(rank, world size) when started by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def config_from_args(a: argparse.Namespace) -> Config:
+    world = torchrun_world()
+    stages = a.stages
+    if world is not None:
+        if stages is not None and stages != world[1]:
+            raise ConfigError(f"--stages {stages} but torchrun started {world[1]} processes: drop --stages or match them")
+        stages = world[1]
+    return Config(
+        model=ModelConfig(name=a.model, num_layers=a.num_layers, num_hidden=a.num_hidden, feat_mult=a.feat_mult,
+                          nonlin=a.nonlin, dropout=a.dropout, batch_norm=not a.no_batch_norm),
+        loss=LossConfig(loss=a.loss, bio=a.bio, beta=a.beta, dim_in_decoder=a.dim_in_decoder,
+                        target_proj_size=a.target_proj_size, similarity_std=not a.no_similarity_std),
+        optim=OptimConfig(optim=a.optim, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
+                          lr_decay_milestones=tuple(a.lr_decay_milestones), lr_decay_fact=a.lr_decay_fact),
+        data=DataConfig(dataset=a.dataset, data_dir=a.data_dir, download=not a.no_download, batch_size=a.batch_size,
+                        augment=not a.no_augment, synthetic_like=a.synthetic_like,
+                        synthetic_train_size=a.synthetic_train_size, synthetic_test_size=a.synthetic_test_size,
+                        limit_train_batches=a.limit_train_batches, limit_eval_batches=a.limit_eval_batches),
+        pipeline=PipelineConfig(stages=stages or 1, partition=a.partition, transport=a.transport,
+                                queue_depth=a.queue_depth, zmq_host=a.zmq_host),
+        run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
+                      progress=not a.no_progress),
+    )
+
+
+def run_train(cfg: Config) -> int:
+    """Dispatch a checked config: a torchrun rank, the local launcher for K > 1, or the sequential trainer."""
+    if torchrun_world() is not None:
+        from pipeline.runtime import run_stage_from_env
+
+        return run_stage_from_env(cfg)
+    if cfg.pipeline.stages > 1:
+        from launch.local import launch
+
+        return launch(cfg)
+    from pipeline.sequential import SequentialTrainer
+
+    SequentialTrainer(cfg).run()
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = config_from_args(args)
+        return run_train(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILURE

@@ -1,0 +1,252 @@
+"""Run configuration: nested dataclasses with every check on user input in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+MODELS = ("mlp", "vgg8b", "vgg11b")
+LOCAL_LOSSES = ("predsim", "pred", "sim")
+LOSSES = LOCAL_LOSSES + ("backprop",)
+OPTIMIZERS = ("adam", "amsgrad", "sgd")
+NONLINEARITIES = ("relu", "leakyrelu")
+DEVICES = ("cpu", "cuda")
+TRANSPORTS = ("dist", "zmq", "local")
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one line, exit code 2, before any process starts."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _choice(value: str, options: tuple[str, ...], flag: str) -> None:
+    _require(value in options, f"unknown {flag} '{value}': choose one of {', '.join(options)}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The network: which architecture and how wide, deep and regularised it is."""
+
+    name: str = "mlp"
+    """mlp, vgg8b or vgg11b (the reference's networks)."""
+    num_layers: int = 1
+    """Hidden fully connected layers (the whole mlp; the classifier part of a vgg)."""
+    num_hidden: int = 1024
+    """Units in each hidden fully connected layer."""
+    feat_mult: float = 1.0
+    """Multiplier on the number of feature maps of the vgg convolutions."""
+    nonlin: str = "relu"
+    """relu or leakyrelu (slope 0.01)."""
+    dropout: float = 0.0
+    """Dropout after each nonlinearity; the local loss is taken before it."""
+    batch_norm: bool = True
+    """Batch norm between each layer and its nonlinearity."""
+
+    def __post_init__(self) -> None:
+        _choice(self.name, MODELS, "--model")
+        _choice(self.nonlin, NONLINEARITIES, "--nonlin")
+        minimum_layers = 1 if self.name == "mlp" else 0
+        _require(self.num_layers >= minimum_layers, f"--num-layers must be >= {minimum_layers} for {self.name}, got {self.num_layers}")
+        _require(self.num_hidden >= 1, f"--num-hidden must be >= 1, got {self.num_hidden}")
+        _require(self.feat_mult > 0 and math.isfinite(self.feat_mult), f"--feat-mult must be > 0, got {self.feat_mult}")
+        _require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    """How every block learns: its local loss, or global backprop."""
+
+    loss: str = "predsim"
+    """predsim, pred, sim (local losses) or backprop (one global loss at the output)."""
+    bio: bool = False
+    """Backprop-free heads: feedback-alignment pred head, no learned map before the sim loss, projected labels."""
+    beta: float = 0.99
+    """Weight of the sim loss in predsim: (1 - beta) * pred + beta * sim."""
+    dim_in_decoder: int = 4096
+    """Average-pool a conv block's output until C*H*W is at most this before its pred head."""
+    target_proj_size: int = 128
+    """Size of the bio variant's fixed random projection of the labels."""
+    similarity_std: bool = True
+    """Reduce feature maps to per-channel standard deviations before the similarity matrix."""
+
+    def __post_init__(self) -> None:
+        _choice(self.loss, LOSSES, "--loss")
+        _require(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
+        _require(self.dim_in_decoder >= 1, f"--dim-in-decoder must be >= 1, got {self.dim_in_decoder}")
+        _require(self.target_proj_size >= 1, f"--target-proj-size must be >= 1, got {self.target_proj_size}")
+        _require(not (self.bio and self.loss == "backprop"), "--bio changes the local heads and has no effect with --loss backprop: drop one")
+
+    @property
+    def local(self) -> bool:
+        return self.loss in LOCAL_LOSSES
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """Each block's optimizer and the step learning-rate schedule they share."""
+
+    optim: str = "adam"
+    """adam, amsgrad or sgd."""
+    lr: float = 5e-4
+    """Initial learning rate."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """L2 weight decay."""
+    lr_decay_milestones: tuple[int, ...] = (200, 300, 350, 375)
+    """Epochs after which the learning rate is multiplied by lr_decay_fact."""
+    lr_decay_fact: float = 0.25
+    """Learning rate factor at each milestone."""
+
+    def __post_init__(self) -> None:
+        _choice(self.optim, OPTIMIZERS, "--optim")
+        _require(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
+        _require(self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}")
+        _require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _require(self.lr_decay_fact > 0, f"--lr-decay-fact must be > 0, got {self.lr_decay_fact}")
+        self.lr_decay_milestones = tuple(int(m) for m in self.lr_decay_milestones)
+        _require(all(m >= 1 for m in self.lr_decay_milestones), "--lr-decay-milestones must be epochs >= 1")
+        _require(list(self.lr_decay_milestones) == sorted(self.lr_decay_milestones), "--lr-decay-milestones must be increasing")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the batches come from."""
+
+    dataset: str = "mnist"
+    """mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, stl10 or synthetic."""
+    data_dir: str = "data"
+    """Root folder of the torchvision datasets."""
+    download: bool = True
+    """Download a dataset that is missing from data_dir."""
+    batch_size: int = 128
+    """Training and evaluation batch size."""
+    augment: bool = True
+    """The reference's training augmentations (random crops, flips) for the dataset."""
+    synthetic_like: str = "mnist"
+    """The dataset whose shape, classes and normalisation synthetic data copies."""
+    synthetic_train_size: int = 10_000
+    """Synthetic training examples."""
+    synthetic_test_size: int = 2_000
+    """Synthetic test examples."""
+    limit_train_batches: int | None = None
+    """Train on at most this many batches per epoch."""
+    limit_eval_batches: int | None = None
+    """Evaluate on at most this many batches per epoch."""
+
+    def __post_init__(self) -> None:
+        from pipeline.data import DATASETS  # data specs live with the data code
+
+        _choice(self.dataset, tuple(DATASETS) + ("synthetic",), "--dataset")
+        _choice(self.synthetic_like, tuple(DATASETS), "--synthetic-like")
+        _require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _require(self.synthetic_train_size >= 1 and self.synthetic_test_size >= 1, "--synthetic-train-size and --synthetic-test-size must be >= 1")
+        for flag, limit in (("--limit-train-batches", self.limit_train_batches), ("--limit-eval-batches", self.limit_eval_batches)):
+            _require(limit is None or limit >= 1, f"{flag} must be >= 1, got {limit}")
+
+    @property
+    def shape_source(self) -> str:
+        """The real dataset whose shape and statistics the batches have."""
+        return self.synthetic_like if self.dataset == "synthetic" else self.dataset
+
+
+@dataclass(kw_only=True, slots=True)
+class PipelineConfig:
+    """How the blocks are cut into concurrent stage processes and how those talk."""
+
+    stages: int = 1
+    """Number of stage processes K; 1 runs the sequential trainer in this process."""
+    partition: tuple[int, ...] | None = None
+    """Blocks per stage (e.g. 2,1,1), the output classifier counting as the last block; None splits evenly."""
+    transport: str = "dist"
+    """dist (torch.distributed: NCCL on GPUs, gloo on CPU), zmq (PUSH/PULL + msgpack) or local (torch.multiprocessing queues)."""
+    queue_depth: int = 4
+    """Batches that may wait between two stages; a faster stage blocks beyond that."""
+    zmq_host: str = "127.0.0.1"
+    """Interface the zmq stages bind on when they are on different hosts; ipc:// is used within one host."""
+
+    def __post_init__(self) -> None:
+        _require(self.stages >= 1, f"--stages must be >= 1, got {self.stages}")
+        _choice(self.transport, TRANSPORTS, "--transport")
+        _require(self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}")
+        if self.partition is not None:
+            self.partition = tuple(int(p) for p in self.partition)
+            _require(all(p >= 1 for p in self.partition), f"--partition sizes must be >= 1, got {','.join(map(str, self.partition))}")
+            _require(len(self.partition) == self.stages, f"--partition has {len(self.partition)} sizes but --stages is {self.stages}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """One training run: its length, randomness, hardware and outputs."""
+
+    epochs: int = 1
+    """Passes over the training set."""
+    seed: int = 1
+    """Seed of every random generator (data order, augmentation, initialisation, dropout)."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    threads: int | None = None
+    """Intra-op CPU threads per process; default: the cores divided among the processes."""
+    out: str | None = None
+    """Folder for summary.json, metrics.jsonl and the trained weights."""
+    progress: bool = True
+    """Show a progress bar on the console."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        _require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        _choice(self.device, DEVICES, "--device")
+        _require(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    """Everything a run needs; checks that span sections happen here."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        from pipeline.models import count_blocks
+
+        blocks = count_blocks(self.model)
+        stages = self.pipeline.stages
+        _require(stages <= blocks, f"--stages {stages} is more than the {blocks} blocks of {self.model.name} (output classifier included): use at most {blocks}")
+        if self.pipeline.partition is not None:
+            total = sum(self.pipeline.partition)
+            _require(total == blocks, f"--partition sums to {total} but {self.model.name} has {blocks} blocks")
+        _require(not (self.loss.loss == "backprop" and stages > 1), "--loss backprop needs the whole network in one process: use --stages 1")
+        if self.run.device == "cuda":
+            import torch
+
+            _require(torch.cuda.is_available(), "--device cuda but no CUDA GPU is visible: use --device cpu")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (the 'resolved config' of summary.json)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """Rebuild (and re-check) a config from its to_dict() form."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kinds = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "data": DataConfig, "pipeline": PipelineConfig, "run": RunConfig}
+        unknown = set(values) - set(sections)
+        _require(not unknown, f"unknown config sections: {', '.join(sorted(unknown))}")
+        return cls(**{name: kinds[name](**section) for name, section in values.items()})
+
+
+def default_threads(processes: int) -> int:
+    """Intra-op threads per process when the cores are shared evenly among `processes`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes))

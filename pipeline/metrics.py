@@ -1,0 +1,108 @@
+"""Metrics: steady-state throughput, per-epoch records in metrics.jsonl, and summary.json at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+
+class Throughput:
+    """Training samples per second in steady state: each epoch's first batch (warm-up, pipeline fill) is excluded.
+
+    Call start_epoch() before an epoch's batches and batch_done(n) as each training batch completes.
+    """
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.seconds = 0.0
+        self._first: float | None = None
+        self._last: float | None = None
+        self._epoch_samples = 0
+
+    def start_epoch(self) -> None:
+        self._close_epoch()
+        self._first = self._last = None
+        self._epoch_samples = 0
+
+    def batch_done(self, n: int) -> None:
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = now
+        else:
+            self._epoch_samples += n
+        self._last = now
+
+    def _close_epoch(self) -> None:
+        if self._first is not None and self._last is not None and self._last > self._first:
+            self.samples += self._epoch_samples
+            self.seconds += self._last - self._first
+            self._first = None
+
+    def epoch_rate(self) -> float | None:
+        if self._first is None or self._last is None or self._last <= self._first:
+            return None
+        return self._epoch_samples / (self._last - self._first)
+
+    def rate(self) -> float | None:
+        self._close_epoch()
+        return self.samples / self.seconds if self.seconds > 0 else None
+
+
+def error_percent(hits: int, examples: int) -> float:
+    return 100.0 * (1.0 - hits / examples)
+
+
+def layer_errors(hits: list[int | None], examples: int) -> list[float | None]:
+    """Test error (percent) of each block's classifier; None for a block without one."""
+    return [None if h is None else error_percent(h, examples) for h in hits]
+
+
+class MetricsWriter:
+    """Writes metrics.jsonl (one line per epoch) and summary.json into the run's --out folder, if any."""
+
+    def __init__(self, out_dir: str | None):
+        self.out_dir = out_dir
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        if self.out_dir:
+            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        if self.out_dir:
+            path = os.path.join(self.out_dir, "summary.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(summary, f, indent=2)
+            os.replace(path + ".tmp", path)
+
+
+def describe_epoch(record: dict[str, Any]) -> str:
+    """One console line for an epoch."""
+    layers = "/".join("-" if e is None else f"{e:.2f}" for e in record["layer_test_errors"][:-1])
+    rate = record.get("train_samples_per_s")
+    rate_text = f", {rate:.0f} samples/s" if rate else ""
+    return (f"epoch {record['epoch']}: test error {record['test_error']:.2f}%"
+            f" (local classifiers {layers or '-'}), train loss {record['train_loss']:.4f}{rate_text}")
+
+
+def epoch_record(epoch: int, lr: float, train_stats: list[dict[str, float | None]], hits: list[int | None],
+                 examples: int, rate: float | None, started: float) -> dict[str, Any]:
+    """The metrics.jsonl line of an epoch; the output classifier is the last block."""
+    errors = layer_errors(hits, examples)
+    return {
+        "epoch": epoch,
+        "lr": lr,
+        "test_error": errors[-1],
+        "layer_test_errors": errors,
+        "train_loss": train_stats[-1]["loss"],
+        "train_error": train_stats[-1]["error"],
+        "layer_train_losses": [s["loss"] for s in train_stats],
+        "layer_train_errors": [s["error"] for s in train_stats],
+        "train_samples_per_s": rate,
+        "wall_s": time.perf_counter() - started,
+    }

@@ -1,0 +1,101 @@
+"""Models as plain lists of blocks (mlp, vgg8b, vgg11b as in the reference), ready to be cut into stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+from torch import nn
+
+from pipeline.blocks import Block, HiddenBlock, OutputBlock, make_optimizer
+from pipeline.heads import LocalHeads
+from pipeline.losses import output_loss_scale
+from pipeline.seeding import generator, seeded_init
+
+if TYPE_CHECKING:
+    from pipeline.config import Config, ModelConfig
+
+# Convolution widths; "M" is a 2x2 max pool, folded into the preceding block's output.
+VGG_LAYOUTS: dict[str, list[int | str]] = {
+    "vgg8b": [128, 256, "M", 256, 512, "M", 512, "M", 512, "M"],
+    "vgg11b": [128, 128, 128, 256, "M", 256, 512, "M", 512, 512, "M", 512, "M"],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BlockPlan:
+    """Shape of one block before it is built: conv (size set) or linear (size None), or the output classifier."""
+
+    kind: str  # "conv", "linear" or "output"
+    inputs: int  # input channels or features
+    outputs: int  # output channels, features or classes
+    size: int | None = None  # conv: spatial size of the block's activation (before pooling)
+    kernel: int = 3
+    stride: int = 1
+    pool: bool = False
+    flatten_input: bool = False
+
+
+def plan_blocks(model: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> list[BlockPlan]:
+    """The block list of a model for inputs (C, H, W): hidden blocks in order, then the output classifier."""
+    channels, size, _ = input_shape
+    plans: list[BlockPlan] = []
+    if model.name in VGG_LAYOUTS:
+        for item in VGG_LAYOUTS[model.name]:
+            if item == "M":
+                last = plans[-1]
+                plans[-1] = BlockPlan(last.kind, last.inputs, last.outputs, last.size, last.kernel, last.stride, pool=True)
+                size //= 2
+                continue
+            width = int(item * model.feat_mult)
+            if not plans and size > 64:  # large inputs (STL-10): a 7x7 stride-2 first convolution
+                size //= 2
+                plans.append(BlockPlan("conv", channels, width, size, kernel=7, stride=2))
+            else:
+                plans.append(BlockPlan("conv", channels, width, size))
+            channels = width
+    features = channels * size * size
+    for layer in range(model.num_layers):
+        plans.append(BlockPlan("linear", features, model.num_hidden, flatten_input=layer == 0))
+        features = model.num_hidden
+    plans.append(BlockPlan("output", features, num_classes, flatten_input=True))
+    return plans
+
+
+def count_blocks(model: ModelConfig) -> int:
+    """Blocks of a model, the output classifier included (independent of the input shape)."""
+    convs = sum(isinstance(item, int) for item in VGG_LAYOUTS.get(model.name, []))
+    return convs + model.num_layers + 1
+
+
+def _build(plan: BlockPlan, index: int, cfg: Config, num_classes: int) -> Block:
+    local = cfg.loss.local
+    if plan.kind == "output":
+        return OutputBlock(index, plan.inputs, plan.outputs, loss_scale=output_loss_scale(cfg.loss.loss, cfg.loss.beta), zero_init=local)
+    if plan.kind == "conv":
+        layer = nn.Conv2d(plan.inputs, plan.outputs, plan.kernel, stride=plan.stride, padding=plan.kernel // 2)
+    else:
+        layer = nn.Linear(plan.inputs, plan.outputs)
+    heads = LocalHeads(cfg.loss, num_classes, plan.outputs, plan.size) if local else None
+    pool = nn.MaxPool2d(2, 2) if plan.pool else None
+    return HiddenBlock(index, layer, batch_norm=cfg.model.batch_norm, nonlin=cfg.model.nonlin, dropout=cfg.model.dropout,
+                       pool=pool, heads=heads, flatten_input=plan.flatten_input)
+
+
+def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
+                 indices: Iterable[int] | None = None, device: str | torch.device = "cpu") -> list[Block]:
+    """Build blocks (all, or those at `indices`), each from its own seed so any process builds the same block.
+
+    Parameters are drawn on the CPU and then moved, so a block's initial weights do not depend on the device.
+    """
+    plans = plan_blocks(cfg.model, input_shape, num_classes)
+    chosen = range(len(plans)) if indices is None else list(indices)
+    blocks = []
+    for index in chosen:
+        with seeded_init(cfg.run.seed, "block", index):
+            block = _build(plans[index], index, cfg, num_classes)
+        block.to(device)
+        block.attach(make_optimizer(block.parameters(), cfg.optim), generator(cfg.run.seed, "dropout", index, device=device))
+        blocks.append(block)
+    return blocks

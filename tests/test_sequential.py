@@ -1,0 +1,74 @@
+"""The sequential trainer: learns, is deterministic, writes its outputs, and supports every learning rule."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import small_config
+from pipeline.checkpoint import load_weights
+from pipeline.sequential import SequentialTrainer
+
+
+def _weights(trainer):
+    return {b.index: {k: v.clone() for k, v in b.state_dict().items()} for b in trainer.blocks}
+
+
+def test_same_seed_gives_bit_identical_training():
+    a, b = SequentialTrainer(small_config()), SequentialTrainer(small_config())
+    sa, sb = a.run(), b.run()
+    assert sa["layer_test_errors"] == sb["layer_test_errors"]
+    for (ia, wa), (ib, wb) in zip(_weights(a).items(), _weights(b).items()):
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("loss,bio", [("predsim", False), ("pred", False), ("sim", False), ("predsim", True), ("backprop", False)])
+def test_every_learning_rule_learns_the_synthetic_task(loss, bio, tmp_path):
+    cfg = small_config(loss=loss, loss__bio=bio, run__epochs=3, data__synthetic_train_size=512, optim__lr=5e-3,
+                       run__out=str(tmp_path))
+    summary = SequentialTrainer(cfg).run()
+    assert summary["test_error"] < 50.0, summary  # chance is 90%
+    hidden = summary["layer_test_errors"][:-1]
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    if loss == "backprop":
+        assert hidden == [None, None]  # no local heads at all
+        return
+    # every hidden block's own local loss goes down: the block itself learns, not only the output layer
+    first, last = epochs[0]["layer_train_losses"][:-1], epochs[-1]["layer_train_losses"][:-1]
+    assert all(b < a for a, b in zip(first, last)), (first, last)
+    if loss == "sim":
+        assert hidden == [None, None]  # no local classifier to score
+    else:
+        assert all(e is not None and e < 60.0 for e in hidden)
+
+
+def test_backprop_updates_every_block_through_the_output_loss():
+    trainer = SequentialTrainer(small_config(loss="backprop"))
+    before = _weights(trainer)
+    batch = next(trainer.source.train_batches(1))
+    trainer.train_batch(batch.x, batch.y)
+    after = _weights(trainer)
+    assert all(not torch.equal(before[i]["layer.weight"], after[i]["layer.weight"]) for i in before)
+
+
+def test_run_writes_summary_metrics_and_weights(tmp_path):
+    cfg = small_config(run__epochs=2, run__out=str(tmp_path), optim__lr_decay_milestones=(1,), optim__lr_decay_fact=0.1)
+    trainer = SequentialTrainer(cfg)
+    summary = trainer.run()
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["test_error"] == summary["test_error"] == summary["layer_test_errors"][-1]
+    assert on_disk["config"]["model"]["name"] == "mlp" and on_disk["train_samples_per_s"] > 0 and on_disk["wall_s"] > 0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert [r["lr"] for r in lines] == [pytest.approx(1e-3), pytest.approx(1e-4)]
+    assert trainer.blocks[0].optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    saved = load_weights(str(tmp_path))
+    assert sorted(saved) == [0, 1, 2]
+    assert torch.equal(saved[1]["layer.weight"], trainer.blocks[1].layer.weight)
+
+
+def test_mnist_mlp_learns_in_a_hundred_batches(mnist_root):
+    cfg = small_config(data__dataset="mnist", data__data_dir=mnist_root, data__batch_size=128, data__limit_train_batches=100,
+                       data__limit_eval_batches=20, model__num_hidden=256, optim__lr=2e-3, run__threads=None)
+    summary = SequentialTrainer(cfg).run()
+    assert summary["test_error"] < 12.0, summary["layer_test_errors"]

@@ -168,7 +168,8 @@ class PipelineConfig:
     transport: str = "dist"
     """dist (torch.distributed: NCCL on GPUs, gloo on CPU), zmq (PUSH/PULL + msgpack) or local (torch.multiprocessing queues)."""
     queue_depth: int = 4
-    """Batches that may wait between two stages; a faster stage blocks beyond that."""
+    """Batches D that may wait in each of a stage's input and output queues; a faster stage blocks beyond that,
+    so it runs at most 2D + 4 batches ahead of the next (the queues, the batches in hand, the one on the link)."""
     zmq_host: str = "127.0.0.1"
     """Interface the zmq stages bind on when they are on different hosts; ipc:// is used within one host."""
 

@@ -195,3 +195,10 @@ class BatchSource:
         for index in range(self.num_eval_batches):
             sl = slice(index * size, (index + 1) * size)
             yield Batch(index, self._normalise(self.test_set.images[sl]), self.test_set.labels[sl].to(self.device))
+
+
+def check_available(cfg: DataConfig) -> None:
+    """Make sure a real dataset can be loaded (downloading it if allowed) before any stage process starts."""
+    if cfg.dataset != "synthetic":
+        for train in (True, False):
+            load_split(cfg.dataset, cfg.data_dir, train, cfg.download)

@@ -19,3 +19,42 @@ def small_config(model="mlp", loss="predsim", like="mnist", stages=1, **override
     return Config(model=ModelConfig(**sections["model"]), loss=LossConfig(**sections["loss"]),
                   optim=OptimConfig(**sections["optim"]), data=DataConfig(**sections["data"]),
                   pipeline=PipelineConfig(**sections["pipeline"]), run=RunConfig(**sections["run"]))
+
+
+def run_ranks(target, world: int, timeout: float = 60.0, args: tuple = ()) -> list:
+    """Run target(rank, world, store_port, results, *args) in `world` spawned processes; return their results by rank.
+
+    Every process is killed if they have not all reported within `timeout` seconds (hangs fail, not block).
+    """
+    import queue as queue_module
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    results = context.Queue()
+    processes = [context.Process(target=target, args=(rank, world, store.port, results, *args)) for rank in range(world)]
+    for process in processes:
+        process.start()
+    collected = {}
+    try:
+        for _ in range(world):
+            rank, value = results.get(timeout=timeout)
+            collected[rank] = value
+    except queue_module.Empty:
+        raise TimeoutError(f"only ranks {sorted(collected)} of {world} reported within {timeout} s") from None
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+    return [collected[rank] for rank in range(world)]
+
+
+def init_gloo(rank: int, world: int, store_port: int) -> None:
+    """Join the test's process group (gloo) through the parent's TCPStore."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)

@@ -70,3 +70,13 @@ def test_epoch_stats_report_mean_loss_and_error():
     stats.add(torch.tensor(2.0), torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 0, 0]))
     stats.add(torch.tensor(4.0), None, torch.tensor([1, 1, 1, 1]))
     assert stats.summary() == {"loss": 3.0, "error": pytest.approx(100 * (1 - 3 / 8))}
+
+
+@pytest.mark.parametrize("optim", ["adam", "amsgrad", "sgd"])
+def test_every_optimizer_steps_the_block(optim):
+    block = _blocks(optim__optim=optim, optim__momentum=0.9 if optim == "sgd" else 0.0, optim__weight_decay=1e-4)[0]
+    assert block.optimizer.defaults.get("amsgrad", False) == (optim == "amsgrad")
+    before = block.layer.weight.clone()
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    block.learn(block.forward_train(x)[0], y)
+    assert not torch.equal(before, block.layer.weight)

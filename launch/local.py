@@ -1,0 +1,89 @@
+"""Local launcher: start the K stage processes on this host (the emulation mode), watch them, end them together.
+
+It plays torchrun's part for one host: a rendezvous store, one process per stage with its rank, and
+supervision: when a stage fails, the others are stopped within seconds and the run exits non-zero.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.config import Config
+from pipeline.data import check_available
+from pipeline.runtime import guarded, run_stage
+from pipeline.transport.local import make_queues
+
+STOP_GRACE_S = 3.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this stage gets SIGKILL if the launcher dies, so no stage outlives a killed launcher."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def stage_process(cfg: Config, rank: int, world: int, store_port: int, queues: list | None, parent: int) -> None:
+    """Body of one stage process started by the launcher."""
+    _die_with_parent(parent)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port))
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False)
+    sys.exit(guarded(rank, lambda: run_stage(cfg, rank, world, rank, world, store=store, local_queues=queues)))
+
+
+def _stop(processes: list) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def supervise(processes: list) -> int:
+    """Wait for all stages; at the first failure stop the rest and return its exit code (1, or 2 for bad config)."""
+    pending = {process.sentinel: process for process in processes}
+    try:
+        while pending:
+            for sentinel in multiprocessing.connection.wait(list(pending), timeout=1.0):
+                process = pending.pop(sentinel)
+                process.join()
+                if process.exitcode != 0:
+                    _stop(list(pending.values()))
+                    print(f"error: {process.name} exited with code {process.exitcode}; stopped the other stages",
+                          file=sys.stderr, flush=True)
+                    return 2 if process.exitcode == 2 else 1
+    except KeyboardInterrupt:
+        _stop(list(pending.values()))
+        raise
+    return 0
+
+
+def launch(cfg: Config) -> int:
+    """Run a K-stage pipeline on this host; returns the exit code."""
+    check_available(cfg.data)  # a missing dataset is reported here, once, before any stage starts
+    world = cfg.pipeline.stages
+    context = mp.get_context("spawn")
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    queues = make_queues(context, world, cfg.pipeline.queue_depth) if cfg.pipeline.transport == "local" else None
+    processes = [context.Process(target=stage_process, args=(cfg, rank, world, store.port, queues, os.getpid()),
+                                 name=f"stage {rank}", daemon=False) for rank in range(world)]
+    for process in processes:
+        process.start()
+    return supervise(processes)

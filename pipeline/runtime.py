@@ -1,0 +1,107 @@
+"""Runtime: turn one process into stage `rank` (device, threads, cores, process group, links) and run it.
+
+The same function runs under torchrun (rendezvous from the environment) and under the local launcher
+(rendezvous through the launcher's TCPStore). A failing stage prints who and where it is with its traceback
+and exits non-zero at once, without a collective teardown that could wait on a dead peer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import threading
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline.config import Config, ConfigError
+from pipeline.data import DATASETS, BatchSource
+from pipeline.models import build_blocks, count_blocks
+from pipeline.partition import resolve_partition
+from pipeline.stage import Stage
+from pipeline.transport import open_channels
+
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def stage_device(cfg: Config, local_rank: int) -> torch.device:
+    """cuda:<local rank> when there are enough GPUs, all stages on cuda:0 in the one-GPU emulation, else CPU."""
+    if cfg.run.device == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def pin_cores(local_rank: int, local_world: int) -> list[int]:
+    """Give this stage its own share of the cores (round robin when there are more stages than cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per_stage = len(cores) // local_world
+    mine = cores[local_rank * per_stage:(local_rank + 1) * per_stage] if per_stage else [cores[local_rank % len(cores)]]
+    os.sched_setaffinity(0, mine)
+    return mine
+
+
+def data_backend(cfg: Config, local_world: int) -> str:
+    """NCCL when every stage of this host has a GPU of its own; gloo (through host memory) otherwise."""
+    if cfg.run.device == "cuda" and torch.cuda.device_count() >= local_world:
+        return "nccl"
+    return "gloo"
+
+
+def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: int, *,
+              store: dist.Store | None = None, local_queues: list | None = None) -> dict[str, Any] | None:
+    """Set up and run stage `rank`; the last stage returns the run's summary."""
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a killed stage would leak it
+    device = stage_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        threads = cfg.run.threads or 1
+    else:
+        threads = cfg.run.threads or len(pin_cores(local_rank, local_world))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=PROCESS_GROUP_TIMEOUT)
+    ranges = resolve_partition(count_blocks(cfg.model), world, cfg.pipeline.partition)
+    spec = DATASETS[cfg.data.shape_source]
+    blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=ranges[rank], device=device)
+    source = BatchSource(cfg.data, cfg.run.seed, device) if rank == 0 else None
+    inbox, outbox = open_channels(cfg.pipeline.transport, rank, world, device, dist_backend=data_backend(cfg, local_world),
+                                  zmq_host=cfg.pipeline.zmq_host, local_queues=local_queues)
+    stage = Stage(cfg, rank, world, blocks, inbox=inbox, outbox=outbox, source=source, device=device,
+                  host=socket.gethostname())
+    summary = stage.run()
+    dist.barrier()  # every stage has seen END: the links can close
+    for channel in (inbox, outbox):
+        if channel is not None:
+            channel.close()
+    dist.destroy_process_group()
+    return summary
+
+
+def guarded(rank: int, body) -> int:
+    """Run a stage body; on failure print the stage, host and traceback, and leave at once with exit 1 (2 for config)."""
+    try:
+        body()
+        return 0
+    except ConfigError as exc:
+        print(f"error: stage {rank}: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    except BaseException:
+        where = f"stage {rank} (pid {os.getpid()} on {socket.gethostname()})"
+        print(f"error: {where} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        code = 1
+    sys.stdout.flush()
+    os._exit(code)  # no collective teardown: peers may be gone or blocked
+
+
+def run_stage_from_env(cfg: Config) -> int:
+    """Entry point of a torchrun worker: rank = stage; LOCAL_RANK picks the GPU."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if cfg.pipeline.transport == "local":
+        raise ConfigError("--transport local needs the local launcher (python -m pipeline train --stages K): use dist or zmq under torchrun")
+    return guarded(rank, lambda: run_stage(cfg, rank, world, local_rank, local_world))

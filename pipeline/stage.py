@@ -1,0 +1,301 @@
+"""One stage's loop: receive a batch -> train this stage's blocks on it -> send the detached output on.
+
+                 in_queue (<= D)                      out_queue (<= D)
+    inbox ──► [feed thread] ──► compute (this thread) ──► [send thread] ──► outbox
+    (stage 0: the data source instead of an inbox)        (last stage: no outbox, it reports)
+
+The compute thread never waits for anything but its next input (and, under backpressure, room to send).
+The output is handed to the send thread as soon as the blocks' forward passes are done; the blocks learn
+while it travels. Errors in the helper threads are carried to the compute thread and re-raised there.
+A message's receive buffers go back to the transport once the blocks have learned from it and the message
+that carries its labels on has been sent (see release_after).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from pipeline.blocks import Block, evaluate_blocks, learning_rate, train_blocks
+from pipeline.checkpoint import save_weights
+from pipeline.config import Config
+from pipeline.data import BatchSource
+from pipeline.message import Kind, Message
+from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
+from pipeline.transport import Channel
+
+_POLL_S = 0.2
+FAULT_ENV = "PIPELINE_FAIL_AT"  # "STAGE:BATCH": that stage raises at that training batch (for fault tests)
+
+
+def _injected_fault(rank: int) -> int | None:
+    """The training batch at which this stage must fail, when a fault test asks for one."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if ":" not in spec:
+        return None
+    stage, batch = spec.split(":", 1)
+    return int(batch) if int(stage) == rank else None
+
+
+class _Failure:
+    """An exception raised in a helper thread, to be re-raised by the compute thread."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def release_after(count: int, release):
+    """A callback that calls `release` on its `count`-th call: the buffers of a received message go back only
+    when both its users are done, the compute thread (the blocks' backward reads the input) and the send thread
+    (the labels travel on with the output)."""
+    lock, calls = threading.Lock(), [0]
+
+    def countdown() -> None:
+        with lock:
+            calls[0] += 1
+            last = calls[0] == count
+        if last:
+            release()
+
+    return countdown
+
+
+def data_messages(source: BatchSource, epochs: int) -> Iterator[Message]:
+    """Stage 0's input stream: each epoch's training batches, then its test batches, then END."""
+    for epoch in range(1, epochs + 1):
+        batches = source.num_train_batches
+        for batch in source.train_batches(epoch):
+            meta = {"batches": batches} if batch.index == 0 else {}
+            yield Message(Kind.TRAIN, epoch, batch.index, [batch.x, batch.y], meta)
+        last = source.num_eval_batches - 1
+        for batch in source.eval_batches():
+            yield Message(Kind.EVAL, epoch, batch.index, [batch.x, batch.y], {"last": True} if batch.index == last else {})
+    yield Message(Kind.END)
+
+
+class Stage:
+    """The blocks of one stage and the loop that trains them on the stream from upstream."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, blocks: list[Block], *, inbox: Channel | None,
+                 outbox: Channel | None, source: BatchSource | None, device: torch.device, host: str):
+        if (rank == 0) != (source is not None) or (rank > 0) != (inbox is not None) or (rank < world - 1) != (outbox is not None):
+            raise ValueError(f"stage {rank} of {world} is wired wrongly")
+        self.cfg, self.rank, self.world, self.blocks = cfg, rank, world, blocks
+        self.inbox, self.outbox, self.source = inbox, outbox, source
+        self.device, self.host = device, host
+        self.is_last = rank == world - 1
+        self.in_queue: queue.Queue = queue.Queue(maxsize=cfg.pipeline.queue_depth)
+        self.out_queue: queue.Queue = queue.Queue(maxsize=cfg.pipeline.queue_depth)
+        self._send_failure: BaseException | None = None
+        self._epoch = 0
+        self._eval_hits: list[torch.Tensor | None] = [None] * len(blocks)
+        self._eval_examples = 0
+        # timings (seconds) for the stage report
+        self.compute_s = self.wait_s = self.blocked_s = self.send_s = 0.0
+        self._depth_sum = self._depth_max = self._messages = 0
+        self._started = time.perf_counter()
+        self._fail_at = _injected_fault(rank)
+        # the last stage keeps the run's metrics
+        self.throughput = Throughput()
+        self.writer = MetricsWriter(cfg.run.out) if self.is_last else None
+        self._bar: tqdm | None = None
+        self._record: dict[str, Any] = {}
+
+    # ---- helper threads -------------------------------------------------------------------------------------
+
+    def _incoming(self) -> Iterator[Message]:
+        if self.source is not None:
+            yield from data_messages(self.source, self.cfg.run.epochs)
+            return
+        while True:
+            yield self.inbox.recv()
+
+    def _feed(self) -> None:
+        try:
+            for msg in self._incoming():
+                self.in_queue.put(msg)
+                if msg.kind == Kind.END:
+                    return
+        except BaseException as exc:  # carried to the compute thread
+            self.in_queue.put(_Failure(exc))
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                msg = self.out_queue.get()
+                started = time.perf_counter()
+                self.outbox.send(msg)
+                self.send_s += time.perf_counter() - started
+                msg.release()
+                if msg.kind == Kind.END:
+                    return
+        except BaseException as exc:
+            self._send_failure = exc
+
+    # ---- compute thread -------------------------------------------------------------------------------------
+
+    def _next(self) -> Message:
+        started = time.perf_counter()
+        depth = self.in_queue.qsize()
+        item = self.in_queue.get()
+        self.wait_s += time.perf_counter() - started
+        self._depth_sum += depth
+        self._depth_max = max(self._depth_max, depth)
+        self._messages += 1
+        if isinstance(item, _Failure):
+            raise item.exc
+        return item
+
+    def _put(self, msg: Message) -> None:
+        started = time.perf_counter()
+        while True:
+            if self._send_failure is not None:
+                raise self._send_failure
+            try:
+                self.out_queue.put(msg, timeout=_POLL_S)
+                break
+            except queue.Full:
+                continue
+        self.blocked_s += time.perf_counter() - started
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":  # so that compute time is GPU time, not kernel-launch time
+            torch.cuda.synchronize(self.device)
+
+    def _begin_epoch(self, msg: Message) -> None:
+        self._epoch = msg.epoch
+        lr = learning_rate(self.cfg.optim, msg.epoch)
+        for block in self.blocks:
+            block.set_learning_rate(lr)
+            block.stats.reset()
+        if self.is_last:
+            self.throughput.start_epoch()
+            self._bar = tqdm(total=msg.meta.get("batches"), desc=f"epoch {msg.epoch}", unit="batch", leave=False,
+                             disable=not self.cfg.run.progress, dynamic_ncols=True)
+
+    def _train(self, msg: Message) -> None:
+        if msg.epoch != self._epoch:
+            self._begin_epoch(msg)
+        if msg.index == self._fail_at:
+            raise RuntimeError(f"injected failure at batch {msg.index} ({FAULT_ENV})")
+        x, y = msg.tensors
+        started, blocked = time.perf_counter(), self.blocked_s
+        if self.outbox is None:
+            train_blocks(self.blocks, x, y)
+            msg.release()
+        else:
+            release = release_after(2, msg.release)
+
+            def hand_off(out: torch.Tensor) -> None:
+                self._put(Message(Kind.TRAIN, msg.epoch, msg.index, [out, y], msg.meta, release=release))
+
+            train_blocks(self.blocks, x, y, hand_off)
+            release()
+        self._sync()
+        self.compute_s += time.perf_counter() - started - (self.blocked_s - blocked)
+        if self.is_last:
+            self.throughput.batch_done(len(y))
+            self._bar.update()
+
+    def _eval(self, msg: Message) -> None:
+        x, y = msg.tensors
+        started = time.perf_counter()
+        out, hits = evaluate_blocks(self.blocks, x, y)
+        self._eval_hits = [h if t is None else t + h for t, h in zip(self._eval_hits, hits)]
+        self._eval_examples += len(y)
+        meta = dict(msg.meta)
+        if meta.get("last"):  # this stage's epoch results ride on the last test batch
+            meta["train_stats"] = meta.get("train_stats", []) + [b.stats.summary() for b in self.blocks]
+            meta["hits"] = meta.get("hits", []) + [None if h is None else int(h) for h in self._eval_hits]
+            examples = self._eval_examples
+            self._eval_hits, self._eval_examples = [None] * len(self.blocks), 0
+        self._sync()
+        self.compute_s += time.perf_counter() - started
+        if self.outbox is not None:
+            self._put(Message(Kind.EVAL, msg.epoch, msg.index, [out, y], meta, release=msg.release))
+            return
+        msg.release()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if meta.get("last"):
+            rate = self.throughput.epoch_rate()
+            lr = learning_rate(self.cfg.optim, msg.epoch)
+            self._record = epoch_record(msg.epoch, lr, meta["train_stats"], meta["hits"], examples, rate, self._started)
+            self.writer.epoch(self._record)
+            tqdm.write(describe_epoch(self._record))
+
+    def report(self) -> dict[str, Any]:
+        """This stage's timings: where its wall time went, and how full its input queue was."""
+        wall = time.perf_counter() - self._started
+        return {
+            "stage": self.rank,
+            "blocks": [b.index for b in self.blocks],
+            "host": self.host,
+            "device": str(self.device),
+            "pid": os.getpid(),
+            "wall_s": wall,
+            "compute_s": self.compute_s,
+            "wait_s": self.wait_s,
+            "blocked_s": self.blocked_s,
+            "send_s": self.send_s,
+            "busy_fraction": self.compute_s / wall if wall > 0 else 0.0,
+            "mean_queue_depth": self._depth_sum / max(1, self._messages),
+            "max_queue_depth": self._depth_max,
+            "messages": self._messages,
+            "receive_buffers": getattr(getattr(self.inbox, "pool", None), "allocated", None),
+        }
+
+    def _end(self, msg: Message) -> dict[str, Any] | None:
+        if self.cfg.run.out:
+            save_weights(self.cfg.run.out, self.blocks, self.rank)
+        stages = msg.meta.get("stages", []) + [self.report()]
+        if self.outbox is not None:
+            self._put(Message(Kind.END, meta={"stages": stages}))
+            return None
+        summary = {
+            "mode": "pipeline",
+            "stages": self.world,
+            "transport": self.cfg.pipeline.transport,
+            "partition": [len(s["blocks"]) for s in stages],
+            "test_error": self._record.get("test_error"),
+            "layer_test_errors": self._record.get("layer_test_errors"),
+            "train_samples_per_s": self.throughput.rate(),
+            "wall_s": time.perf_counter() - self._started,
+            "epochs": self.cfg.run.epochs,
+            "busy_fraction": [s["busy_fraction"] for s in stages],
+            "stage_stats": stages,
+            "config": self.cfg.to_dict(),
+        }
+        self.writer.summary(summary)
+        return summary
+
+    def run(self) -> dict[str, Any] | None:
+        """Process the stream until END; the last stage returns the run's summary."""
+        feeder = threading.Thread(target=self._feed, name=f"stage{self.rank}-feed", daemon=True)
+        sender = threading.Thread(target=self._drain, name=f"stage{self.rank}-send", daemon=True) if self.outbox else None
+        feeder.start()
+        if sender:
+            sender.start()
+        while True:
+            msg = self._next()
+            if msg.kind == Kind.TRAIN:
+                self._train(msg)
+            elif msg.kind == Kind.EVAL:
+                self._eval(msg)
+            else:
+                summary = self._end(msg)
+                break
+        if sender:
+            while sender.is_alive():  # END is on its way; wait for it to leave, or for the link to fail
+                sender.join(_POLL_S)
+            if self._send_failure is not None:
+                raise self._send_failure
+        return summary

@@ -1,0 +1,83 @@
+"""torch.distributed transport: point-to-point send/recv, the same code for NCCL (GPUs) and gloo (CPU).
+
+Each link between stage k and k+1 has its own process group, so the sending thread of one stage and the
+receiving thread of the next are the only users of its communicator. A message goes as a fixed-size header
+frame (length + msgpack), an overflow frame if the header is long, then one frame per tensor; the receiver
+learns every shape from the header, so a smaller last batch needs nothing special.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from pipeline.message import MAX_HEADER_BYTES, Message, ProtocolError, decode_header, encode_header
+from pipeline.transport.base import BufferPool, Channel
+
+HEADER_FRAME_BYTES = 1024  # one frame holds the usual header; longer ones (end-of-run reports) add an overflow frame
+_LENGTH_BYTES = 4
+
+
+class DistChannel(Channel):
+    """Sends to or receives from `peer` over `group`; frames travel on comm_device (the GPU for NCCL, else CPU)."""
+
+    def __init__(self, peer: int, group, comm_device: torch.device, compute_device: torch.device):
+        self.peer, self.group = peer, group
+        self.comm_device, self.compute_device = comm_device, compute_device
+        self.pool = BufferPool()
+        self._header = torch.empty(HEADER_FRAME_BYTES, dtype=torch.uint8, device=comm_device)
+
+    def _send_frame(self, tensor: torch.Tensor) -> None:
+        dist.send(tensor.contiguous().to(self.comm_device), self.peer, group=self.group)
+
+    def send(self, msg: Message) -> None:
+        payload = encode_header(msg)
+        frame = bytearray(HEADER_FRAME_BYTES)
+        frame[:_LENGTH_BYTES] = len(payload).to_bytes(_LENGTH_BYTES, "little")
+        overflow = len(payload) > HEADER_FRAME_BYTES - _LENGTH_BYTES
+        if not overflow:
+            frame[_LENGTH_BYTES:_LENGTH_BYTES + len(payload)] = payload
+        self._send_frame(torch.frombuffer(frame, dtype=torch.uint8))
+        if overflow:
+            self._send_frame(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        for tensor in msg.tensors:
+            self._send_frame(tensor.detach())
+        if self.comm_device.type == "cuda":
+            torch.cuda.current_stream(self.comm_device).synchronize()  # the sender may reuse its tensors after this
+
+    def _recv_header(self) -> bytes:
+        dist.recv(self._header, self.peer, group=self.group)
+        frame = self._header.cpu().numpy().tobytes()
+        length = int.from_bytes(frame[:_LENGTH_BYTES], "little")
+        if length <= HEADER_FRAME_BYTES - _LENGTH_BYTES:
+            return frame[_LENGTH_BYTES:_LENGTH_BYTES + length]
+        if length > MAX_HEADER_BYTES:
+            raise ProtocolError(f"peer {self.peer} announced a header of {length} bytes")
+        overflow = torch.empty(length, dtype=torch.uint8, device=self.comm_device)
+        dist.recv(overflow, self.peer, group=self.group)
+        return overflow.cpu().numpy().tobytes()
+
+    def recv(self) -> Message:
+        header = decode_header(self._recv_header())
+        frames = [self.pool.take(spec.shape, spec.dtype, self.comm_device) for spec in header.specs]
+        for frame in frames:
+            dist.recv(frame, self.peer, group=self.group)
+        if self.comm_device == self.compute_device:
+            return Message(header.kind, header.epoch, header.index, frames, header.meta, release=lambda: self.pool.give(frames))
+        tensors = [frame.to(self.compute_device) for frame in frames]  # gloo on a GPU run: staged through the host
+        self.pool.give(frames)
+        return Message(header.kind, header.epoch, header.index, tensors, header.meta)
+
+
+def link_groups(world: int, backend: str) -> list:
+    """One process group per link (k, k+1), created in the same order on every rank, as torch requires."""
+    return [dist.new_group([k, k + 1], backend=backend) for k in range(world - 1)]
+
+
+def open_dist(rank: int, world: int, compute_device: torch.device, backend: str) -> tuple[Channel | None, Channel | None]:
+    """(inbox from rank-1, outbox to rank+1) of a stage."""
+    comm_device = compute_device if backend == "nccl" else torch.device("cpu")
+    groups = link_groups(world, backend)
+    inbox = DistChannel(rank - 1, groups[rank - 1], comm_device, compute_device) if rank > 0 else None
+    outbox = DistChannel(rank + 1, groups[rank], comm_device, compute_device) if rank < world - 1 else None
+    return inbox, outbox

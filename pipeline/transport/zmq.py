@@ -1,0 +1,172 @@
+"""ZeroMQ transport: PUSH/PULL sockets, a msgpack header frame then one zero-copy raw frame per tensor.
+
+The receiving stage binds (ipc:// when both stages share a host, tcp:// otherwise) and the addresses are
+exchanged over the run's control process group. Every received header is checked before its frames are
+read; a malformed or foreign message is logged and dropped, never unpickled (nothing is).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from pipeline.message import (MAX_HEADER_BYTES, MAX_TENSOR_BYTES, Message, ProtocolError, TensorSpec, decode_header,
+                              encode_header)
+from pipeline.transport.base import BufferPool, Channel
+
+ADDRESS_BYTES = 512
+CLOSE_LINGER_MS = 10_000  # an END still queued in the sender is delivered, or given up after this
+
+
+def _as_frame(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())  # shares memory: zmq sends it without a copy
+
+
+class ZmqSender(Channel):
+    """PUSH side of a link: blocks once the link holds `high_water_mark` messages (backpressure)."""
+
+    def __init__(self, address: str, high_water_mark: int = 1):
+        self.context = zmq.Context(io_threads=1)
+        self.socket = self.context.socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.SNDHWM, high_water_mark)
+        self.socket.connect(address)
+
+    def send(self, msg: Message) -> None:
+        frames = [encode_header(msg)] + [_as_frame(t) for t in msg.tensors]
+        # zero-copy frames are read by zmq's I/O thread later: wait until it is done with them, so that the
+        # caller may reuse the tensors (a received labels buffer goes back to its pool right after this)
+        self.socket.send_multipart(frames, copy=False, track=True).wait()
+
+    def recv(self) -> Message:
+        raise TypeError("a sender does not receive")
+
+    def close(self) -> None:
+        self.socket.close(linger=CLOSE_LINGER_MS)
+        self.context.term()
+
+
+class ZmqReceiver(Channel):
+    """PULL side of a link: binds, checks every message, drops and logs the malformed ones.
+
+    [Note: aligned receive] Each tensor frame is copied once, with recv_into, into a receive buffer from the
+    pool (64-byte aligned, reused across messages). Using libzmq's own buffer in place would save that copy,
+    but libzmq stores large messages 40 bytes into a malloc block, 8-byte aligned, and MKL's matrix products
+    give different low-order bits for 8-byte-aligned inputs: the pipeline would no longer be bit-identical to
+    the sequential trainer. The copy also means a frame can never make us allocate more than its header said.
+    """
+
+    def __init__(self, bind_address: str, device: torch.device, high_water_mark: int = 1,
+                 max_tensor_bytes: int = MAX_TENSOR_BYTES):
+        self.device, self.max_tensor_bytes = device, max_tensor_bytes
+        self.pool = BufferPool()
+        self.context = zmq.Context(io_threads=1)
+        self.socket = self.context.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.RCVHWM, high_water_mark)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_tensor_bytes + MAX_HEADER_BYTES)  # larger frames: peer dropped
+        self._ipc_dir = None
+        if bind_address.startswith("ipc://"):
+            self._ipc_dir = os.path.dirname(bind_address[len("ipc://"):])
+            self.socket.bind(bind_address)
+            self.address = bind_address
+        else:
+            host = bind_address[len("tcp://"):]
+            port = self.socket.bind_to_random_port(f"tcp://{host}")
+            self.address = f"tcp://{advertised_host(host)}:{port}"
+        self.rejected = 0
+
+    def _more(self) -> bool:
+        return bool(self.socket.getsockopt(zmq.RCVMORE))
+
+    def _read_frames(self, specs: list[TensorSpec]) -> list[torch.Tensor]:
+        buffers: list[torch.Tensor] = []
+        try:
+            for number, spec in enumerate(specs):
+                if not self._more():
+                    raise ProtocolError(f"header announces {len(specs)} tensor frames, {number} arrived")
+                buffer = self.pool.take(spec.shape, spec.dtype, torch.device("cpu"))
+                buffers.append(buffer)
+                raw = buffer.reshape(-1).view(torch.uint8).numpy()
+                size = self.socket.recv_into(raw) if spec.nbytes else len(self.socket.recv())
+                if size != spec.nbytes:
+                    raise ProtocolError(f"frame of {size} bytes for a {spec.dtype} tensor of shape {spec.shape}")
+            if self._more():
+                raise ProtocolError(f"more frames than the {len(specs)} the header announces")
+        except BaseException:
+            self.pool.give(buffers)
+            raise
+        return buffers
+
+    def _discard_rest(self) -> None:
+        while self._more():
+            self.socket.recv(copy=False)
+
+    def recv(self) -> Message:
+        while True:
+            first = self.socket.recv()
+            try:
+                header = decode_header(first, self.max_tensor_bytes)
+                buffers = self._read_frames(header.specs)
+            except ProtocolError as exc:
+                self._discard_rest()
+                self.rejected += 1
+                print(f"warning: rejected a message on {self.address}: {exc}", file=sys.stderr, flush=True)
+                continue
+            if self.device.type == "cpu":
+                return Message(header.kind, header.epoch, header.index, buffers, header.meta,
+                               release=lambda: self.pool.give(buffers))
+            tensors = [b.to(self.device) for b in buffers]
+            self.pool.give(buffers)
+            return Message(header.kind, header.epoch, header.index, tensors, header.meta)
+
+    def send(self, msg: Message) -> None:
+        raise TypeError("a receiver does not send")
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.context.term()
+        if self._ipc_dir:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+def advertised_host(bind_host: str) -> str:
+    """The address peers should connect to: the bound one, or for a wildcard the interface that reaches MASTER_ADDR."""
+    if bind_host not in ("0.0.0.0", "*"):
+        return bind_host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # connect() on UDP sends nothing
+        probe.connect((os.environ.get("MASTER_ADDR", "8.8.8.8"), 9))
+        return probe.getsockname()[0]
+
+
+def exchange_strings(value: str) -> list[str]:
+    """Every rank's `value`, gathered over the default (control) process group as fixed-size byte tensors."""
+    data = value.encode()
+    if len(data) > ADDRESS_BYTES:
+        raise ValueError(f"'{value}' is longer than {ADDRESS_BYTES} bytes")
+    mine = torch.zeros(ADDRESS_BYTES, dtype=torch.uint8)
+    mine[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [bytes(t.tolist()).rstrip(b"\0").decode() for t in gathered]
+
+
+def open_zmq(rank: int, world: int, device: torch.device, bind_host: str) -> tuple[Channel | None, Channel | None]:
+    """(inbox from rank-1, outbox to rank+1): each stage binds its inbox, then connects to the next one's."""
+    hosts = exchange_strings(socket.gethostname())
+    inbox = None
+    if rank > 0:
+        if hosts[rank - 1] == hosts[rank]:
+            bind = f"ipc://{tempfile.mkdtemp(prefix='localpipe-')}/inbox"
+        else:
+            bind = f"tcp://{bind_host}"
+        inbox = ZmqReceiver(bind, device)
+    addresses = exchange_strings(inbox.address if inbox else "")
+    outbox = ZmqSender(addresses[rank + 1]) if rank < world - 1 else None
+    return inbox, outbox

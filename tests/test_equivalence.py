@@ -1,0 +1,88 @@
+"""The backbone: a K-stage pipeline over any transport ends bit-identical to the sequential trainer.
+
+Block k's input at batch t depends only on blocks < k at batch t, so splitting the blocks over processes must
+not change a single bit (each process uses one intra-op thread, as does the reference: CPU reductions such as
+batch norm's depend on the thread count).
+"""
+
+import json
+
+import pytest
+import torch
+
+from helpers import small_config
+from launch.local import launch
+from pipeline.checkpoint import load_weights
+from pipeline.sequential import SequentialTrainer
+
+TRANSPORTS = ["dist", "zmq", "local"]
+
+
+def _mlp(**kw):
+    # 4 blocks; 888 = 55 full batches of 16 + a last batch of 8; two epochs with an LR step between them
+    return small_config(model__num_layers=3, model__num_hidden=48, data__batch_size=16, data__synthetic_train_size=888,
+                        data__synthetic_test_size=100, run__epochs=2, optim__lr_decay_milestones=(1,), **kw)
+
+
+def _vgg(**kw):
+    return small_config(model="vgg8b", like="cifar10", model__num_layers=1, model__num_hidden=32, model__feat_mult=0.125,
+                        data__batch_size=8, data__synthetic_train_size=36, data__synthetic_test_size=12, **kw)
+
+
+def _results(out):
+    summary = json.loads((out / "summary.json").read_text())
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, epochs, load_weights(str(out))
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    refs = {}
+    for name, make in (("mlp", _mlp), ("vgg8b", _vgg)):
+        out = tmp_path_factory.mktemp(f"sequential-{name}")
+        SequentialTrainer(make(run__out=str(out))).run()
+        refs[name] = _results(out)
+    return refs
+
+
+def _assert_same(run, reference):
+    summary, epochs, weights = run
+    ref_summary, ref_epochs, ref_weights = reference
+    assert summary["layer_test_errors"] == ref_summary["layer_test_errors"]
+    assert summary["test_error"] == ref_summary["test_error"]
+    for mine, theirs in zip(epochs, ref_epochs, strict=True):
+        for key in ("layer_test_errors", "layer_train_losses", "layer_train_errors", "lr"):
+            assert mine[key] == theirs[key], key
+    assert sorted(weights) == sorted(ref_weights)
+    for index, state in ref_weights.items():
+        for name, tensor in state.items():
+            assert torch.equal(weights[index][name], tensor), f"block {index} {name} differs"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_mlp_pipeline_equals_sequential(references, tmp_path, transport, stages):
+    cfg = _mlp(pipeline__stages=stages, pipeline__transport=transport, run__out=str(tmp_path))
+    assert launch(cfg) == 0
+    run = _results(tmp_path)
+    assert run[0]["stages"] == stages and len(run[0]["stage_stats"]) == stages
+    _assert_same(run, references["mlp"])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_vgg8b_pipeline_equals_sequential(references, tmp_path, transport, stages):
+    cfg = _vgg(pipeline__stages=stages, pipeline__transport=transport, run__out=str(tmp_path))
+    assert launch(cfg) == 0
+    _assert_same(_results(tmp_path), references["vgg8b"])
+
+
+@pytest.mark.timeout(180)
+def test_explicit_uneven_partition_equals_sequential(references, tmp_path):
+    cfg = _mlp(pipeline__stages=2, pipeline__partition=(3, 1), run__out=str(tmp_path))
+    assert launch(cfg) == 0
+    run = _results(tmp_path)
+    assert run[0]["partition"] == [3, 1]
+    _assert_same(run, references["mlp"])

@@ -1,0 +1,116 @@
+"""A stage's loop in one process: its input stream, when buffers go back, and backpressure between stages."""
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from helpers import small_config
+from pipeline.data import BatchSource
+from pipeline.message import Kind
+from pipeline.models import build_blocks
+from pipeline.stage import Stage, data_messages, release_after
+from pipeline.transport.base import Channel
+
+
+class MemoryChannel(Channel):
+    """Both ends of an in-process link that holds one message, like a zmq socket with a high-water mark of 1."""
+
+    def __init__(self):
+        self.queue = queue.Queue(maxsize=1)
+
+    def send(self, msg):
+        self.queue.put(msg)
+
+    def recv(self):
+        return self.queue.get()
+
+
+def test_stage_zero_streams_epochs_of_train_then_eval_batches_then_end():
+    cfg = small_config(run__epochs=2, data__synthetic_train_size=70, data__synthetic_test_size=40)
+    stream = list(data_messages(BatchSource(cfg.data, 0), epochs=2))
+    kinds = [(m.kind, m.epoch, m.index) for m in stream]
+    expected = [(kind, epoch, i) for epoch in (1, 2) for kind, n in ((Kind.TRAIN, 3), (Kind.EVAL, 2)) for i in range(n)]
+    assert kinds == expected + [(Kind.END, 0, 0)]
+    assert stream[0].meta == {"batches": 3} and stream[4].meta == {"last": True} and stream[3].meta == {}
+    assert [len(m.tensors[1]) for m in stream[:5]] == [32, 32, 6, 32, 8]
+
+
+def test_buffers_go_back_only_after_both_users_are_done():
+    released = []
+    countdown = release_after(2, lambda: released.append(True))
+    countdown()
+    assert released == []
+    countdown()
+    assert released == [True]
+
+
+def _stages(cfg, slow_learning_s=0.0):
+    link = MemoryChannel()
+    spec_shape, classes = (1, 28, 28), 10
+    first = build_blocks(cfg, spec_shape, classes, indices=[0, 1])
+    second = build_blocks(cfg, spec_shape, classes, indices=[2])
+    if slow_learning_s:
+        for block in second:
+            learn = block.learn
+            block.learn = lambda h, y, learn=learn: (time.sleep(slow_learning_s), learn(h, y))
+    cpu = torch.device("cpu")
+    source = BatchSource(cfg.data, cfg.run.seed)
+    s0 = Stage(cfg, 0, 2, first, inbox=None, outbox=link, source=source, device=cpu, host="test")
+    s1 = Stage(cfg, 1, 2, second, inbox=link, outbox=None, source=None, device=cpu, host="test")
+    return s0, s1
+
+
+def _run_in_threads(*stages):
+    results, errors = {}, []
+
+    def body(stage):
+        try:
+            results[stage.rank] = stage.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(s,)) for s in stages]
+    for t in threads:
+        t.start()
+    return threads, results, errors
+
+
+@pytest.mark.timeout(60)
+def test_a_fast_stage_is_held_back_by_a_slow_one():
+    depth = 2
+    cfg = small_config(pipeline__stages=2, pipeline__queue_depth=depth, data__synthetic_train_size=640, data__synthetic_test_size=32)
+    s0, s1 = _stages(cfg, slow_learning_s=0.05)
+    threads, results, errors = _run_in_threads(s0, s1)
+    lead = 0
+    while any(t.is_alive() for t in threads):
+        lead = max(lead, s0._messages - s1._messages)
+        time.sleep(0.001)
+    assert not errors
+    # ahead by at most: its own batch, its send queue (D) and send thread, the link, the next stage's feed thread
+    # and input queue (D)
+    assert depth <= lead <= 2 * depth + 4, lead
+    report = s0.report()
+    assert report["blocked_s"] > 0.5 * report["wall_s"], report  # the fast stage spent its time blocked, not running ahead
+    summary = results[1]
+    assert [s["stage"] for s in summary["stage_stats"]] == [0, 1]
+    assert summary["stage_stats"][1]["busy_fraction"] > summary["stage_stats"][0]["busy_fraction"]
+
+
+@pytest.mark.timeout(60)
+def test_an_error_in_the_feed_thread_reaches_the_compute_thread():
+    cfg = small_config(pipeline__stages=2)
+    s0, s1 = _stages(cfg)
+
+    class BrokenChannel(Channel):
+        def send(self, msg):
+            raise AssertionError("unused")
+
+        def recv(self):
+            raise ConnectionError("link to stage 0 lost")
+
+    s1.inbox = BrokenChannel()
+    with pytest.raises(ConnectionError, match="link to stage 0 lost"):
+        s1.run()

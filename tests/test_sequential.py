@@ -72,3 +72,26 @@ def test_mnist_mlp_learns_in_a_hundred_batches(mnist_root):
                        data__limit_eval_batches=20, model__num_hidden=256, optim__lr=2e-3, run__threads=None)
     summary = SequentialTrainer(cfg).run()
     assert summary["test_error"] < 12.0, summary["layer_test_errors"]
+
+
+def test_backprop_step_is_plain_pytorch_backprop():
+    import copy
+
+    import torch.nn.functional as F
+
+    # no batch norm: under it a layer's bias has a zero gradient (rounding noise), which Adam blows up into
+    # +-lr steps that differ between any two implementations
+    trainer = SequentialTrainer(small_config(loss="backprop", model__dropout=0.0, model__batch_norm=False))
+    reference = copy.deepcopy(trainer.blocks)
+    optimizer = torch.optim.Adam([p for block in reference for p in block.parameters()], lr=trainer.cfg.optim.lr)
+    for batch in list(trainer.source.train_batches(1))[:3]:
+        x = batch.x
+        for block in reference:
+            x = block(x)
+        optimizer.zero_grad()
+        F.cross_entropy(x, batch.y).backward()
+        optimizer.step()
+        trainer.train_batch(batch.x, batch.y)
+    for mine, theirs in zip(trainer.blocks, reference):
+        for (name, p), q in zip(mine.named_parameters(), theirs.parameters()):
+            assert torch.allclose(p, q, atol=1e-6), name  # fused vs for-loop Adam: same math, rounding apart

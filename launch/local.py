@@ -35,7 +35,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def stage_process(cfg: Config, rank: int, world: int, store_port: int, queues: list | None, parent: int) -> None:
+def stage_process(cfg: Config, rank: int, world: int, store_port: int, queues: dict | None, parent: int) -> None:
     """Body of one stage process started by the launcher."""
     _die_with_parent(parent)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -81,7 +81,9 @@ def launch(cfg: Config) -> int:
     world = cfg.pipeline.stages
     context = mp.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    queues = make_queues(context, world, cfg.pipeline.queue_depth) if cfg.pipeline.transport == "local" else None
+    queues = None
+    if cfg.pipeline.transport == "local":
+        queues = make_queues(context, world, cfg.pipeline.queue_depth, feedback=cfg.loss.loss == "dfa")
     processes = [context.Process(target=stage_process, args=(cfg, rank, world, store.port, queues, os.getpid()),
                                  name=f"stage {rank}", daemon=False) for rank in range(world)]
     for process in processes:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.feedback import LinearFA, direct_feedback
 from pipeline.heads import LocalHeads
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ class Block(nn.Module):
 
 
 def _nonlinearity(name: str) -> nn.Module:
+    if name == "tanh":
+        return nn.Tanh()
     return nn.LeakyReLU(0.01, inplace=True) if name == "leakyrelu" else nn.ReLU(inplace=True)
 
 
@@ -149,12 +152,32 @@ class HiddenBlock(Block):
         return self.emit(h), hits
 
 
+class DFABlock(HiddenBlock):
+    """A hidden block trained by direct feedback alignment: the output error e, through this block's fixed random
+    matrix B, is the gradient at its output; so its update is (B e) * f'(a) with its own input (Launay et al.)."""
+
+    def __init__(self, index: int, layer: nn.Module, feedback: torch.Tensor, **kwargs):
+        super().__init__(index, layer, heads=None, **kwargs)
+        self.register_buffer("feedback", feedback)  # (classes, output features): fixed, saved, never trained
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.train()
+        out = self.emit(self.activation(x))
+        return out, out  # the output is where the error is injected
+
+    def learn(self, out: torch.Tensor, error: torch.Tensor) -> None:
+        """Apply the DFA update of one batch: `error` is e = softmax(logits) - onehot(y), (B, classes)."""
+        out.backward(direct_feedback(error, self.feedback, out.shape))
+        self.step()
+
+
 class OutputBlock(Block):
     """The network's last layer: a linear classifier trained with (scaled) cross-entropy."""
 
-    def __init__(self, index: int, in_features: int, num_classes: int, *, loss_scale: float, zero_init: bool):
+    def __init__(self, index: int, in_features: int, num_classes: int, *, loss_scale: float, zero_init: bool,
+                 feedback_alignment: bool = False):
         super().__init__(index)
-        self.layer = nn.Linear(in_features, num_classes)
+        self.layer = (LinearFA if feedback_alignment else nn.Linear)(in_features, num_classes)
         if zero_init:
             nn.init.zeros_(self.layer.weight)
         self.loss_scale = loss_scale
@@ -212,3 +235,20 @@ def evaluate_blocks(blocks: list[Block], x: torch.Tensor, y: torch.Tensor) -> tu
         x, block_hits = block.evaluate(x, y)
         hits.append(block_hits)
     return x, hits
+
+
+def forward_for_feedback(blocks: list[Block], x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Forward passes of consecutive DFA blocks: each one's output graph (kept for its update) and the last
+    detached output."""
+    states = []
+    for block in blocks:
+        state, out = block.forward_train(x)
+        states.append(state)
+        x = out.detach()
+    return states, x
+
+
+def learn_from_error(blocks: list[Block], states: list[torch.Tensor], error: torch.Tensor) -> None:
+    """Apply one batch's DFA updates, given the output error e of that batch."""
+    for block, state in zip(blocks, states):
+        block.learn(state, error)

@@ -45,7 +45,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-layers", type=int, default=m.num_layers, help="hidden fully connected layers")
     g.add_argument("--num-hidden", type=int, default=m.num_hidden, help="units per hidden fully connected layer")
     g.add_argument("--feat-mult", type=float, default=m.feat_mult, help="multiplier on vgg feature maps")
-    g.add_argument("--nonlin", default=m.nonlin, help=f"{', '.join(NONLINEARITIES)}")
+    g.add_argument("--nonlin", default=None, help=f"{', '.join(NONLINEARITIES)} (default tanh for dfa, else relu)")
     g.add_argument("--dropout", type=float, default=m.dropout, help="dropout after each nonlinearity")
     g.add_argument("--no-batch-norm", action="store_true", help="no batch norm before the nonlinearities")
     g = p.add_argument_group("learning rule")
@@ -55,6 +55,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dim-in-decoder", type=int, default=lo.dim_in_decoder, help="max features into a conv block's pred head")
     g.add_argument("--target-proj-size", type=int, default=lo.target_proj_size, help="bio label projection size")
     g.add_argument("--no-similarity-std", action="store_true", help="no std reduction of feature maps in the similarity matrix")
+    g.add_argument("--no-feedback-normalization", action="store_true", help="DFA feedback matrices N(0,1), not scaled")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optim", default=o.optim, help=f"{', '.join(OPTIMIZERS)}")
     g.add_argument("--lr", type=float, default=o.lr, help="initial learning rate")
@@ -79,6 +80,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", default=pi.transport, help=f"{', '.join(TRANSPORTS)} (default {pi.transport})")
     g.add_argument("--queue-depth", type=int, default=pi.queue_depth, help="batches in flight between two stages")
     g.add_argument("--zmq-host", default=pi.zmq_host, help="interface zmq stages bind on across hosts")
+    g.add_argument("--dfa-sync", action="store_true", help="DFA: wait for batch t's error before forwarding t+1 (exact)")
     g = p.add_argument_group("run")
     g.add_argument("--epochs", type=int, default=r.epochs)
     g.add_argument("--seed", type=int, default=r.seed)
@@ -86,6 +88,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per process")
     g.add_argument("--out", default=None, help="folder for summary.json, metrics.jsonl and weights")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--log-alignment", type=int, default=None, metavar="N",
+                   help="every N steps log each layer's angle to the backprop gradient")
 
 
 def torchrun_world() -> tuple[int, int] | None:
@@ -106,7 +110,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
         model=ModelConfig(name=a.model, num_layers=a.num_layers, num_hidden=a.num_hidden, feat_mult=a.feat_mult,
                           nonlin=a.nonlin, dropout=a.dropout, batch_norm=not a.no_batch_norm),
         loss=LossConfig(loss=a.loss, bio=a.bio, beta=a.beta, dim_in_decoder=a.dim_in_decoder,
-                        target_proj_size=a.target_proj_size, similarity_std=not a.no_similarity_std),
+                        target_proj_size=a.target_proj_size, similarity_std=not a.no_similarity_std,
+                        feedback_normalization=not a.no_feedback_normalization),
         optim=OptimConfig(optim=a.optim, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
                           lr_decay_milestones=tuple(a.lr_decay_milestones), lr_decay_fact=a.lr_decay_fact),
         data=DataConfig(dataset=a.dataset, data_dir=a.data_dir, download=not a.no_download, batch_size=a.batch_size,
@@ -114,9 +119,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
                         synthetic_train_size=a.synthetic_train_size, synthetic_test_size=a.synthetic_test_size,
                         limit_train_batches=a.limit_train_batches, limit_eval_batches=a.limit_eval_batches),
         pipeline=PipelineConfig(stages=stages or 1, partition=a.partition, transport=a.transport,
-                                queue_depth=a.queue_depth, zmq_host=a.zmq_host),
+                                queue_depth=a.queue_depth, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
-                      progress=not a.no_progress),
+                      progress=not a.no_progress, log_alignment=a.log_alignment),
     )
 
 

@@ -10,9 +10,10 @@ from typing import Any
 
 MODELS = ("mlp", "vgg8b", "vgg11b")
 LOCAL_LOSSES = ("predsim", "pred", "sim")
-LOSSES = LOCAL_LOSSES + ("backprop",)
+GLOBAL_LOSSES = ("backprop", "fa")  # one loss at the output, its error sent back through every layer
+LOSSES = LOCAL_LOSSES + GLOBAL_LOSSES + ("dfa",)
 OPTIMIZERS = ("adam", "amsgrad", "sgd")
-NONLINEARITIES = ("relu", "leakyrelu")
+NONLINEARITIES = ("relu", "leakyrelu", "tanh")
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("dist", "zmq", "local")
 
@@ -42,8 +43,8 @@ class ModelConfig:
     """Units in each hidden fully connected layer."""
     feat_mult: float = 1.0
     """Multiplier on the number of feature maps of the vgg convolutions."""
-    nonlin: str = "relu"
-    """relu or leakyrelu (slope 0.01)."""
+    nonlin: str | None = None
+    """relu, leakyrelu (slope 0.01) or tanh; default tanh under --loss dfa, else relu."""
     dropout: float = 0.0
     """Dropout after each nonlinearity; the local loss is taken before it."""
     batch_norm: bool = True
@@ -51,7 +52,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice(self.name, MODELS, "--model")
-        _choice(self.nonlin, NONLINEARITIES, "--nonlin")
+        if self.nonlin is not None:
+            _choice(self.nonlin, NONLINEARITIES, "--nonlin")
         minimum_layers = 1 if self.name == "mlp" else 0
         _require(self.num_layers >= minimum_layers, f"--num-layers must be >= {minimum_layers} for {self.name}, got {self.num_layers}")
         _require(self.num_hidden >= 1, f"--num-hidden must be >= 1, got {self.num_hidden}")
@@ -64,7 +66,8 @@ class LossConfig:
     """How every block learns: its local loss, or global backprop."""
 
     loss: str = "predsim"
-    """predsim, pred, sim (local losses) or backprop (one global loss at the output)."""
+    """predsim, pred, sim (local losses); backprop or fa (one output loss, sent back through the weights or
+    through fixed random matrices); dfa (the output error sent straight to every layer)."""
     bio: bool = False
     """Backprop-free heads: feedback-alignment pred head, no learned map before the sim loss, projected labels."""
     beta: float = 0.99
@@ -75,13 +78,15 @@ class LossConfig:
     """Size of the bio variant's fixed random projection of the labels."""
     similarity_std: bool = True
     """Reduce feature maps to per-channel standard deviations before the similarity matrix."""
+    feedback_normalization: bool = True
+    """DFA feedback matrices with entries of variance 1/(width * classes), as Launay et al.; else N(0, 1)."""
 
     def __post_init__(self) -> None:
         _choice(self.loss, LOSSES, "--loss")
         _require(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
         _require(self.dim_in_decoder >= 1, f"--dim-in-decoder must be >= 1, got {self.dim_in_decoder}")
         _require(self.target_proj_size >= 1, f"--target-proj-size must be >= 1, got {self.target_proj_size}")
-        _require(not (self.bio and self.loss == "backprop"), "--bio changes the local heads and has no effect with --loss backprop: drop one")
+        _require(not self.bio or self.loss in LOCAL_LOSSES, f"--bio changes the local heads and has no effect with --loss {self.loss}: drop one")
 
     @property
     def local(self) -> bool:
@@ -170,6 +175,9 @@ class PipelineConfig:
     queue_depth: int = 4
     """Batches D that may wait in each of a stage's input and output queues; a faster stage blocks beyond that,
     so it runs at most 2D + 4 batches ahead of the next (the queues, the batches in hand, the one on the link)."""
+    dfa_sync: bool = False
+    """DFA: each stage waits for batch t's error before it forwards batch t+1 (exactly the sequential DFA trainer);
+    without it a stage keeps forwarding and applies each error when it arrives, a few batches late."""
     zmq_host: str = "127.0.0.1"
     """Interface the zmq stages bind on when they are on different hosts; ipc:// is used within one host."""
 
@@ -199,12 +207,15 @@ class RunConfig:
     """Folder for summary.json, metrics.jsonl and the trained weights."""
     progress: bool = True
     """Show a progress bar on the console."""
+    log_alignment: int | None = None
+    """Every this many training steps, log each hidden layer's angle to the backprop gradient (alignment.jsonl)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         _require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         _choice(self.device, DEVICES, "--device")
         _require(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        _require(self.log_alignment is None or self.log_alignment >= 1, f"--log-alignment must be >= 1, got {self.log_alignment}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -227,7 +238,11 @@ class Config:
         if self.pipeline.partition is not None:
             total = sum(self.pipeline.partition)
             _require(total == blocks, f"--partition sums to {total} but {self.model.name} has {blocks} blocks")
-        _require(not (self.loss.loss == "backprop" and stages > 1), "--loss backprop needs the whole network in one process: use --stages 1")
+        _require(not (self.loss.loss in GLOBAL_LOSSES and stages > 1),
+                 f"--loss {self.loss.loss} sends the error back through every layer, so it needs the whole network in one process: use --stages 1 (or --loss dfa)")
+        _require(not (self.pipeline.dfa_sync and self.loss.loss != "dfa"), "--dfa-sync applies to --loss dfa only")
+        if self.model.nonlin is None:
+            self.model.nonlin = "tanh" if self.loss.loss == "dfa" else "relu"
         if self.run.device == "cuda":
             import torch
 

@@ -32,6 +32,7 @@ class Kind(IntEnum):
     TRAIN = 1  # train on this batch, pass the detached output on
     EVAL = 2  # score the local classifiers on this test batch, pass the output on
     END = 3  # end of stream: save, report, pass it on, stop
+    FEEDBACK = 4  # DFA: the output error of a training batch, from the last stage back to an earlier one
 
 
 class ProtocolError(ValueError):

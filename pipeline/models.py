@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from torch import nn
 
-from pipeline.blocks import Block, HiddenBlock, OutputBlock, make_optimizer
+from pipeline.blocks import Block, DFABlock, HiddenBlock, OutputBlock, make_optimizer
+from pipeline.feedback import Conv2dFA, LinearFA, feedback_matrix
 from pipeline.heads import LocalHeads
 from pipeline.losses import output_loss_scale
 from pipeline.seeding import generator, seeded_init
@@ -35,6 +36,13 @@ class BlockPlan:
     stride: int = 1
     pool: bool = False
     flatten_input: bool = False
+
+    def output_features(self) -> int:
+        """Features a block hands on: what the next block reads, and the width of a DFA feedback matrix."""
+        if self.kind != "conv":
+            return self.outputs
+        side = self.size // 2 if self.pool else self.size
+        return self.outputs * side * side
 
 
 def plan_blocks(model: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> list[BlockPlan]:
@@ -70,17 +78,23 @@ def count_blocks(model: ModelConfig) -> int:
 
 
 def _build(plan: BlockPlan, index: int, cfg: Config, num_classes: int) -> Block:
-    local = cfg.loss.local
+    rule = cfg.loss.loss
+    fa = rule == "fa"
     if plan.kind == "output":
-        return OutputBlock(index, plan.inputs, plan.outputs, loss_scale=output_loss_scale(cfg.loss.loss, cfg.loss.beta), zero_init=local)
+        return OutputBlock(index, plan.inputs, plan.outputs, loss_scale=output_loss_scale(rule, cfg.loss.beta),
+                           zero_init=cfg.loss.local, feedback_alignment=fa)
     if plan.kind == "conv":
-        layer = nn.Conv2d(plan.inputs, plan.outputs, plan.kernel, stride=plan.stride, padding=plan.kernel // 2)
+        layer = (Conv2dFA if fa else nn.Conv2d)(plan.inputs, plan.outputs, plan.kernel, stride=plan.stride, padding=plan.kernel // 2)
     else:
-        layer = nn.Linear(plan.inputs, plan.outputs)
-    heads = LocalHeads(cfg.loss, num_classes, plan.outputs, plan.size) if local else None
-    pool = nn.MaxPool2d(2, 2) if plan.pool else None
-    return HiddenBlock(index, layer, batch_norm=cfg.model.batch_norm, nonlin=cfg.model.nonlin, dropout=cfg.model.dropout,
-                       pool=pool, heads=heads, flatten_input=plan.flatten_input)
+        layer = (LinearFA if fa else nn.Linear)(plan.inputs, plan.outputs)
+    common = dict(batch_norm=cfg.model.batch_norm, nonlin=cfg.model.nonlin, dropout=cfg.model.dropout,
+                  pool=nn.MaxPool2d(2, 2) if plan.pool else None, flatten_input=plan.flatten_input)
+    if rule == "dfa":
+        feedback = feedback_matrix(num_classes, plan.output_features(), generator(cfg.run.seed, "feedback", index),
+                                   cfg.loss.feedback_normalization)
+        return DFABlock(index, layer, feedback, **common)
+    heads = LocalHeads(cfg.loss, num_classes, plan.outputs, plan.size) if cfg.loss.local else None
+    return HiddenBlock(index, layer, heads=heads, **common)
 
 
 def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,

@@ -24,7 +24,7 @@ from pipeline.data import DATASETS, BatchSource
 from pipeline.models import build_blocks, count_blocks
 from pipeline.partition import resolve_partition
 from pipeline.stage import Stage
-from pipeline.transport import open_channels
+from pipeline.transport import open_links
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -53,7 +53,7 @@ def data_backend(cfg: Config, local_world: int) -> str:
 
 
 def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: int, *,
-              store: dist.Store | None = None, local_queues: list | None = None) -> dict[str, Any] | None:
+              store: dist.Store | None = None, local_queues: dict | None = None) -> dict[str, Any] | None:
     """Set up and run stage `rank`; the last stage returns the run's summary."""
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a killed stage would leak it
     device = stage_device(cfg, local_rank)
@@ -68,15 +68,12 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     spec = DATASETS[cfg.data.shape_source]
     blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=ranges[rank], device=device)
     source = BatchSource(cfg.data, cfg.run.seed, device) if rank == 0 else None
-    inbox, outbox = open_channels(cfg.pipeline.transport, rank, world, device, dist_backend=data_backend(cfg, local_world),
-                                  zmq_host=cfg.pipeline.zmq_host, local_queues=local_queues)
-    stage = Stage(cfg, rank, world, blocks, inbox=inbox, outbox=outbox, source=source, device=device,
-                  host=socket.gethostname())
+    links = open_links(cfg.pipeline.transport, rank, world, device, feedback=cfg.loss.loss == "dfa",
+                       dist_backend=data_backend(cfg, local_world), zmq_host=cfg.pipeline.zmq_host, local_queues=local_queues)
+    stage = Stage(cfg, rank, world, blocks, links=links, source=source, device=device, host=socket.gethostname())
     summary = stage.run()
     dist.barrier()  # every stage has seen END: the links can close
-    for channel in (inbox, outbox):
-        if channel is not None:
-            channel.close()
+    links.close()
     dist.destroy_process_group()
     return summary
 

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.blocks import Block, evaluate_blocks, learning_rate, train_blocks
+from pipeline.blocks import Block, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
 from pipeline.checkpoint import save_weights
 from pipeline.config import Config, default_threads
 from pipeline.data import BatchSource
+from pipeline.feedback import output_error
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
 from pipeline.models import build_blocks
 
@@ -31,11 +32,19 @@ class SequentialTrainer:
         self.throughput = Throughput()
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        rule = self.cfg.loss.loss
         if self.cfg.loss.local:
             train_blocks(self.blocks, x, y)
             return
-        # Global backprop: one loss at the output; gradients flow through every block, then all step.
+        # backprop / fa: one loss at the output, its error sent back through every block (through the forward
+        # weights, or fixed random ones); dfa: the output error goes straight to every block instead.
         *hidden, output = self.blocks
+        if rule == "dfa":
+            states, x = forward_for_feedback(hidden, x)
+            logits, _ = output.forward_train(x)
+            output.learn(logits, y)
+            learn_from_error(hidden, states, output_error(logits, y))
+            return
         for block in hidden:
             _, x = block.forward_train(x)
         logits, _ = output.forward_train(x)

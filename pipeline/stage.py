@@ -4,6 +4,10 @@
     inbox ──► [feed thread] ──► compute (this thread) ──► [send thread] ──► outbox
     (stage 0: the data source instead of an inbox)        (last stage: no outbox, it reports)
 
+DFA adds a second path: the last stage sends each training batch's output error e to every earlier stage
+(an [error feed thread] there puts it on a queue); a stage applies it to the batch it kept, at once under
+--dfa-sync, else whenever it arrives while the stage keeps forwarding (the delay is reported).
+
 The compute thread never waits for anything but its next input (and, under backpressure, room to send).
 The output is handed to the send thread as soon as the blocks' forward passes are done; the blocks learn
 while it travels. Errors in the helper threads are carried to the compute thread and re-raised there.
@@ -14,22 +18,25 @@ that carries its labels on has been sent (see release_after).
 from __future__ import annotations
 
 import os
+import contextlib
 import queue
-import sys
 import threading
 import time
-from typing import Any, Iterator
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
-from pipeline.blocks import Block, evaluate_blocks, learning_rate, train_blocks
+from pipeline.blocks import Block, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
 from pipeline.checkpoint import save_weights
 from pipeline.config import Config
 from pipeline.data import BatchSource
+from pipeline.feedback import keep_weights_at_forward, output_error
 from pipeline.message import Kind, Message
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
-from pipeline.transport import Channel
+from pipeline.transport import Channel, Links
 
 _POLL_S = 0.2
 FAULT_ENV = "PIPELINE_FAIL_AT"  # "STAGE:BATCH": that stage raises at that training batch (for fault tests)
@@ -49,6 +56,17 @@ class _Failure:
 
     def __init__(self, exc: BaseException):
         self.exc = exc
+
+
+@dataclass(slots=True)
+class _AwaitingError:
+    """A training batch this stage forwarded and must still update its DFA blocks with, once its error arrives."""
+
+    epoch: int
+    index: int
+    states: list[torch.Tensor]  # each block's output graph
+    release: Callable[[], None]  # its receive buffers, kept until the update is done
+    forwarded: int  # how many batches this stage had forwarded before it
 
 
 def release_after(count: int, release):
@@ -83,23 +101,30 @@ def data_messages(source: BatchSource, epochs: int) -> Iterator[Message]:
 class Stage:
     """The blocks of one stage and the loop that trains them on the stream from upstream."""
 
-    def __init__(self, cfg: Config, rank: int, world: int, blocks: list[Block], *, inbox: Channel | None,
-                 outbox: Channel | None, source: BatchSource | None, device: torch.device, host: str):
+    def __init__(self, cfg: Config, rank: int, world: int, blocks: list[Block], *, links: Links,
+                 source: BatchSource | None, device: torch.device, host: str):
+        inbox, outbox = links.inbox, links.outbox
         if (rank == 0) != (source is not None) or (rank > 0) != (inbox is not None) or (rank < world - 1) != (outbox is not None):
             raise ValueError(f"stage {rank} of {world} is wired wrongly")
         self.cfg, self.rank, self.world, self.blocks = cfg, rank, world, blocks
-        self.inbox, self.outbox, self.source = inbox, outbox, source
+        self.links, self.inbox, self.outbox, self.source = links, inbox, outbox, source
         self.device, self.host = device, host
         self.is_last = rank == world - 1
+        self.dfa = cfg.loss.loss == "dfa"
         self.in_queue: queue.Queue = queue.Queue(maxsize=cfg.pipeline.queue_depth)
         self.out_queue: queue.Queue = queue.Queue(maxsize=cfg.pipeline.queue_depth)
-        self._send_failure: BaseException | None = None
+        self.errors: queue.Queue = queue.Queue()  # DFA errors that arrived (bounded by the forward pipe, see Links)
+        self.errors_out: queue.Queue = queue.Queue()  # last stage: errors on their way back
+        self._awaiting: deque[_AwaitingError] = deque()
+        self._forwarded = 0
+        self._helper_failure: BaseException | None = None
         self._epoch = 0
         self._eval_hits: list[torch.Tensor | None] = [None] * len(blocks)
         self._eval_examples = 0
-        # timings (seconds) for the stage report
-        self.compute_s = self.wait_s = self.blocked_s = self.send_s = 0.0
+        # timings (seconds) and counts for the stage report
+        self.compute_s = self.wait_s = self.blocked_s = self.send_s = self.error_wait_s = 0.0
         self._depth_sum = self._depth_max = self._messages = 0
+        self._delay_sum = self._delay_max = self._updates = 0
         self._started = time.perf_counter()
         self._fail_at = _injected_fault(rank)
         # the last stage keeps the run's metrics
@@ -126,18 +151,31 @@ class Stage:
         except BaseException as exc:  # carried to the compute thread
             self.in_queue.put(_Failure(exc))
 
-    def _drain(self) -> None:
+    def _drain(self, pending: queue.Queue, channels: list[Channel]) -> None:
+        """Send thread: deliver queued messages on every channel, in order, until END has gone."""
         try:
             while True:
-                msg = self.out_queue.get()
+                msg = pending.get()
                 started = time.perf_counter()
-                self.outbox.send(msg)
+                for channel in channels:
+                    channel.send(msg)
                 self.send_s += time.perf_counter() - started
                 msg.release()
                 if msg.kind == Kind.END:
                     return
         except BaseException as exc:
-            self._send_failure = exc
+            self._helper_failure = exc
+
+    def _feed_errors(self) -> None:
+        """Error feed thread (DFA, stages before the last): errors from the last stage, until its END."""
+        try:
+            while True:
+                msg = self.links.feedback_in.recv()
+                self.errors.put(msg)
+                if msg.kind == Kind.END:
+                    return
+        except BaseException as exc:
+            self.errors.put(_Failure(exc))
 
     # ---- compute thread -------------------------------------------------------------------------------------
 
@@ -156,8 +194,8 @@ class Stage:
     def _put(self, msg: Message) -> None:
         started = time.perf_counter()
         while True:
-            if self._send_failure is not None:
-                raise self._send_failure
+            if self._helper_failure is not None:
+                raise self._helper_failure
             try:
                 self.out_queue.put(msg, timeout=_POLL_S)
                 break
@@ -185,12 +223,14 @@ class Stage:
             self._begin_epoch(msg)
         if msg.index == self._fail_at:
             raise RuntimeError(f"injected failure at batch {msg.index} ({FAULT_ENV})")
-        x, y = msg.tensors
-        started, blocked = time.perf_counter(), self.blocked_s
-        if self.outbox is None:
-            train_blocks(self.blocks, x, y)
+        started, blocked, waited = time.perf_counter(), self.blocked_s, self.error_wait_s
+        if self.dfa:
+            (self._train_dfa_last if self.is_last else self._train_dfa)(msg)
+        elif self.outbox is None:
+            train_blocks(self.blocks, *msg.tensors)
             msg.release()
         else:
+            x, y = msg.tensors
             release = release_after(2, msg.release)
 
             def hand_off(out: torch.Tensor) -> None:
@@ -199,12 +239,69 @@ class Stage:
             train_blocks(self.blocks, x, y, hand_off)
             release()
         self._sync()
-        self.compute_s += time.perf_counter() - started - (self.blocked_s - blocked)
+        self.compute_s += time.perf_counter() - started - (self.blocked_s - blocked) - (self.error_wait_s - waited)
+        if self._helper_failure is not None:
+            raise self._helper_failure
         if self.is_last:
-            self.throughput.batch_done(len(y))
+            self.throughput.batch_done(len(msg.tensors[1]))
             self._bar.update()
 
+    def _train_dfa(self, msg: Message) -> None:
+        """DFA, a stage before the last: forward, send on, keep the graphs until this batch's error arrives."""
+        x, y = msg.tensors
+        release = release_after(2, msg.release)  # x stays in the kept graph until the update
+        asynchronous = not self.cfg.pipeline.dfa_sync
+        with keep_weights_at_forward(self.parameters()) if asynchronous else contextlib.nullcontext():
+            states, out = forward_for_feedback(self.blocks, x)
+        self._put(Message(Kind.TRAIN, msg.epoch, msg.index, [out, y], msg.meta, release=release))
+        self._awaiting.append(_AwaitingError(msg.epoch, msg.index, states, release, self._forwarded))
+        self._forwarded += 1
+        self._apply_errors(wait=not asynchronous)
+
+    def _train_dfa_last(self, msg: Message) -> None:
+        """DFA, the last stage: the output error of the batch goes back to every earlier stage, and updates this one."""
+        x, y = msg.tensors
+        *hidden, output = self.blocks
+        states, x = forward_for_feedback(hidden, x)
+        logits, _ = output.forward_train(x)
+        error = output_error(logits, y)
+        if self.links.feedback_out:
+            self.errors_out.put(Message(Kind.FEEDBACK, msg.epoch, msg.index, [error]))
+        output.learn(logits, y)
+        learn_from_error(hidden, states, error)
+        self._updates += 1  # applied at once: delay 0
+        msg.release()
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for block in self.blocks for p in block.parameters()]
+
+    def _apply_errors(self, wait: bool) -> None:
+        """Update with the errors that have arrived; with `wait`, with the errors of every batch still awaiting one."""
+        while self._awaiting:
+            if wait:
+                started = time.perf_counter()
+                item = self.errors.get()
+                self.error_wait_s += time.perf_counter() - started
+            else:
+                try:
+                    item = self.errors.get_nowait()
+                except queue.Empty:
+                    return
+            if isinstance(item, _Failure):
+                raise item.exc
+            batch = self._awaiting.popleft()
+            if (item.kind, item.epoch, item.index) != (Kind.FEEDBACK, batch.epoch, batch.index):
+                raise RuntimeError(f"stage {self.rank} awaited the error of batch {batch.index} (epoch {batch.epoch}), "
+                                   f"got {item.kind.name} for batch {item.index} (epoch {item.epoch})")
+            learn_from_error(self.blocks, batch.states, item.tensors[0])
+            delay = self._forwarded - 1 - batch.forwarded  # batches forwarded since, with weights without this update
+            self._delay_sum, self._delay_max, self._updates = self._delay_sum + delay, max(self._delay_max, delay), self._updates + 1
+            batch.release()
+            item.release()
+
     def _eval(self, msg: Message) -> None:
+        if self._awaiting:  # the epoch's updates are all in before its test
+            self._apply_errors(wait=True)
         x, y = msg.tensors
         started = time.perf_counter()
         out, hits = evaluate_blocks(self.blocks, x, y)
@@ -251,9 +348,16 @@ class Stage:
             "max_queue_depth": self._depth_max,
             "messages": self._messages,
             "receive_buffers": getattr(getattr(self.inbox, "pool", None), "allocated", None),
+            "dfa_delay_mean": self._delay_sum / self._updates if self._updates else None,
+            "dfa_delay_max": self._delay_max if self._updates else None,
+            "error_wait_s": self.error_wait_s,
         }
 
     def _end(self, msg: Message) -> dict[str, Any] | None:
+        if self._awaiting:
+            self._apply_errors(wait=True)
+        if self.links.feedback_out:
+            self.errors_out.put(Message(Kind.END))  # the earlier stages' error feed threads stop on it
         if self.cfg.run.out:
             save_weights(self.cfg.run.out, self.blocks, self.rank)
         stages = msg.meta.get("stages", []) + [self.report()]
@@ -279,11 +383,18 @@ class Stage:
 
     def run(self) -> dict[str, Any] | None:
         """Process the stream until END; the last stage returns the run's summary."""
-        feeder = threading.Thread(target=self._feed, name=f"stage{self.rank}-feed", daemon=True)
-        sender = threading.Thread(target=self._drain, name=f"stage{self.rank}-send", daemon=True) if self.outbox else None
-        feeder.start()
-        if sender:
-            sender.start()
+        threads = [threading.Thread(target=self._feed, name=f"stage{self.rank}-feed", daemon=True)]
+        senders = []
+        if self.outbox:
+            senders.append(threading.Thread(target=self._drain, args=(self.out_queue, [self.outbox]),
+                                            name=f"stage{self.rank}-send", daemon=True))
+        if self.links.feedback_out:
+            senders.append(threading.Thread(target=self._drain, args=(self.errors_out, self.links.feedback_out),
+                                            name=f"stage{self.rank}-send-errors", daemon=True))
+        if self.links.feedback_in:
+            threads.append(threading.Thread(target=self._feed_errors, name=f"stage{self.rank}-feed-errors", daemon=True))
+        for thread in threads + senders:
+            thread.start()
         while True:
             msg = self._next()
             if msg.kind == Kind.TRAIN:
@@ -293,9 +404,19 @@ class Stage:
             else:
                 summary = self._end(msg)
                 break
-        if sender:
-            while sender.is_alive():  # END is on its way; wait for it to leave, or for the link to fail
+        for sender in senders:  # END is on its way; wait for it to leave, or for a link to fail
+            while sender.is_alive() and self._helper_failure is None:
                 sender.join(_POLL_S)
-            if self._send_failure is not None:
-                raise self._send_failure
+        if self._helper_failure is not None:
+            raise self._helper_failure
+        if self.links.feedback_in:
+            self._await_error_stream_end()
         return summary
+
+    def _await_error_stream_end(self) -> None:
+        """The last stage ends the error stream after every error: nothing may be left unapplied."""
+        item = self.errors.get()
+        if isinstance(item, _Failure):
+            raise item.exc
+        if item.kind != Kind.END:
+            raise RuntimeError(f"stage {self.rank}: an error for batch {item.index} arrived after the end of the run")

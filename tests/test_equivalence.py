@@ -29,6 +29,9 @@ def _vgg(**kw):
                         data__batch_size=8, data__synthetic_train_size=36, data__synthetic_test_size=12, **kw)
 
 
+MODELS = {"mlp": _mlp, "vgg8b": _vgg}
+
+
 def _results(out):
     summary = json.loads((out / "summary.json").read_text())
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -38,7 +41,7 @@ def _results(out):
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     refs = {}
-    for name, make in (("mlp", _mlp), ("vgg8b", _vgg)):
+    for name, make in MODELS.items():
         out = tmp_path_factory.mktemp(f"sequential-{name}")
         SequentialTrainer(make(run__out=str(out))).run()
         refs[name] = _results(out)
@@ -62,21 +65,45 @@ def _assert_same(run, reference):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_mlp_pipeline_equals_sequential(references, tmp_path, transport, stages):
-    cfg = _mlp(pipeline__stages=stages, pipeline__transport=transport, run__out=str(tmp_path))
+@pytest.mark.parametrize("model", ["mlp", "vgg8b"])
+def test_pipeline_equals_sequential(references, tmp_path, model, transport, stages):
+    cfg = MODELS[model](pipeline__stages=stages, pipeline__transport=transport, run__out=str(tmp_path))
     assert launch(cfg) == 0
     run = _results(tmp_path)
     assert run[0]["stages"] == stages and len(run[0]["stage_stats"]) == stages
-    _assert_same(run, references["mlp"])
+    _assert_same(run, references[model])
+
+
+def _dfa(**kw):
+    return _mlp(loss="dfa", model__nonlin="tanh", **kw)
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_vgg8b_pipeline_equals_sequential(references, tmp_path, transport, stages):
-    cfg = _vgg(pipeline__stages=stages, pipeline__transport=transport, run__out=str(tmp_path))
+def test_synchronous_dfa_pipeline_equals_the_dfa_trainer(tmp_path_factory, tmp_path, transport, stages):
+    reference = tmp_path_factory.mktemp("sequential-dfa")
+    if not (reference / "summary.json").exists():
+        SequentialTrainer(_dfa(run__out=str(reference))).run()
+    cfg = _dfa(pipeline__stages=stages, pipeline__transport=transport, pipeline__dfa_sync=True, run__out=str(tmp_path))
     assert launch(cfg) == 0
-    _assert_same(_results(tmp_path), references["vgg8b"])
+    run = _results(tmp_path)
+    assert all(s["dfa_delay_max"] == 0 for s in run[0]["stage_stats"])
+    _assert_same(run, _results(reference))
+
+
+@pytest.mark.timeout(180)
+def test_asynchronous_dfa_pipeline_learns_with_a_bounded_delay(tmp_path):
+    cfg = small_config(loss="dfa", model__nonlin="tanh", model__num_layers=3, model__num_hidden=48, data__batch_size=16,
+                       data__synthetic_train_size=888, data__synthetic_test_size=100, run__epochs=2, optim__lr=5e-3,
+                       pipeline__stages=3, pipeline__transport="zmq", pipeline__queue_depth=2, run__out=str(tmp_path))
+    assert launch(cfg) == 0
+    summary, epochs, _ = _results(tmp_path)
+    first, *_, last = summary["stage_stats"]
+    assert first["dfa_delay_max"] > 0 and last["dfa_delay_max"] == 0
+    # a stage can be at most 2D + 4 batches ahead of the next (see PipelineConfig.queue_depth), twice here
+    assert first["dfa_delay_max"] <= 2 * (2 * 2 + 4)
+    assert summary["test_error"] < 20.0  # chance is 90%; the sequential DFA trainer reaches 1% here
 
 
 @pytest.mark.timeout(180)

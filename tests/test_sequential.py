@@ -22,15 +22,17 @@ def test_same_seed_gives_bit_identical_training():
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("loss,bio", [("predsim", False), ("pred", False), ("sim", False), ("predsim", True), ("backprop", False)])
-def test_every_learning_rule_learns_the_synthetic_task(loss, bio, tmp_path):
-    cfg = small_config(loss=loss, loss__bio=bio, run__epochs=3, data__synthetic_train_size=512, optim__lr=5e-3,
+@pytest.mark.parametrize("loss,bio,epochs", [("predsim", False, 3), ("pred", False, 3), ("sim", False, 3), ("predsim", True, 3),
+                                             ("backprop", False, 3), ("fa", False, 6), ("dfa", False, 3)])
+def test_every_learning_rule_learns_the_synthetic_task(loss, bio, epochs, tmp_path):
+    # fa first has to align its forward weights with the random feedback: it gets more epochs
+    cfg = small_config(loss=loss, loss__bio=bio, run__epochs=epochs, data__synthetic_train_size=512, optim__lr=5e-3,
                        run__out=str(tmp_path))
     summary = SequentialTrainer(cfg).run()
     assert summary["test_error"] < 50.0, summary  # chance is 90%
     hidden = summary["layer_test_errors"][:-1]
     epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    if loss == "backprop":
+    if loss in ("backprop", "fa", "dfa"):
         assert hidden == [None, None]  # no local heads at all
         return
     # every hidden block's own local loss goes down: the block itself learns, not only the output layer

@@ -12,7 +12,7 @@ from pipeline.data import BatchSource
 from pipeline.message import Kind
 from pipeline.models import build_blocks
 from pipeline.stage import Stage, data_messages, release_after
-from pipeline.transport.base import Channel
+from pipeline.transport.base import Channel, Links
 
 
 class MemoryChannel(Channel):
@@ -58,8 +58,8 @@ def _stages(cfg, slow_learning_s=0.0):
             block.learn = lambda h, y, learn=learn: (time.sleep(slow_learning_s), learn(h, y))
     cpu = torch.device("cpu")
     source = BatchSource(cfg.data, cfg.run.seed)
-    s0 = Stage(cfg, 0, 2, first, inbox=None, outbox=link, source=source, device=cpu, host="test")
-    s1 = Stage(cfg, 1, 2, second, inbox=link, outbox=None, source=None, device=cpu, host="test")
+    s0 = Stage(cfg, 0, 2, first, links=Links(outbox=link), source=source, device=cpu, host="test")
+    s1 = Stage(cfg, 1, 2, second, links=Links(inbox=link), source=None, device=cpu, host="test")
     return s0, s1
 
 
@@ -82,7 +82,7 @@ def _run_in_threads(*stages):
 def test_a_fast_stage_is_held_back_by_a_slow_one():
     depth = 2
     cfg = small_config(pipeline__stages=2, pipeline__queue_depth=depth, data__synthetic_train_size=640, data__synthetic_test_size=32)
-    s0, s1 = _stages(cfg, slow_learning_s=0.05)
+    s0, s1 = _stages(cfg, slow_learning_s=0.1)
     threads, results, errors = _run_in_threads(s0, s1)
     lead = 0
     while any(t.is_alive() for t in threads):
@@ -111,6 +111,6 @@ def test_an_error_in_the_feed_thread_reaches_the_compute_thread():
         def recv(self):
             raise ConnectionError("link to stage 0 lost")
 
-    s1.inbox = BrokenChannel()
+    s1.inbox = s1.links.inbox = BrokenChannel()
     with pytest.raises(ConnectionError, match="link to stage 0 lost"):
         s1.run()

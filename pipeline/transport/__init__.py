@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.transport.base import Channel
+from pipeline.transport.base import Channel, Links
 
 
-def open_channels(name: str, rank: int, world: int, device: torch.device, *, dist_backend: str = "gloo",
-                  zmq_host: str = "127.0.0.1", local_queues: list | None = None) -> tuple[Channel | None, Channel | None]:
-    """(inbox, outbox) of stage `rank` over the named transport; None at the ends of the pipe."""
+def open_links(name: str, rank: int, world: int, device: torch.device, *, feedback: bool = False,
+               dist_backend: str = "gloo", zmq_host: str = "127.0.0.1", local_queues: dict | None = None) -> Links:
+    """The channels of stage `rank` over the named transport; with `feedback`, also the DFA error channels
+    from the last stage to every earlier one."""
     if name == "dist":
         from pipeline.transport.dist import open_dist
 
-        return open_dist(rank, world, device, dist_backend)
+        return open_dist(rank, world, device, dist_backend, feedback)
     if name == "zmq":
         from pipeline.transport.zmq import open_zmq
 
-        return open_zmq(rank, world, device, zmq_host)
+        return open_zmq(rank, world, device, zmq_host, feedback)
     if name == "local":
         from pipeline.transport.local import open_local
 
@@ -27,4 +28,4 @@ def open_channels(name: str, rank: int, world: int, device: torch.device, *, dis
     raise ValueError(f"unknown transport '{name}'")
 
 
-__all__ = ["Channel", "open_channels"]
+__all__ = ["Channel", "Links", "open_links"]

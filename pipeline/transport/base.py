@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +25,21 @@ class Channel(ABC):
 
     def close(self) -> None:
         """Release the channel's resources (after the END message has gone through)."""
+
+
+@dataclass
+class Links:
+    """All channels of one stage: the forward pipe, and for DFA the error channels from the last stage."""
+
+    inbox: Channel | None = None  # from stage k-1 (None at stage 0: the data source feeds it)
+    outbox: Channel | None = None  # to stage k+1 (None at the last stage)
+    feedback_in: Channel | None = None  # DFA errors from the last stage (stages before the last)
+    feedback_out: list[Channel] = field(default_factory=list)  # last stage: one per earlier stage
+
+    def close(self) -> None:
+        for channel in [self.inbox, self.outbox, self.feedback_in, *self.feedback_out]:
+            if channel is not None:
+                channel.close()
 
 
 class BufferPool:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.message import MAX_HEADER_BYTES, Message, ProtocolError, decode_header, encode_header
-from pipeline.transport.base import BufferPool, Channel
+from pipeline.transport.base import BufferPool, Channel, Links
 
 HEADER_FRAME_BYTES = 1024  # one frame holds the usual header; longer ones (end-of-run reports) add an overflow frame
 _LENGTH_BYTES = 4
@@ -69,15 +69,26 @@ class DistChannel(Channel):
         return Message(header.kind, header.epoch, header.index, tensors, header.meta)
 
 
-def link_groups(world: int, backend: str) -> list:
-    """One process group per link (k, k+1), created in the same order on every rank, as torch requires."""
-    return [dist.new_group([k, k + 1], backend=backend) for k in range(world - 1)]
+def link_groups(world: int, backend: str, feedback: bool) -> tuple[list, list]:
+    """One process group per link (k, k+1), and per DFA error link (K-1 -> k), created in the same order on every
+    rank, as torch requires; each is used by one thread on each side."""
+    forward = [dist.new_group([k, k + 1], backend=backend) for k in range(world - 1)]
+    errors = [dist.new_group([k, world - 1], backend=backend) for k in range(world - 1)] if feedback else []
+    return forward, errors
 
 
-def open_dist(rank: int, world: int, compute_device: torch.device, backend: str) -> tuple[Channel | None, Channel | None]:
-    """(inbox from rank-1, outbox to rank+1) of a stage."""
+def open_dist(rank: int, world: int, compute_device: torch.device, backend: str, feedback: bool = False) -> Links:
     comm_device = compute_device if backend == "nccl" else torch.device("cpu")
-    groups = link_groups(world, backend)
-    inbox = DistChannel(rank - 1, groups[rank - 1], comm_device, compute_device) if rank > 0 else None
-    outbox = DistChannel(rank + 1, groups[rank], comm_device, compute_device) if rank < world - 1 else None
-    return inbox, outbox
+    forward, errors = link_groups(world, backend, feedback)
+    last = world - 1
+
+    def channel(peer: int, group) -> DistChannel:
+        return DistChannel(peer, group, comm_device, compute_device)
+
+    links = Links(inbox=channel(rank - 1, forward[rank - 1]) if rank > 0 else None,
+                  outbox=channel(rank + 1, forward[rank]) if rank < last else None)
+    if errors and rank < last:
+        links.feedback_in = channel(last, errors[rank])
+    if errors and rank == last:
+        links.feedback_out = [channel(k, errors[k]) for k in range(last)]
+    return links

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.message import Message, decode_header, encode_header
-from pipeline.transport.base import Channel
+from pipeline.transport.base import Channel, Links
 
 
 def _shareable(tensor: torch.Tensor) -> torch.Tensor:
@@ -43,12 +43,20 @@ class QueueChannel(Channel):
         self.queue.close()
 
 
-def make_queues(context, world: int, depth: int) -> list:
-    """One bounded queue per link (k, k+1); made by the launcher before it starts the stages."""
-    return [context.Queue(maxsize=depth) for _ in range(world - 1)]
+def make_queues(context, world: int, depth: int, feedback: bool) -> dict[str, list]:
+    """One bounded queue per link (k, k+1) and, for DFA, per error link (K-1 -> k); made by the launcher before
+    it starts the stages. Error queues are unbounded: a stage drains them at once and its forward pipe bounds
+    how many batches can await an error."""
+    return {"forward": [context.Queue(maxsize=depth) for _ in range(world - 1)],
+            "feedback": [context.Queue() for _ in range(world - 1)] if feedback else []}
 
 
-def open_local(rank: int, world: int, device: torch.device, queues: list) -> tuple[Channel | None, Channel | None]:
-    inbox = QueueChannel(queues[rank - 1], device) if rank > 0 else None
-    outbox = QueueChannel(queues[rank], device) if rank < world - 1 else None
-    return inbox, outbox
+def open_local(rank: int, world: int, device: torch.device, queues: dict[str, list]) -> Links:
+    forward, errors, last = queues["forward"], queues["feedback"], world - 1
+    links = Links(inbox=QueueChannel(forward[rank - 1], device) if rank > 0 else None,
+                  outbox=QueueChannel(forward[rank], device) if rank < last else None)
+    if errors and rank < last:
+        links.feedback_in = QueueChannel(errors[rank], device)
+    if errors and rank == last:
+        links.feedback_out = [QueueChannel(errors[k], device) for k in range(last)]
+    return links

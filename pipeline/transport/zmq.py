@@ -19,7 +19,7 @@ import zmq
 
 from pipeline.message import (MAX_HEADER_BYTES, MAX_TENSOR_BYTES, Message, ProtocolError, TensorSpec, decode_header,
                               encode_header)
-from pipeline.transport.base import BufferPool, Channel
+from pipeline.transport.base import BufferPool, Channel, Links
 
 ADDRESS_BYTES = 512
 CLOSE_LINGER_MS = 10_000  # an END still queued in the sender is delivered, or given up after this
@@ -157,16 +157,24 @@ def exchange_strings(value: str) -> list[str]:
     return [bytes(t.tolist()).rstrip(b"\0").decode() for t in gathered]
 
 
-def open_zmq(rank: int, world: int, device: torch.device, bind_host: str) -> tuple[Channel | None, Channel | None]:
-    """(inbox from rank-1, outbox to rank+1): each stage binds its inbox, then connects to the next one's."""
+def open_zmq(rank: int, world: int, device: torch.device, bind_host: str, feedback: bool = False) -> Links:
+    """Each stage binds its inbox (and its DFA error inbox), the addresses are gathered, then each connects."""
     hosts = exchange_strings(socket.gethostname())
-    inbox = None
-    if rank > 0:
-        if hosts[rank - 1] == hosts[rank]:
-            bind = f"ipc://{tempfile.mkdtemp(prefix='localpipe-')}/inbox"
-        else:
-            bind = f"tcp://{bind_host}"
-        inbox = ZmqReceiver(bind, device)
-    addresses = exchange_strings(inbox.address if inbox else "")
-    outbox = ZmqSender(addresses[rank + 1]) if rank < world - 1 else None
-    return inbox, outbox
+    last = world - 1
+
+    def bind_from(peer: int) -> ZmqReceiver:
+        if hosts[peer] == hosts[rank]:
+            return ZmqReceiver(f"ipc://{tempfile.mkdtemp(prefix='localpipe-')}/inbox", device)
+        return ZmqReceiver(f"tcp://{bind_host}", device)
+
+    links = Links(inbox=bind_from(rank - 1) if rank > 0 else None)
+    if feedback and rank < last:
+        links.feedback_in = bind_from(last)
+    inboxes = exchange_strings(links.inbox.address if links.inbox else "")
+    if rank < last:
+        links.outbox = ZmqSender(inboxes[rank + 1])
+    if feedback:
+        error_inboxes = exchange_strings(links.feedback_in.address if links.feedback_in else "")
+        if rank == last:
+            links.feedback_out = [ZmqSender(error_inboxes[k]) for k in range(last)]
+    return links

@@ -14,7 +14,8 @@ LONG_META = {"stages": [{"name": "x" * 64, "value": i} for i in range(40)]}  # >
 
 def _exchange(rank, world, port, results):
     init_gloo(rank, world, port)
-    inbox, outbox = open_dist(rank, world, torch.device("cpu"), "gloo")
+    links = open_dist(rank, world, torch.device("cpu"), "gloo")
+    inbox, outbox = links.inbox, links.outbox
     if rank == 0:
         for index, shape in enumerate(SHAPES):
             outbox.send(Message(Kind.TRAIN, 1, index, [torch.full(shape, float(index)), torch.arange(shape[0])]))

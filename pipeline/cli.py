@@ -23,11 +23,20 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _partition(text: str) -> tuple[int, ...]:
+def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--partition takes block counts like 2,1,1, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,1,1, got '{text}'") from None
+
+
+def _optional_int(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got '{text}'") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser("train", help="train a network (sequentially, or as concurrent stages)")
     add_train_arguments(train)
+    align = commands.add_parser("align", help="angles between each layer's update and the backprop gradient")
+    add_train_arguments(align)
+    g = align.add_argument_group("alignment")
+    g.add_argument("--align-every", type=int, default=50, metavar="N", help="measure every N training steps")
+    g.add_argument("--align-batches", type=int, default=4, metavar="M", help="held-out batches per measurement")
+    g.add_argument("--load", default=None, metavar="RUN_DIR", help="measure a finished run (its --out) instead of training")
     return parser
 
 
@@ -44,6 +59,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=m.name, help=f"{', '.join(MODELS)} (default {m.name})")
     g.add_argument("--num-layers", type=int, default=m.num_layers, help="hidden fully connected layers")
     g.add_argument("--num-hidden", type=int, default=m.num_hidden, help="units per hidden fully connected layer")
+    g.add_argument("--hidden-sizes", type=_int_list, default=None, help="width of each hidden layer, e.g. 800,8,800")
     g.add_argument("--feat-mult", type=float, default=m.feat_mult, help="multiplier on vgg feature maps")
     g.add_argument("--nonlin", default=None, help=f"{', '.join(NONLINEARITIES)} (default tanh for dfa, else relu)")
     g.add_argument("--dropout", type=float, default=m.dropout, help="dropout after each nonlinearity")
@@ -76,11 +92,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit-eval-batches", type=int, default=None, help="test batches per evaluation at most")
     g = p.add_argument_group("pipeline")
     g.add_argument("--stages", type=int, default=None, help="stage processes K (default 1; WORLD_SIZE under torchrun)")
-    g.add_argument("--partition", type=_partition, default=None, help="blocks per stage, e.g. 2,1,1 (default: even)")
+    g.add_argument("--partition", type=_int_list, default=None, help="blocks per stage, e.g. 2,1,1 (default: even)")
     g.add_argument("--transport", default=pi.transport, help=f"{', '.join(TRANSPORTS)} (default {pi.transport})")
     g.add_argument("--queue-depth", type=int, default=pi.queue_depth, help="batches in flight between two stages")
     g.add_argument("--zmq-host", default=pi.zmq_host, help="interface zmq stages bind on across hosts")
     g.add_argument("--dfa-sync", action="store_true", help="DFA: wait for batch t's error before forwarding t+1 (exact)")
+    g.add_argument("--dfa-max-delay", type=_optional_int, default=pi.dfa_max_delay, metavar="N",
+                   help="DFA: forward at most N batches past an awaited error (default %(default)s; 'none': unbounded)")
     g = p.add_argument_group("run")
     g.add_argument("--epochs", type=int, default=r.epochs)
     g.add_argument("--seed", type=int, default=r.seed)
@@ -107,7 +125,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
             raise ConfigError(f"--stages {stages} but torchrun started {world[1]} processes: drop --stages or match them")
         stages = world[1]
     return Config(
-        model=ModelConfig(name=a.model, num_layers=a.num_layers, num_hidden=a.num_hidden, feat_mult=a.feat_mult,
+        model=ModelConfig(name=a.model, num_layers=a.num_layers, num_hidden=a.num_hidden, hidden_sizes=a.hidden_sizes,
+                          feat_mult=a.feat_mult,
                           nonlin=a.nonlin, dropout=a.dropout, batch_norm=not a.no_batch_norm),
         loss=LossConfig(loss=a.loss, bio=a.bio, beta=a.beta, dim_in_decoder=a.dim_in_decoder,
                         target_proj_size=a.target_proj_size, similarity_std=not a.no_similarity_std,
@@ -119,9 +138,11 @@ def config_from_args(a: argparse.Namespace) -> Config:
                         synthetic_train_size=a.synthetic_train_size, synthetic_test_size=a.synthetic_test_size,
                         limit_train_batches=a.limit_train_batches, limit_eval_batches=a.limit_eval_batches),
         pipeline=PipelineConfig(stages=stages or 1, partition=a.partition, transport=a.transport,
-                                queue_depth=a.queue_depth, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync),
+                                queue_depth=a.queue_depth, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync,
+                                dfa_max_delay=a.dfa_max_delay),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
-                      progress=not a.no_progress, log_alignment=a.log_alignment),
+                      progress=not a.no_progress, log_alignment=a.log_alignment,
+                      alignment_batches=getattr(a, "align_batches", RunConfig().alignment_batches)),
     )
 
 
@@ -145,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         cfg = config_from_args(args)
+        if args.command == "align":
+            if args.align_every < 1:
+                raise ConfigError(f"--align-every must be >= 1, got {args.align_every}")
+            if cfg.pipeline.stages > 1:
+                raise ConfigError("align trains in one process: drop --stages (use train --log-alignment for pipelines)")
+            from pipeline.align import run_align
+
+            run_align(cfg, args.align_every, args.load)
+            return EXIT_OK
         return run_train(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

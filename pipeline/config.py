@@ -41,6 +41,8 @@ class ModelConfig:
     """Hidden fully connected layers (the whole mlp; the classifier part of a vgg)."""
     num_hidden: int = 1024
     """Units in each hidden fully connected layer."""
+    hidden_sizes: tuple[int, ...] | None = None
+    """Width of each hidden fully connected layer (e.g. 800,8,800 for a bottleneck); overrides num_layers/num_hidden."""
     feat_mult: float = 1.0
     """Multiplier on the number of feature maps of the vgg convolutions."""
     nonlin: str | None = None
@@ -54,6 +56,10 @@ class ModelConfig:
         _choice(self.name, MODELS, "--model")
         if self.nonlin is not None:
             _choice(self.nonlin, NONLINEARITIES, "--nonlin")
+        if self.hidden_sizes is not None:
+            self.hidden_sizes = tuple(int(w) for w in self.hidden_sizes)
+            _require(all(w >= 1 for w in self.hidden_sizes), f"--hidden-sizes must be widths >= 1, got {','.join(map(str, self.hidden_sizes))}")
+            self.num_layers = len(self.hidden_sizes)
         minimum_layers = 1 if self.name == "mlp" else 0
         _require(self.num_layers >= minimum_layers, f"--num-layers must be >= {minimum_layers} for {self.name}, got {self.num_layers}")
         _require(self.num_hidden >= 1, f"--num-hidden must be >= 1, got {self.num_hidden}")
@@ -177,7 +183,10 @@ class PipelineConfig:
     so it runs at most 2D + 4 batches ahead of the next (the queues, the batches in hand, the one on the link)."""
     dfa_sync: bool = False
     """DFA: each stage waits for batch t's error before it forwards batch t+1 (exactly the sequential DFA trainer);
-    without it a stage keeps forwarding and applies each error when it arrives, a few batches late."""
+    the same as dfa_max_delay 0."""
+    dfa_max_delay: int | None = 2
+    """DFA, asynchronous: a stage forwards at most this many batches past the oldest one whose error it still
+    awaits (bounded staleness); None: only the forward pipe bounds it."""
     zmq_host: str = "127.0.0.1"
     """Interface the zmq stages bind on when they are on different hosts; ipc:// is used within one host."""
 
@@ -185,6 +194,9 @@ class PipelineConfig:
         _require(self.stages >= 1, f"--stages must be >= 1, got {self.stages}")
         _choice(self.transport, TRANSPORTS, "--transport")
         _require(self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}")
+        _require(self.dfa_max_delay is None or self.dfa_max_delay >= 0, f"--dfa-max-delay must be >= 0, got {self.dfa_max_delay}")
+        if self.dfa_sync:
+            self.dfa_max_delay = 0
         if self.partition is not None:
             self.partition = tuple(int(p) for p in self.partition)
             _require(all(p >= 1 for p in self.partition), f"--partition sizes must be >= 1, got {','.join(map(str, self.partition))}")
@@ -209,6 +221,8 @@ class RunConfig:
     """Show a progress bar on the console."""
     log_alignment: int | None = None
     """Every this many training steps, log each hidden layer's angle to the backprop gradient (alignment.jsonl)."""
+    alignment_batches: int = 2
+    """Held-out batches each alignment measurement averages over."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -216,6 +230,7 @@ class RunConfig:
         _choice(self.device, DEVICES, "--device")
         _require(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         _require(self.log_alignment is None or self.log_alignment >= 1, f"--log-alignment must be >= 1, got {self.log_alignment}")
+        _require(self.alignment_batches >= 1, f"--align-batches must be >= 1, got {self.alignment_batches}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -148,6 +148,12 @@ class BatchSource:
         std = torch.tensor(self.spec.std, device=self.device).view(1, -1, 1, 1)
         self._scale, self._shift = 1.0 / (255.0 * std), -mean / std  # x = u8 / 255 normalised by (mean, std)
 
+    @staticmethod
+    def shape_of(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
+        """(input shape (C, H, W), classes) of a data config, without loading anything."""
+        spec = DATASETS[cfg.shape_source]
+        return (spec.channels, spec.size, spec.size), spec.classes
+
     @property
     def num_classes(self) -> int:
         return self.spec.classes

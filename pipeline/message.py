@@ -16,7 +16,7 @@ import msgpack
 import torch
 
 PROTOCOL_VERSION = 1
-MAX_TENSORS = 8
+MAX_TENSORS = 64  # an ALIGN message carries its held-out batches and one state tensor per stage
 MAX_DIMS = 8
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSOR_BYTES = 1 << 31  # 2 GiB: a vgg11b (3x) activation at batch 512 is about 400 MB
@@ -33,6 +33,7 @@ class Kind(IntEnum):
     EVAL = 2  # score the local classifiers on this test batch, pass the output on
     END = 3  # end of stream: save, report, pass it on, stop
     FEEDBACK = 4  # DFA: the output error of a training batch, from the last stage back to an earlier one
+    ALIGN = 5  # held-out batches; each stage adds its blocks' state; the last one measures alignment angles
 
 
 class ProtocolError(ValueError):

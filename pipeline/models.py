@@ -64,9 +64,10 @@ def plan_blocks(model: ModelConfig, input_shape: tuple[int, int, int], num_class
                 plans.append(BlockPlan("conv", channels, width, size))
             channels = width
     features = channels * size * size
-    for layer in range(model.num_layers):
-        plans.append(BlockPlan("linear", features, model.num_hidden, flatten_input=layer == 0))
-        features = model.num_hidden
+    widths = model.hidden_sizes or (model.num_hidden,) * model.num_layers
+    for layer, width in enumerate(widths):
+        plans.append(BlockPlan("linear", features, width, flatten_input=layer == 0))
+        features = width
     plans.append(BlockPlan("output", features, num_classes, flatten_input=True))
     return plans
 

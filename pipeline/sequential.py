@@ -5,12 +5,14 @@ data source -> block 0 -> block 1 -> ... -> output classifier, one batch at a ti
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from pipeline.alignment import AlignmentLog
 from pipeline.blocks import Block, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
 from pipeline.checkpoint import save_weights
 from pipeline.config import Config, default_threads
@@ -30,6 +32,11 @@ class SequentialTrainer:
         self.source = source or BatchSource(cfg.data, cfg.run.seed, self.device)
         self.blocks: list[Block] = build_blocks(cfg, self.source.input_shape, self.source.num_classes, device=self.device)
         self.throughput = Throughput()
+        self.steps = 0
+        self.alignment: AlignmentLog | None = None
+        if cfg.run.log_alignment:
+            heldout = [(b.x, b.y) for b in itertools.islice(self.source.eval_batches(), cfg.run.alignment_batches)]
+            self.alignment = AlignmentLog(heldout, cfg.loss.loss, cfg.run.out)
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         rule = self.cfg.loss.loss
@@ -63,6 +70,9 @@ class SequentialTrainer:
         for batch in self.source.train_batches(epoch):
             self.train_batch(batch.x, batch.y)
             self.throughput.batch_done(len(batch.y))
+            self.steps += 1
+            if self.alignment and self.steps % self.cfg.run.log_alignment == 0:
+                self.alignment.measure(self.blocks, self.steps, epoch)
             bar.update()
         bar.close()
 
@@ -83,6 +93,8 @@ class SequentialTrainer:
         record: dict[str, Any] = {}
         for epoch in range(1, self.cfg.run.epochs + 1):
             self.train_epoch(epoch)
+            if self.alignment:
+                self.alignment.measure(self.blocks, self.steps, epoch, epoch_end=True)
             rate = self.throughput.epoch_rate()
             hits, examples = self.evaluate()
             stats = [block.stats.summary() for block in self.blocks]

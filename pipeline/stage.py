@@ -17,8 +17,9 @@ that carries its labels on has been sent (see release_after).
 
 from __future__ import annotations
 
-import os
 import contextlib
+import itertools
+import os
 import queue
 import threading
 import time
@@ -29,13 +30,15 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from pipeline.alignment import AlignmentLog
 from pipeline.blocks import Block, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
-from pipeline.checkpoint import save_weights
+from pipeline.checkpoint import flatten_state, save_weights, unflatten_state
 from pipeline.config import Config
 from pipeline.data import BatchSource
 from pipeline.feedback import keep_weights_at_forward, output_error
 from pipeline.message import Kind, Message
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
+from pipeline.models import build_blocks
 from pipeline.transport import Channel, Links
 
 _POLL_S = 0.2
@@ -85,13 +88,22 @@ def release_after(count: int, release):
     return countdown
 
 
-def data_messages(source: BatchSource, epochs: int) -> Iterator[Message]:
-    """Stage 0's input stream: each epoch's training batches, then its test batches, then END."""
+def data_messages(source: BatchSource, epochs: int, align_every: int | None = None,
+                  align_batches: int = 1) -> Iterator[Message]:
+    """Stage 0's input stream: each epoch's training batches, then its test batches, then END; with
+    `align_every`, an ALIGN message (held-out batches) after every that many steps and at each epoch's end."""
+    heldout = [t for b in itertools.islice(source.eval_batches(), align_batches) for t in (b.x, b.y)] if align_every else []
+    step = 0
     for epoch in range(1, epochs + 1):
         batches = source.num_train_batches
         for batch in source.train_batches(epoch):
             meta = {"batches": batches} if batch.index == 0 else {}
             yield Message(Kind.TRAIN, epoch, batch.index, [batch.x, batch.y], meta)
+            step += 1
+            if align_every and step % align_every == 0:
+                yield Message(Kind.ALIGN, epoch, step, list(heldout), {"epoch_end": False})
+        if align_every:
+            yield Message(Kind.ALIGN, epoch, step, list(heldout), {"epoch_end": True})
         last = source.num_eval_batches - 1
         for batch in source.eval_batches():
             yield Message(Kind.EVAL, epoch, batch.index, [batch.x, batch.y], {"last": True} if batch.index == last else {})
@@ -132,12 +144,14 @@ class Stage:
         self.writer = MetricsWriter(cfg.run.out) if self.is_last else None
         self._bar: tqdm | None = None
         self._record: dict[str, Any] = {}
+        self._alignment: AlignmentLog | None = None
+        self._alignment_net: list[Block] | None = None  # the last stage's copy of the whole network, for ALIGN
 
     # ---- helper threads -------------------------------------------------------------------------------------
 
     def _incoming(self) -> Iterator[Message]:
         if self.source is not None:
-            yield from data_messages(self.source, self.cfg.run.epochs)
+            yield from data_messages(self.source, self.cfg.run.epochs, self.cfg.run.log_alignment, self.cfg.run.alignment_batches)
             return
         while True:
             yield self.inbox.recv()
@@ -250,13 +264,15 @@ class Stage:
         """DFA, a stage before the last: forward, send on, keep the graphs until this batch's error arrives."""
         x, y = msg.tensors
         release = release_after(2, msg.release)  # x stays in the kept graph until the update
-        asynchronous = not self.cfg.pipeline.dfa_sync
-        with keep_weights_at_forward(self.parameters()) if asynchronous else contextlib.nullcontext():
+        max_delay = self.cfg.pipeline.dfa_max_delay
+        with keep_weights_at_forward(self.parameters()) if max_delay != 0 else contextlib.nullcontext():
             states, out = forward_for_feedback(self.blocks, x)
         self._put(Message(Kind.TRAIN, msg.epoch, msg.index, [out, y], msg.meta, release=release))
         self._awaiting.append(_AwaitingError(msg.epoch, msg.index, states, release, self._forwarded))
         self._forwarded += 1
-        self._apply_errors(wait=not asynchronous)
+        self._apply_errors(wait=False)
+        if max_delay is not None:  # the next batch may not be forwarded more than max_delay batches past an error
+            self._apply_errors(wait=True, keep=max_delay)
 
     def _train_dfa_last(self, msg: Message) -> None:
         """DFA, the last stage: the output error of the batch goes back to every earlier stage, and updates this one."""
@@ -275,9 +291,9 @@ class Stage:
     def parameters(self) -> list[torch.Tensor]:
         return [p for block in self.blocks for p in block.parameters()]
 
-    def _apply_errors(self, wait: bool) -> None:
-        """Update with the errors that have arrived; with `wait`, with the errors of every batch still awaiting one."""
-        while self._awaiting:
+    def _apply_errors(self, wait: bool, keep: int = 0) -> None:
+        """Update with the errors that have arrived; with `wait`, block until at most `keep` batches await one."""
+        while len(self._awaiting) > keep:
             if wait:
                 started = time.perf_counter()
                 item = self.errors.get()
@@ -328,6 +344,27 @@ class Stage:
             self._record = epoch_record(msg.epoch, lr, meta["train_stats"], meta["hits"], examples, rate, self._started)
             self.writer.epoch(self._record)
             tqdm.write(describe_epoch(self._record))
+
+    def _align(self, msg: Message) -> None:
+        """Add this stage's blocks to the ALIGN message; the last stage rebuilds the network and measures."""
+        flat, manifest = flatten_state(self.blocks)
+        meta = {**msg.meta, "manifest": msg.meta.get("manifest", []) + [manifest]}
+        tensors = msg.tensors + [flat]
+        if not self.is_last:
+            self._put(Message(Kind.ALIGN, msg.epoch, msg.index, tensors, meta, release=msg.release))
+            return
+        batches = 2 * self.cfg.run.alignment_batches
+        heldout = list(zip(tensors[0:batches:2], tensors[1:batches:2]))
+        if self._alignment_net is None:
+            shape, classes = BatchSource.shape_of(self.cfg.data)
+            self._alignment_net = build_blocks(self.cfg, shape, classes, device=self.device)
+            self._alignment = AlignmentLog(heldout, self.cfg.loss.loss, self.cfg.run.out)
+        for state, stage_manifest in zip(tensors[batches:], meta["manifest"]):
+            for index, partial in unflatten_state(state, stage_manifest).items():
+                self._alignment_net[index].load_state_dict(partial, strict=False)
+        self._alignment.heldout = heldout
+        self._alignment.measure(self._alignment_net, msg.index, msg.epoch, epoch_end=meta["epoch_end"])
+        msg.release()
 
     def report(self) -> dict[str, Any]:
         """This stage's timings: where its wall time went, and how full its input queue was."""
@@ -401,6 +438,8 @@ class Stage:
                 self._train(msg)
             elif msg.kind == Kind.EVAL:
                 self._eval(msg)
+            elif msg.kind == Kind.ALIGN:
+                self._align(msg)
             else:
                 summary = self._end(msg)
                 break

@@ -93,16 +93,29 @@ def test_synchronous_dfa_pipeline_equals_the_dfa_trainer(tmp_path_factory, tmp_p
 
 
 @pytest.mark.timeout(180)
-def test_asynchronous_dfa_pipeline_learns_with_a_bounded_delay(tmp_path):
+def test_alignment_logged_by_the_pipeline_equals_the_sequential_log(tmp_path_factory, tmp_path):
+    common = dict(loss="dfa", model__nonlin="tanh", optim__lr=5e-3, run__log_alignment=3)  # 8 steps: 3, 6, end
+    reference = tmp_path_factory.mktemp("sequential-align")
+    SequentialTrainer(small_config(run__out=str(reference), **common)).run()
+    assert launch(small_config(pipeline__stages=3, pipeline__transport="dist", pipeline__dfa_sync=True,
+                               run__out=str(tmp_path), **common)) == 0
+    logged = (tmp_path / "alignment.jsonl").read_text()
+    assert logged == (reference / "alignment.jsonl").read_text() and logged.count("\n") == 3
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("max_delay", [None, 1])
+def test_asynchronous_dfa_pipeline_learns_with_a_bounded_delay(tmp_path, max_delay):
     cfg = small_config(loss="dfa", model__nonlin="tanh", model__num_layers=3, model__num_hidden=48, data__batch_size=16,
                        data__synthetic_train_size=888, data__synthetic_test_size=100, run__epochs=2, optim__lr=5e-3,
-                       pipeline__stages=3, pipeline__transport="zmq", pipeline__queue_depth=2, run__out=str(tmp_path))
+                       pipeline__stages=3, pipeline__transport="zmq", pipeline__queue_depth=2,
+                       pipeline__dfa_max_delay=max_delay, run__out=str(tmp_path))
     assert launch(cfg) == 0
     summary, epochs, _ = _results(tmp_path)
     first, *_, last = summary["stage_stats"]
     assert first["dfa_delay_max"] > 0 and last["dfa_delay_max"] == 0
-    # a stage can be at most 2D + 4 batches ahead of the next (see PipelineConfig.queue_depth), twice here
-    assert first["dfa_delay_max"] <= 2 * (2 * 2 + 4)
+    # unbounded: a stage is at most 2D + 4 batches ahead of the next (see PipelineConfig.queue_depth), twice here
+    assert first["dfa_delay_max"] <= (2 * (2 * 2 + 4) if max_delay is None else max_delay)
     assert summary["test_error"] < 20.0  # chance is 90%; the sequential DFA trainer reaches 1% here
 
 

@@ -57,3 +57,10 @@ def test_vggs_train_a_few_steps_on_synthetic_data(model, like):
     assert all(not torch.equal(b.layer.weight, w) for b, w in zip(hidden, before))
     assert len(summary["layer_test_errors"]) == count_blocks(cfg.model)
     assert all(e is not None and 0 <= e <= 100 for e in summary["layer_test_errors"])
+
+
+def test_hidden_sizes_set_each_layer_width():
+    model = ModelConfig(hidden_sizes=(800, 3, 800))
+    plans = plan_blocks(model, (1, 28, 28), 10)
+    assert [(p.inputs, p.outputs) for p in plans] == [(784, 800), (800, 3), (3, 800), (800, 10)]
+    assert count_blocks(model) == 4

@@ -4,7 +4,7 @@ import msgpack
 import pytest
 import torch
 
-from pipeline.message import Kind, Message, ProtocolError, decode_header, encode_header
+from pipeline.message import MAX_TENSORS, Kind, Message, ProtocolError, decode_header, encode_header
 
 
 def _header(**fields):
@@ -36,7 +36,7 @@ BAD_HEADERS = {
     "float dimension": _header(tensors=[["float32", [4.5]]]),
     "huge declared size": _header(tensors=[["float32", [1 << 20, 1 << 20]]]),
     "too many dims": _header(tensors=[["float32", [1] * 9]]),
-    "too many tensors": _header(tensors=[["uint8", [1]]] * 9),
+    "too many tensors": _header(tensors=[["uint8", [1]]] * (MAX_TENSORS + 1)),
     "meta not a map": _header(meta=[1]),
     "binary payload smuggled in": msgpack.packb({"v": 1, "kind": 1, "epoch": 0, "index": 0, "tensors": [], "meta": {"x": b"\x80\x04"}}, use_bin_type=True),
     "oversized header": b"\x00" * (2 << 20),

@@ -10,6 +10,7 @@ import ctypes
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -56,7 +57,15 @@ def _stop(processes: list) -> None:
             process.join()
 
 
-def supervise(processes: list) -> int:
+def _cause(exitcode: int) -> str:
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (the kernel's out-of-memory killer sends this too)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {exitcode}" + ("" if exitcode == 1 else " (bad configuration)" if exitcode == 2 else "")
+
+
+def supervise(processes: list, device: str = "cpu") -> int:
     """Wait for all stages; at the first failure stop the rest and return its exit code (1, or 2 for bad config)."""
     pending = {process.sentinel: process for process in processes}
     try:
@@ -66,8 +75,8 @@ def supervise(processes: list) -> int:
                 process.join()
                 if process.exitcode != 0:
                     _stop(list(pending.values()))
-                    print(f"error: {process.name} exited with code {process.exitcode}; stopped the other stages",
-                          file=sys.stderr, flush=True)
+                    print(f"error: {process.name} (pid {process.pid} on {socket.gethostname()}, {device}) "
+                          f"{_cause(process.exitcode)}; stopped the other stages", file=sys.stderr, flush=True)
                     return 2 if process.exitcode == 2 else 1
     except KeyboardInterrupt:
         _stop(list(pending.values()))
@@ -88,4 +97,4 @@ def launch(cfg: Config) -> int:
                                  name=f"stage {rank}", daemon=False) for rank in range(world)]
     for process in processes:
         process.start()
-    return supervise(processes)
+    return supervise(processes, cfg.run.device)

@@ -96,6 +96,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", default=pi.transport, help=f"{', '.join(TRANSPORTS)} (default {pi.transport})")
     g.add_argument("--queue-depth", type=int, default=pi.queue_depth, help="batches in flight between two stages")
     g.add_argument("--zmq-host", default=pi.zmq_host, help="interface zmq stages bind on across hosts")
+    g.add_argument("--stall-timeout", type=float, default=pi.stall_timeout, metavar="S",
+                   help="fail the run when a stage waits S seconds for a peer (default %(default)s)")
     g.add_argument("--dfa-sync", action="store_true", help="DFA: wait for batch t's error before forwarding t+1 (exact)")
     g.add_argument("--dfa-max-delay", type=_optional_int, default=pi.dfa_max_delay, metavar="N",
                    help="DFA: forward at most N batches past an awaited error (default %(default)s; 'none': unbounded)")
@@ -139,7 +141,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                         limit_train_batches=a.limit_train_batches, limit_eval_batches=a.limit_eval_batches),
         pipeline=PipelineConfig(stages=stages or 1, partition=a.partition, transport=a.transport,
                                 queue_depth=a.queue_depth, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync,
-                                dfa_max_delay=a.dfa_max_delay),
+                                dfa_max_delay=a.dfa_max_delay, stall_timeout=a.stall_timeout),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
                       progress=not a.no_progress, log_alignment=a.log_alignment,
                       alignment_batches=getattr(a, "align_batches", RunConfig().alignment_batches)),

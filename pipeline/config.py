@@ -187,6 +187,9 @@ class PipelineConfig:
     dfa_max_delay: int | None = 2
     """DFA, asynchronous: a stage forwards at most this many batches past the oldest one whose error it still
     awaits (bounded staleness); None: only the forward pipe bounds it."""
+    stall_timeout: float = 300.0
+    """Seconds a stage may wait for its next batch, for room to send one, or for a DFA error, before it declares
+    its peer dead or deadlocked and fails the run."""
     zmq_host: str = "127.0.0.1"
     """Interface the zmq stages bind on when they are on different hosts; ipc:// is used within one host."""
 
@@ -195,6 +198,7 @@ class PipelineConfig:
         _choice(self.transport, TRANSPORTS, "--transport")
         _require(self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}")
         _require(self.dfa_max_delay is None or self.dfa_max_delay >= 0, f"--dfa-max-delay must be >= 0, got {self.dfa_max_delay}")
+        _require(self.stall_timeout > 0, f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
         if self.dfa_sync:
             self.dfa_max_delay = 0
         if self.partition is not None:

@@ -7,6 +7,7 @@ and exits non-zero at once, without a collective teardown that could wait on a d
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import socket
@@ -26,7 +27,17 @@ from pipeline.partition import resolve_partition
 from pipeline.stage import Stage
 from pipeline.transport import open_links
 
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def name_process(rank: int) -> None:
+    """Linux: call this process "stage-<rank>" (what ps, top and /proc/<pid>/comm show)."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_NAME, f"stage-{rank}".encode()[:15])
+    except OSError:
+        pass
+
+
+_PR_SET_NAME = 15
 
 
 def stage_device(cfg: Config, local_rank: int) -> torch.device:
@@ -55,6 +66,7 @@ def data_backend(cfg: Config, local_world: int) -> str:
 def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: int, *,
               store: dist.Store | None = None, local_queues: dict | None = None) -> dict[str, Any] | None:
     """Set up and run stage `rank`; the last stage returns the run's summary."""
+    name_process(rank)
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a killed stage would leak it
     device = stage_device(cfg, local_rank)
     if device.type == "cuda":
@@ -63,7 +75,9 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     else:
         threads = cfg.run.threads or len(pin_cores(local_rank, local_world))
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=PROCESS_GROUP_TIMEOUT)
+    # collectives and gloo receives give up like the stages do, not after torch's 30-minute default
+    timeout = datetime.timedelta(seconds=max(60.0, cfg.pipeline.stall_timeout))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     ranges = resolve_partition(count_blocks(cfg.model), world, cfg.pipeline.partition)
     spec = DATASETS[cfg.data.shape_source]
     blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=ranges[rank], device=device)

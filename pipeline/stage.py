@@ -42,16 +42,19 @@ from pipeline.models import build_blocks
 from pipeline.transport import Channel, Links
 
 _POLL_S = 0.2
-FAULT_ENV = "PIPELINE_FAIL_AT"  # "STAGE:BATCH": that stage raises at that training batch (for fault tests)
+FAULT_ENV = "PIPELINE_FAIL_AT"  # "STAGE:BATCH[:hang]": that stage raises (or hangs) at that batch (fault tests)
 
 
-def _injected_fault(rank: int) -> int | None:
-    """The training batch at which this stage must fail, when a fault test asks for one."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if ":" not in spec:
+def _injected_fault(rank: int) -> tuple[int, str] | None:
+    """(training batch, "raise" or "hang") at which this stage must fail, when a fault test asks for it."""
+    parts = os.environ.get(FAULT_ENV, "").split(":")
+    if len(parts) < 2 or int(parts[0]) != rank:
         return None
-    stage, batch = spec.split(":", 1)
-    return int(batch) if int(stage) == rank else None
+    return int(parts[1]), parts[2] if len(parts) > 2 else "raise"
+
+
+class StallError(RuntimeError):
+    """A peer stopped making progress for longer than --stall-timeout."""
 
 
 class _Failure:
@@ -193,10 +196,19 @@ class Stage:
 
     # ---- compute thread -------------------------------------------------------------------------------------
 
+    def _wait(self, source: queue.Queue, what: str):
+        """The next item of a queue; a StallError if none comes within the stall timeout."""
+        try:
+            return source.get(timeout=self.cfg.pipeline.stall_timeout)
+        except queue.Empty:
+            raise StallError(f"stage {self.rank} waited {self.cfg.pipeline.stall_timeout:.0f} s for {what} "
+                             f"(--stall-timeout): that peer is dead or stuck") from None
+
     def _next(self) -> Message:
         started = time.perf_counter()
         depth = self.in_queue.qsize()
-        item = self.in_queue.get()
+        upstream = "its data source" if self.rank == 0 else f"a batch from stage {self.rank - 1}"
+        item = self._wait(self.in_queue, upstream)
         self.wait_s += time.perf_counter() - started
         self._depth_sum += depth
         self._depth_max = max(self._depth_max, depth)
@@ -214,7 +226,9 @@ class Stage:
                 self.out_queue.put(msg, timeout=_POLL_S)
                 break
             except queue.Full:
-                continue
+                if time.perf_counter() - started > self.cfg.pipeline.stall_timeout:
+                    raise StallError(f"stage {self.rank} waited {self.cfg.pipeline.stall_timeout:.0f} s for stage "
+                                     f"{self.rank + 1} to take a batch (--stall-timeout): that peer is dead or stuck") from None
         self.blocked_s += time.perf_counter() - started
 
     def _sync(self) -> None:
@@ -235,7 +249,9 @@ class Stage:
     def _train(self, msg: Message) -> None:
         if msg.epoch != self._epoch:
             self._begin_epoch(msg)
-        if msg.index == self._fail_at:
+        if self._fail_at and msg.index == self._fail_at[0]:
+            if self._fail_at[1] == "hang":
+                time.sleep(10 ** 6)  # a stuck stage: its neighbours must notice (--stall-timeout)
             raise RuntimeError(f"injected failure at batch {msg.index} ({FAULT_ENV})")
         started, blocked, waited = time.perf_counter(), self.blocked_s, self.error_wait_s
         if self.dfa:
@@ -296,7 +312,7 @@ class Stage:
         while len(self._awaiting) > keep:
             if wait:
                 started = time.perf_counter()
-                item = self.errors.get()
+                item = self._wait(self.errors, f"the error of batch {self._awaiting[0].index} from the last stage")
                 self.error_wait_s += time.perf_counter() - started
             else:
                 try:
@@ -443,8 +459,11 @@ class Stage:
             else:
                 summary = self._end(msg)
                 break
+        deadline = time.perf_counter() + self.cfg.pipeline.stall_timeout
         for sender in senders:  # END is on its way; wait for it to leave, or for a link to fail
             while sender.is_alive() and self._helper_failure is None:
+                if time.perf_counter() > deadline:
+                    raise StallError(f"stage {self.rank} could not deliver END within the stall timeout")
                 sender.join(_POLL_S)
         if self._helper_failure is not None:
             raise self._helper_failure
@@ -454,7 +473,7 @@ class Stage:
 
     def _await_error_stream_end(self) -> None:
         """The last stage ends the error stream after every error: nothing may be left unapplied."""
-        item = self.errors.get()
+        item = self._wait(self.errors, "the end of the error stream from the last stage")
         if isinstance(item, _Failure):
             raise item.exc
         if item.kind != Kind.END:

@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -46,7 +48,7 @@ def test_a_failing_stage_ends_the_run_with_its_traceback(transport, fail_at):
     assert proc.returncode == 1
     assert f"error: stage {stage} (pid" in proc.stderr and "Traceback" in proc.stderr
     assert "RuntimeError: injected failure at batch 10" in proc.stderr
-    assert f"stage {stage} exited with code 1; stopped the other stages" in proc.stderr
+    assert re.search(rf"stage {stage} \(pid \d+ on .+, cpu\) exited with code 1; stopped the other stages", proc.stderr)
     assert elapsed < 60, elapsed  # the untouched run would take minutes
     assert left == []
 
@@ -85,3 +87,68 @@ def test_stages_must_match_torchrun_world(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc, _, _ = _run(torchrun + RUN[1:] + ["--stages", "3"])
     assert proc.returncode != 0 and "--stages 3 but torchrun started 2 processes" in proc.stderr
+
+
+def _stage_pids(parent: int) -> dict[int, int]:
+    """rank -> pid of the processes named stage-<rank> (see runtime.name_process) under a launcher."""
+    found = {}
+    for path in glob.glob("/proc/[0-9]*/comm"):
+        pid = int(path.split("/")[2])
+        try:
+            name = open(path).read().strip()
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if name.startswith("stage-") and ppid == parent:
+            found[int(name[len("stage-"):])] = pid
+    return found
+
+
+def _kill_mid_run(args, victim, stages=3):
+    token = uuid.uuid4().hex
+    env = {**os.environ, "PIPELINE_TEST_TOKEN": token}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 90
+    while len(pids := _stage_pids(proc.pid)) < stages:
+        assert proc.poll() is None and time.monotonic() < deadline, "the stages did not start"
+        time.sleep(0.2)
+    time.sleep(4)  # well into training
+    os.kill(pids[victim], signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - killed
+    time.sleep(0.5)
+    return proc.returncode, err, elapsed, pids[victim], _leftovers(token)
+
+
+LONG_RUN = ["--synthetic-train-size", "20000", "--epochs", "50"]
+LONG = RUN + ["--stages", "3"] + LONG_RUN
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("victim", [0, 1, 2])
+@pytest.mark.parametrize("transport", ["dist", "zmq", "local"])
+def test_killing_any_stage_ends_every_process_within_seconds(transport, victim):
+    code, err, elapsed, pid, left = _kill_mid_run(LONG + ["--transport", transport], victim)
+    assert code == 1 and elapsed < 10, (code, elapsed, err[-2000:])
+    assert f"stage {victim} (pid {pid} on" in err and "was killed by SIGKILL" in err
+    assert left == []
+
+
+@pytest.mark.timeout(180)
+def test_killing_a_stage_under_torchrun_ends_every_process_within_seconds():
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
+    code, err, elapsed, pid, left = _kill_mid_run(torchrun + RUN[1:] + LONG_RUN + ["--transport", "zmq"], victim=1)
+    assert code != 0 and elapsed < 10, (code, elapsed, err[-2000:])
+    assert "Signal 9 (SIGKILL)" in err or "SIGKILL" in err
+    assert left == []
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("transport", ["dist", "zmq"])
+def test_a_stuck_stage_is_detected_by_the_stall_timeout(transport):
+    proc, elapsed, left = _run(RUN + ["--stages", "3", "--transport", transport, "--synthetic-train-size", "20000",
+                                      "--stall-timeout", "3"], env={"PIPELINE_FAIL_AT": "1:10:hang"})
+    assert proc.returncode == 1
+    assert "waited 3 s for a batch from stage 1 (--stall-timeout)" in proc.stderr
+    assert elapsed < 40 and left == []

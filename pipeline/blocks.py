@@ -66,6 +66,10 @@ class EpochStats:
         return {"loss": loss, "error": error}
 
 
+class NonFiniteLoss(RuntimeError):
+    """A block's loss (or the DFA error it got) is NaN or infinite."""
+
+
 class Block(nn.Module):
     """What every block has: its position, optimizer, private generator and epoch statistics."""
 
@@ -75,6 +79,18 @@ class Block(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         self.generator: torch.Generator | None = None
         self.stats = EpochStats()
+        self.skip_nonfinite = False  # skip an update whose loss is not finite instead of stopping the run
+        self.skipped = 0
+
+    def finite(self, value: torch.Tensor, what: str = "loss") -> bool:
+        """True if the update may go ahead; False to skip it (--skip-nonfinite); else NonFiniteLoss."""
+        if bool(torch.isfinite(value).all()):
+            return True
+        if self.skip_nonfinite:
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        raise NonFiniteLoss(f"block {self.index}: {what} is not finite (use --skip-nonfinite to skip such updates)")
 
     def attach(self, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
         self.optimizer, self.generator = optimizer, generator
@@ -139,6 +155,8 @@ class HiddenBlock(Block):
 
     def learn(self, h: torch.Tensor, y: torch.Tensor) -> None:
         loss, logits = self.heads.loss(h, y)
+        if not self.finite(loss):
+            return
         loss.backward()
         self.step()
         self.stats.add(loss, None if logits is None else self.heads.predictions(logits.detach()), y)
@@ -167,6 +185,8 @@ class DFABlock(HiddenBlock):
 
     def learn(self, out: torch.Tensor, error: torch.Tensor) -> None:
         """Apply the DFA update of one batch: `error` is e = softmax(logits) - onehot(y), (B, classes)."""
+        if not self.finite(error, "the output error"):
+            return
         out.backward(direct_feedback(error, self.feedback, out.shape))
         self.step()
 
@@ -194,6 +214,8 @@ class OutputBlock(Block):
         loss = F.cross_entropy(logits, y)
         if self.loss_scale != 1.0:
             loss = loss * self.loss_scale
+        if not self.finite(loss):
+            return
         loss.backward()
         self.step()
         self.stats.add(loss, logits.detach().argmax(1), y)

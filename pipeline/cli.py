@@ -13,6 +13,8 @@ import traceback
 from pipeline.config import (DEVICES, LOSSES, MODELS, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
                              DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig)
 
+from pipeline.blocks import NonFiniteLoss
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -108,6 +110,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per process")
     g.add_argument("--out", default=None, help="folder for summary.json, metrics.jsonl and weights")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--skip-nonfinite", action="store_true", help="skip updates with a NaN/Inf loss instead of stopping")
     g.add_argument("--log-alignment", type=int, default=None, metavar="N",
                    help="every N steps log each layer's angle to the backprop gradient")
 
@@ -143,7 +146,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 queue_depth=a.queue_depth, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync,
                                 dfa_max_delay=a.dfa_max_delay, stall_timeout=a.stall_timeout),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
-                      progress=not a.no_progress, log_alignment=a.log_alignment,
+                      progress=not a.no_progress, log_alignment=a.log_alignment, skip_nonfinite=a.skip_nonfinite,
                       alignment_batches=getattr(a, "align_batches", RunConfig().alignment_batches)),
     )
 
@@ -181,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -225,6 +225,8 @@ class RunConfig:
     """Show a progress bar on the console."""
     log_alignment: int | None = None
     """Every this many training steps, log each hidden layer's angle to the backprop gradient (alignment.jsonl)."""
+    skip_nonfinite: bool = False
+    """Skip (and count) an update whose loss is NaN or infinite, instead of stopping the run there."""
     alignment_batches: int = 2
     """Held-out batches each alignment measurement averages over."""
 

@@ -111,6 +111,7 @@ def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: in
         with seeded_init(cfg.run.seed, "block", index):
             block = _build(plans[index], index, cfg, num_classes)
         block.to(device)
+        block.skip_nonfinite = cfg.run.skip_nonfinite
         block.attach(make_optimizer(block.parameters(), cfg.optim), generator(cfg.run.seed, "dropout", index, device=device))
         blocks.append(block)
     return blocks

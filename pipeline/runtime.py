@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline.blocks import NonFiniteLoss
 from pipeline.config import Config, ConfigError
 from pipeline.data import DATASETS, BatchSource
 from pipeline.models import build_blocks, count_blocks
@@ -100,6 +101,9 @@ def guarded(rank: int, body) -> int:
     except ConfigError as exc:
         print(f"error: stage {rank}: {exc}", file=sys.stderr, flush=True)
         code = 2
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = 1
     except BaseException:
         where = f"stage {rank} (pid {os.getpid()} on {socket.gethostname()})"
         print(f"error: {where} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.alignment import AlignmentLog
-from pipeline.blocks import Block, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
+from pipeline.blocks import Block, NonFiniteLoss, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
 from pipeline.checkpoint import save_weights
 from pipeline.config import Config, default_threads
 from pipeline.data import BatchSource
@@ -68,7 +68,10 @@ class SequentialTrainer:
         bar = tqdm(total=self.source.num_train_batches, desc=f"epoch {epoch}", unit="batch", leave=False,
                    disable=not self.cfg.run.progress, dynamic_ncols=True)
         for batch in self.source.train_batches(epoch):
-            self.train_batch(batch.x, batch.y)
+            try:
+                self.train_batch(batch.x, batch.y)
+            except NonFiniteLoss as exc:
+                raise NonFiniteLoss(f"epoch {epoch} batch {batch.index}, {exc}") from None
             self.throughput.batch_done(len(batch.y))
             self.steps += 1
             if self.alignment and self.steps % self.cfg.run.log_alignment == 0:
@@ -103,6 +106,7 @@ class SequentialTrainer:
             tqdm.write(describe_epoch(record))
         summary = {
             "mode": "sequential",
+            "skipped_updates": {b.index: b.skipped for b in self.blocks if b.skipped},
             "stages": 1,
             "transport": None,
             "test_error": record["test_error"],

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.alignment import AlignmentLog
-from pipeline.blocks import Block, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
+from pipeline.blocks import Block, NonFiniteLoss, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
 from pipeline.checkpoint import flatten_state, save_weights, unflatten_state
 from pipeline.config import Config
 from pipeline.data import BatchSource
@@ -254,6 +254,19 @@ class Stage:
                 time.sleep(10 ** 6)  # a stuck stage: its neighbours must notice (--stall-timeout)
             raise RuntimeError(f"injected failure at batch {msg.index} ({FAULT_ENV})")
         started, blocked, waited = time.perf_counter(), self.blocked_s, self.error_wait_s
+        try:
+            self._train_step(msg)
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"stage {self.rank}, epoch {msg.epoch} batch {msg.index}, {exc}") from None
+        self._sync()
+        self.compute_s += time.perf_counter() - started - (self.blocked_s - blocked) - (self.error_wait_s - waited)
+        if self._helper_failure is not None:
+            raise self._helper_failure
+        if self.is_last:
+            self.throughput.batch_done(len(msg.tensors[1]))
+            self._bar.update()
+
+    def _train_step(self, msg: Message) -> None:
         if self.dfa:
             (self._train_dfa_last if self.is_last else self._train_dfa)(msg)
         elif self.outbox is None:
@@ -268,13 +281,6 @@ class Stage:
 
             train_blocks(self.blocks, x, y, hand_off)
             release()
-        self._sync()
-        self.compute_s += time.perf_counter() - started - (self.blocked_s - blocked) - (self.error_wait_s - waited)
-        if self._helper_failure is not None:
-            raise self._helper_failure
-        if self.is_last:
-            self.throughput.batch_done(len(msg.tensors[1]))
-            self._bar.update()
 
     def _train_dfa(self, msg: Message) -> None:
         """DFA, a stage before the last: forward, send on, keep the graphs until this batch's error arrives."""
@@ -404,6 +410,7 @@ class Stage:
             "dfa_delay_mean": self._delay_sum / self._updates if self._updates else None,
             "dfa_delay_max": self._delay_max if self._updates else None,
             "error_wait_s": self.error_wait_s,
+            "skipped_updates": {b.index: b.skipped for b in self.blocks if b.skipped},
         }
 
     def _end(self, msg: Message) -> dict[str, Any] | None:

@@ -80,3 +80,18 @@ def test_every_optimizer_steps_the_block(optim):
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     block.learn(block.forward_train(x)[0], y)
     assert not torch.equal(before, block.layer.weight)
+
+
+def test_a_non_finite_loss_stops_or_is_skipped():
+    from pipeline.blocks import NonFiniteLoss
+
+    block = _blocks()[0]
+    h, _ = block.forward_train(torch.randn(8, 1, 28, 28))
+    poisoned = h * float("nan")
+    with pytest.raises(NonFiniteLoss, match="block 0: loss is not finite"):
+        block.learn(poisoned, torch.randint(0, 10, (8,)))
+    block.skip_nonfinite = True
+    before = block.layer.weight.clone()
+    h, _ = block.forward_train(torch.randn(8, 1, 28, 28))
+    block.learn(h * float("inf"), torch.randint(0, 10, (8,)))
+    assert block.skipped == 1 and torch.equal(block.layer.weight, before)

@@ -76,3 +76,15 @@ def test_a_run_exits_0_and_writes_summary(tmp_path):
 def test_bad_input_through_the_real_entry_point_exits_2():
     proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--batch-size", "0"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_a_diverging_run_stops_with_the_batch_and_block_named(capsys):
+    assert main(["train", *SMALL, "--optim", "sgd", "--lr", "1e30"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "epoch 1 batch 1, block 0: loss is not finite" in err
+
+
+def test_skip_nonfinite_counts_the_skipped_updates(tmp_path):
+    assert main(["train", *SMALL, "--optim", "sgd", "--lr", "1e30", "--skip-nonfinite", "--out", str(tmp_path)]) == 0
+    skipped = json.loads((tmp_path / "summary.json").read_text())["skipped_updates"]
+    assert int(skipped["0"]) >= 1

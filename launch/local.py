@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from pipeline.config import Config
 from pipeline.data import check_available
+from pipeline.interrupt import ABORT_AFTER_S
 from pipeline.runtime import guarded, run_stage
 from pipeline.transport.local import make_queues
 
@@ -97,4 +98,27 @@ def launch(cfg: Config) -> int:
                                  name=f"stage {rank}", daemon=False) for rank in range(world)]
     for process in processes:
         process.start()
-    return supervise(processes, cfg.run.device)
+    handlers = {sig: signal.signal(sig, _forwarder(processes)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return supervise(processes, cfg.run.device)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _forwarder(processes: list):
+    """Signal handler of the launcher: pass the first SIGINT/SIGTERM on to every stage (which checkpoint and stop
+    cleanly); a repeat after ABORT_AFTER_S aborts them (a terminal's Ctrl-C reaches the stages directly, too)."""
+    first: list[float] = []
+
+    def handle(signum: int, frame) -> None:
+        now = time.monotonic()
+        if not first:
+            first.append(now)
+            for process in processes:
+                if process.is_alive():
+                    os.kill(process.pid, signum)
+        elif now - first[0] > ABORT_AFTER_S:
+            raise KeyboardInterrupt
+
+    return handle

@@ -1,14 +1,18 @@
-"""Trained weights on disk: each process saves the blocks it holds; loading merges them by block index."""
+"""On disk: trained weights (each process saves its blocks), and resumable checkpoints of a whole run."""
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import math
 import os
+import shutil
 
 import torch
 
 from pipeline.blocks import Block
+from pipeline.config import ConfigError
 
 
 def save_weights(out_dir: str, blocks: list[Block], stage: int) -> str:
@@ -52,3 +56,135 @@ def unflatten_state(flat: torch.Tensor, manifest: list[list]) -> dict[int, dict[
     if offset != flat.numel():
         raise ValueError(f"state manifest describes {offset} values, the tensor has {flat.numel()}")
     return states
+
+
+# ---- resumable checkpoints ---------------------------------------------------------------------------------
+#
+# checkpoint_dir/step-000000123/stage-0.pt ... stage-{K-1}.pt    each written by its stage (temp file + rename)
+# checkpoint_dir/step-000000123/MANIFEST.json                   written last, by the last stage: the checkpoint
+#                                                               is complete (and usable) only once it exists
+# A position {"epoch": e, "batch": b, "step": s} means: everything before training batch b of epoch e is in.
+
+CHECKPOINT_FORMAT = 1
+MANIFEST = "MANIFEST.json"
+KEEP_CHECKPOINTS = 2
+
+
+def fingerprint(cfg) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint (epochs may grow, paths may move)."""
+    values = cfg.to_dict()
+    data = {k: v for k, v in values["data"].items() if k not in ("data_dir", "download")}
+    return {"model": values["model"], "loss": values["loss"], "optim": values["optim"], "data": data,
+            "seed": values["run"]["seed"], "stages": values["pipeline"]["stages"],
+            "partition": values["pipeline"]["partition"], "dfa_max_delay": values["pipeline"]["dfa_max_delay"]}
+
+
+def stage_state(blocks: list[Block], rank: int, world: int, position: dict, print_: dict) -> dict:
+    """Everything a stage needs to continue exactly: weights and buffers, optimizer and generator states, the
+    epoch's running statistics, and where in the data it stopped."""
+    state = {"format": CHECKPOINT_FORMAT, "stage": rank, "stages": world, "position": dict(position),
+             "fingerprint": json.dumps(print_, sort_keys=True), "blocks": {}}
+    for block in blocks:
+        stats = block.stats
+        state["blocks"][block.index] = {
+            "model": block.state_dict(),
+            "optimizer": block.optimizer.state_dict(),
+            "generator": block.generator.get_state(),
+            "stats": {"loss_sum": torch.as_tensor(stats.loss_sum), "hits": torch.as_tensor(stats.hits),
+                      "examples": stats.examples, "scored": stats.scored},
+            "skipped": block.skipped,
+        }
+    return state
+
+
+def restore_stage(blocks: list[Block], state: dict) -> None:
+    for block in blocks:
+        saved = state["blocks"][block.index]
+        block.load_state_dict(saved["model"])
+        block.optimizer.load_state_dict(saved["optimizer"])
+        block.generator.set_state(saved["generator"].to("cpu"))
+        stats = saved["stats"]
+        block.stats.loss_sum = stats["loss_sum"].to(block.layer.weight.device)
+        block.stats.hits = stats["hits"].to(block.layer.weight.device)
+        block.stats.examples, block.stats.scored = stats["examples"], stats["scored"]
+        block.skipped = saved["skipped"]
+
+
+def _folder(root: str, step: int) -> str:
+    return os.path.join(root, f"step-{step:09d}")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_stage_checkpoint(root: str, state: dict) -> dict:
+    """Write one stage's state into the checkpoint folder of its step; returns its manifest entry."""
+    folder = _folder(root, state["position"]["step"])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"stage-{state['stage']}.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return {"stage": state["stage"], "file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def finish_checkpoint(root: str, position: dict, world: int, files: list[dict], print_: dict) -> str:
+    """Mark a checkpoint complete with its manifest (atomically), then drop all but the newest few."""
+    folder = _folder(root, position["step"])
+    manifest = {"format": CHECKPOINT_FORMAT, "position": position, "stages": world, "files": files, "fingerprint": print_}
+    path = os.path.join(folder, MANIFEST)
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(path + ".tmp", path)
+    complete = sorted(glob.glob(os.path.join(root, "step-*", MANIFEST)))
+    for old in complete[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(os.path.dirname(old), ignore_errors=True)
+    return folder
+
+
+def latest_checkpoint(root: str) -> tuple[str, dict]:
+    """The newest complete checkpoint under root: (folder, manifest). Partial ones (no manifest) are ignored."""
+    for path in sorted(glob.glob(os.path.join(root, "step-*", MANIFEST)), reverse=True):
+        try:
+            with open(path) as f:
+                return os.path.dirname(path), json.load(f)
+        except (OSError, ValueError):
+            continue
+    raise ConfigError(f"--resume: no complete checkpoint under '{root}' (a checkpoint counts once its {MANIFEST} is written)")
+
+
+def verify_checkpoint(root: str, cfg) -> tuple[str, dict]:
+    """The checkpoint a run resumes from, refused with a clear ConfigError if it is not this run's or is damaged."""
+    folder, manifest = latest_checkpoint(root)
+    if manifest.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"--resume: {folder} has checkpoint format {manifest.get('format')}, this version reads {CHECKPOINT_FORMAT}")
+    if manifest["stages"] != cfg.pipeline.stages:
+        raise ConfigError(f"--resume: {folder} was written by {manifest['stages']} stages, this run has "
+                          f"{cfg.pipeline.stages}: use --stages {manifest['stages']}")
+    mine = fingerprint(cfg)
+    differs = [key for key in mine if json.dumps(mine[key], sort_keys=True) != json.dumps(manifest["fingerprint"].get(key), sort_keys=True)]
+    if differs:
+        raise ConfigError(f"--resume: {folder} was written by another run ({', '.join(differs)} differ): resume with the same settings")
+    if manifest["position"]["epoch"] > cfg.run.epochs:
+        raise ConfigError(f"--resume: {folder} is already past epoch {cfg.run.epochs}: raise --epochs")
+    for entry in manifest["files"]:
+        path = os.path.join(folder, entry["file"])
+        if not os.path.isfile(path) or os.path.getsize(path) != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise ConfigError(f"--resume: {path} is missing or damaged (its size or checksum differs from the manifest)")
+    return folder, manifest
+
+
+def load_stage_checkpoint(folder: str, rank: int) -> dict:
+    """One stage's state, loaded safely (tensors and plain containers only: weights_only=True)."""
+    path = os.path.join(folder, f"stage-{rank}.pt")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise ConfigError(f"--resume: cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != rank:
+        raise ConfigError(f"--resume: {path} is not stage {rank}'s checkpoint")
+    return state

@@ -32,6 +32,14 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,1,1, got '{text}'") from None
 
 
+def _every(text: str) -> tuple[int, str]:
+    unit = "epoch" if text.endswith("e") else "batch"
+    try:
+        return int(text[:-1] if unit == "epoch" else text), unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count of batches (500) or epochs (2e), got '{text}'") from None
+
+
 def _optional_int(text: str) -> int | None:
     if text.lower() == "none":
         return None
@@ -111,6 +119,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, help="folder for summary.json, metrics.jsonl and weights")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip updates with a NaN/Inf loss instead of stopping")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-dir", default=None, help="folder of resumable checkpoints")
+    g.add_argument("--checkpoint-every", type=_every, default=None, metavar="N|Ne",
+                   help="checkpoint every N training batches, or every N epochs with a trailing e (e.g. 2e)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     g.add_argument("--log-alignment", type=int, default=None, metavar="N",
                    help="every N steps log each layer's angle to the backprop gradient")
 
@@ -147,6 +160,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 dfa_max_delay=a.dfa_max_delay, stall_timeout=a.stall_timeout),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
                       progress=not a.no_progress, log_alignment=a.log_alignment, skip_nonfinite=a.skip_nonfinite,
+                      checkpoint_dir=a.checkpoint_dir, resume=a.resume,
+                      checkpoint_every=a.checkpoint_every[0] if a.checkpoint_every else None,
+                      checkpoint_unit=a.checkpoint_every[1] if a.checkpoint_every else "batch",
                       alignment_batches=getattr(a, "align_batches", RunConfig().alignment_batches)),
     )
 
@@ -161,9 +177,11 @@ def run_train(cfg: Config) -> int:
         from launch.local import launch
 
         return launch(cfg)
+    from pipeline.interrupt import StopRequest
     from pipeline.sequential import SequentialTrainer
 
-    SequentialTrainer(cfg).run()
+    trainer = SequentialTrainer(cfg)
+    trainer.run(StopRequest().install())
     return EXIT_OK
 
 

@@ -225,6 +225,15 @@ class RunConfig:
     """Show a progress bar on the console."""
     log_alignment: int | None = None
     """Every this many training steps, log each hidden layer's angle to the backprop gradient (alignment.jsonl)."""
+    checkpoint_dir: str | None = None
+    """Folder of resumable checkpoints (every stage writes its part; see pipeline/checkpoint.py)."""
+    checkpoint_every: int | None = None
+    """Write a checkpoint every this many training batches (or epochs, see checkpoint_unit); one is also written
+    at the end of the run and when it is interrupted (SIGINT/SIGTERM)."""
+    checkpoint_unit: str = "batch"
+    """batch or epoch: what checkpoint_every counts."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in checkpoint_dir."""
     skip_nonfinite: bool = False
     """Skip (and count) an update whose loss is NaN or infinite, instead of stopping the run there."""
     alignment_batches: int = 2
@@ -237,6 +246,10 @@ class RunConfig:
         _require(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         _require(self.log_alignment is None or self.log_alignment >= 1, f"--log-alignment must be >= 1, got {self.log_alignment}")
         _require(self.alignment_batches >= 1, f"--align-batches must be >= 1, got {self.alignment_batches}")
+        _require(self.checkpoint_every is None or self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        _choice(self.checkpoint_unit, ("batch", "epoch"), "checkpoint unit")
+        _require(self.checkpoint_dir is not None or not (self.resume or self.checkpoint_every),
+                 "--resume and --checkpoint-every need --checkpoint-dir DIR")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -34,6 +34,7 @@ class Kind(IntEnum):
     END = 3  # end of stream: save, report, pass it on, stop
     FEEDBACK = 4  # DFA: the output error of a training batch, from the last stage back to an earlier one
     ALIGN = 5  # held-out batches; each stage adds its blocks' state; the last one measures alignment angles
+    CHECKPOINT = 6  # every stage saves its state here, all at the same batch; the last one completes the checkpoint
 
 
 class ProtocolError(ValueError):

@@ -62,11 +62,12 @@ def layer_errors(hits: list[int | None], examples: int) -> list[float | None]:
 class MetricsWriter:
     """Writes metrics.jsonl (one line per epoch) and summary.json into the run's --out folder, if any."""
 
-    def __init__(self, out_dir: str | None):
+    def __init__(self, out_dir: str | None, append: bool = False):
         self.out_dir = out_dir
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
-            open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
+            if not append:  # a resumed run adds to the epochs already recorded
+                open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
 
     def epoch(self, record: dict[str, Any]) -> None:
         if self.out_dir:

@@ -21,8 +21,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.blocks import NonFiniteLoss
+from pipeline.checkpoint import load_stage_checkpoint, restore_stage, verify_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.data import DATASETS, BatchSource
+from pipeline.interrupt import StopRequest
 from pipeline.models import build_blocks, count_blocks
 from pipeline.partition import resolve_partition
 from pipeline.stage import Stage
@@ -68,6 +70,7 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
               store: dist.Store | None = None, local_queues: dict | None = None) -> dict[str, Any] | None:
     """Set up and run stage `rank`; the last stage returns the run's summary."""
     name_process(rank)
+    stop = StopRequest(announce=rank == 0).install()  # stage 0 turns it into a checkpoint and END; the others wait
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a killed stage would leak it
     device = stage_device(cfg, local_rank)
     if device.type == "cuda":
@@ -82,10 +85,16 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     ranges = resolve_partition(count_blocks(cfg.model), world, cfg.pipeline.partition)
     spec = DATASETS[cfg.data.shape_source]
     blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=ranges[rank], device=device)
+    start = None
+    if cfg.run.resume:
+        folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg)
+        restore_stage(blocks, load_stage_checkpoint(folder, rank))
+        start = manifest["position"]
     source = BatchSource(cfg.data, cfg.run.seed, device) if rank == 0 else None
     links = open_links(cfg.pipeline.transport, rank, world, device, feedback=cfg.loss.loss == "dfa",
                        dist_backend=data_backend(cfg, local_world), zmq_host=cfg.pipeline.zmq_host, local_queues=local_queues)
-    stage = Stage(cfg, rank, world, blocks, links=links, source=source, device=device, host=socket.gethostname())
+    stage = Stage(cfg, rank, world, blocks, links=links, source=source, device=device, host=socket.gethostname(),
+                  start=start, stop=stop.event)
     summary = stage.run()
     dist.barrier()  # every stage has seen END: the links can close
     links.close()
@@ -104,6 +113,9 @@ def guarded(rank: int, body) -> int:
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         code = 1
+    except KeyboardInterrupt:
+        print(f"error: stage {rank} aborted by a repeated interrupt", file=sys.stderr, flush=True)
+        code = 130
     except BaseException:
         where = f"stage {rank} (pid {os.getpid()} on {socket.gethostname()})"
         print(f"error: {where} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)

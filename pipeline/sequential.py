@@ -14,10 +14,12 @@ from tqdm import tqdm
 
 from pipeline.alignment import AlignmentLog
 from pipeline.blocks import Block, NonFiniteLoss, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
-from pipeline.checkpoint import save_weights
+from pipeline.checkpoint import (fingerprint, finish_checkpoint, load_stage_checkpoint, restore_stage, save_stage_checkpoint,
+                                 save_weights, stage_state, verify_checkpoint)
 from pipeline.config import Config, default_threads
 from pipeline.data import BatchSource
 from pipeline.feedback import output_error
+from pipeline.interrupt import StopRequest
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
 from pipeline.models import build_blocks
 
@@ -32,7 +34,12 @@ class SequentialTrainer:
         self.source = source or BatchSource(cfg.data, cfg.run.seed, self.device)
         self.blocks: list[Block] = build_blocks(cfg, self.source.input_shape, self.source.num_classes, device=self.device)
         self.throughput = Throughput()
-        self.steps = 0
+        self.position = {"epoch": 1, "batch": 0, "step": 0}  # what comes next (see pipeline/checkpoint.py)
+        if cfg.run.resume:
+            folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg)
+            restore_stage(self.blocks, load_stage_checkpoint(folder, 0))
+            self.position = dict(manifest["position"])
+        self.steps = self.position["step"]
         self.alignment: AlignmentLog | None = None
         if cfg.run.log_alignment:
             heldout = [(b.x, b.y) for b in itertools.islice(self.source.eval_batches(), cfg.run.alignment_batches)]
@@ -59,25 +66,44 @@ class SequentialTrainer:
         for block in hidden:
             block.step()
 
-    def train_epoch(self, epoch: int) -> None:
+    def checkpoint(self) -> None:
+        """Save a resumable checkpoint at the current position (if the run has a checkpoint folder)."""
+        root = self.cfg.run.checkpoint_dir
+        if root:
+            print_ = fingerprint(self.cfg)
+            entry = save_stage_checkpoint(root, stage_state(self.blocks, 0, 1, self.position, print_))
+            finish_checkpoint(root, self.position, 1, [entry], print_)
+
+    def train_epoch(self, epoch: int, start: int = 0, stop: StopRequest | None = None) -> bool:
+        """Train on an epoch's batches from `start`; False when a stop request ended it early (after a checkpoint)."""
         lr = learning_rate(self.cfg.optim, epoch)
         for block in self.blocks:
             block.set_learning_rate(lr)
-            block.stats.reset()
+            if start == 0:
+                block.stats.reset()
         self.throughput.start_epoch()
-        bar = tqdm(total=self.source.num_train_batches, desc=f"epoch {epoch}", unit="batch", leave=False,
+        bar = tqdm(total=self.source.num_train_batches, initial=start, desc=f"epoch {epoch}", unit="batch", leave=False,
                    disable=not self.cfg.run.progress, dynamic_ncols=True)
-        for batch in self.source.train_batches(epoch):
-            try:
-                self.train_batch(batch.x, batch.y)
-            except NonFiniteLoss as exc:
-                raise NonFiniteLoss(f"epoch {epoch} batch {batch.index}, {exc}") from None
-            self.throughput.batch_done(len(batch.y))
-            self.steps += 1
-            if self.alignment and self.steps % self.cfg.run.log_alignment == 0:
-                self.alignment.measure(self.blocks, self.steps, epoch)
-            bar.update()
-        bar.close()
+        every = self.cfg.run.checkpoint_every if self.cfg.run.checkpoint_unit == "batch" else None
+        try:
+            for batch in self.source.train_batches(epoch, start):
+                try:
+                    self.train_batch(batch.x, batch.y)
+                except NonFiniteLoss as exc:
+                    raise NonFiniteLoss(f"epoch {epoch} batch {batch.index}, {exc}") from None
+                self.throughput.batch_done(len(batch.y))
+                self.steps += 1
+                self.position = {"epoch": epoch, "batch": batch.index + 1, "step": self.steps}
+                if self.alignment and self.steps % self.cfg.run.log_alignment == 0:
+                    self.alignment.measure(self.blocks, self.steps, epoch)
+                if (every and self.steps % every == 0) or (stop and stop.requested):
+                    self.checkpoint()
+                if stop and stop.requested:
+                    return False
+                bar.update()
+        finally:
+            bar.close()
+        return True
 
     def evaluate(self) -> tuple[list[int | None], int]:
         """Classifier hits of every block on the test split, and the number of test examples."""
@@ -89,28 +115,38 @@ class SequentialTrainer:
             examples += len(batch.y)
         return [None if t is None else int(t) for t in totals], examples
 
-    def run(self) -> dict[str, Any]:
-        """Train for cfg.run.epochs, evaluating after each; write metrics and weights; return the summary."""
-        writer = MetricsWriter(self.cfg.run.out)
+    def run(self, stop: StopRequest | None = None) -> dict[str, Any]:
+        """Train for cfg.run.epochs, evaluating after each; write metrics and weights; return the summary.
+        With `stop`, a signal ends the run at the next batch boundary, after a checkpoint."""
+        writer = MetricsWriter(self.cfg.run.out, append=self.cfg.run.resume)
         started = time.perf_counter()
         record: dict[str, Any] = {}
-        for epoch in range(1, self.cfg.run.epochs + 1):
-            self.train_epoch(epoch)
+        stopped = None
+        every_epochs = self.cfg.run.checkpoint_every if self.cfg.run.checkpoint_unit == "epoch" else None
+        first = self.position["epoch"]
+        for epoch in range(first, self.cfg.run.epochs + 1):
+            if not self.train_epoch(epoch, self.position["batch"] if epoch == first else 0, stop):
+                stopped = dict(self.position)
+                break
+            rate = self.throughput.epoch_rate()
             if self.alignment:
                 self.alignment.measure(self.blocks, self.steps, epoch, epoch_end=True)
-            rate = self.throughput.epoch_rate()
             hits, examples = self.evaluate()
             stats = [block.stats.summary() for block in self.blocks]
             record = epoch_record(epoch, learning_rate(self.cfg.optim, epoch), stats, hits, examples, rate, started)
             writer.epoch(record)
             tqdm.write(describe_epoch(record))
+            self.position = {"epoch": epoch + 1, "batch": 0, "step": self.steps}
+            if (every_epochs and epoch % every_epochs == 0) or epoch == self.cfg.run.epochs:
+                self.checkpoint()
         summary = {
             "mode": "sequential",
+            "stopped_at": stopped,
             "skipped_updates": {b.index: b.skipped for b in self.blocks if b.skipped},
             "stages": 1,
             "transport": None,
-            "test_error": record["test_error"],
-            "layer_test_errors": record["layer_test_errors"],
+            "test_error": record.get("test_error"),
+            "layer_test_errors": record.get("layer_test_errors"),
             "train_samples_per_s": self.throughput.rate(),
             "wall_s": time.perf_counter() - started,
             "epochs": self.cfg.run.epochs,
@@ -119,4 +155,7 @@ class SequentialTrainer:
         if self.cfg.run.out:
             save_weights(self.cfg.run.out, self.blocks, stage=0)
         writer.summary(summary)
+        if stopped:
+            tqdm.write(f"stopped at epoch {stopped['epoch']} batch {stopped['batch']}"
+                       + ("; continue with --resume" if self.cfg.run.checkpoint_dir else ""))
         return summary

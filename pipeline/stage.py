@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from pipeline.alignment import AlignmentLog
 from pipeline.blocks import Block, NonFiniteLoss, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
-from pipeline.checkpoint import flatten_state, save_weights, unflatten_state
+from pipeline.checkpoint import (fingerprint, finish_checkpoint, flatten_state, save_stage_checkpoint, save_weights,
+                                 stage_state, unflatten_state)
 from pipeline.config import Config
 from pipeline.data import BatchSource
 from pipeline.feedback import keep_weights_at_forward, output_error
@@ -91,25 +92,47 @@ def release_after(count: int, release):
     return countdown
 
 
-def data_messages(source: BatchSource, epochs: int, align_every: int | None = None,
-                  align_batches: int = 1) -> Iterator[Message]:
-    """Stage 0's input stream: each epoch's training batches, then its test batches, then END; with
-    `align_every`, an ALIGN message (held-out batches) after every that many steps and at each epoch's end."""
-    heldout = [t for b in itertools.islice(source.eval_batches(), align_batches) for t in (b.x, b.y)] if align_every else []
-    step = 0
-    for epoch in range(1, epochs + 1):
+def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
+                  stop: threading.Event | None = None) -> Iterator[Message]:
+    """Stage 0's input stream: each epoch's training batches, then its test batches, then END.
+
+    Also: an ALIGN message (held-out batches) every --log-alignment steps and at each epoch's end; a CHECKPOINT
+    marker every --checkpoint-every batches or epochs and at the end; and, once `stop` is set, a last CHECKPOINT
+    and END at the next batch boundary. A resumed run starts at `start` (a checkpoint position).
+    """
+    run = cfg.run
+    align_every = run.log_alignment
+    heldout = [t for b in itertools.islice(source.eval_batches(), run.alignment_batches) for t in (b.x, b.y)] if align_every else []
+    every = run.checkpoint_every
+    start = start or {"epoch": 1, "batch": 0, "step": 0}
+    step = start["step"]
+
+    def checkpoint(epoch: int, batch: int, stopping: bool = False) -> Message:
+        return Message(Kind.CHECKPOINT, meta={"position": {"epoch": epoch, "batch": batch, "step": step}, "stop": stopping})
+
+    for epoch in range(start["epoch"], run.epochs + 1):
         batches = source.num_train_batches
-        for batch in source.train_batches(epoch):
+        for batch in source.train_batches(epoch, start["batch"] if epoch == start["epoch"] else 0):
+            if stop is not None and stop.is_set():
+                if run.checkpoint_dir:
+                    yield checkpoint(epoch, batch.index, stopping=True)
+                yield Message(Kind.END, meta={"stopped_at": {"epoch": epoch, "batch": batch.index, "step": step}})
+                return
             meta = {"batches": batches} if batch.index == 0 else {}
             yield Message(Kind.TRAIN, epoch, batch.index, [batch.x, batch.y], meta)
             step += 1
             if align_every and step % align_every == 0:
                 yield Message(Kind.ALIGN, epoch, step, list(heldout), {"epoch_end": False})
+            if run.checkpoint_dir and every and run.checkpoint_unit == "batch" and step % every == 0:
+                yield checkpoint(epoch, batch.index + 1)
         if align_every:
             yield Message(Kind.ALIGN, epoch, step, list(heldout), {"epoch_end": True})
         last = source.num_eval_batches - 1
         for batch in source.eval_batches():
             yield Message(Kind.EVAL, epoch, batch.index, [batch.x, batch.y], {"last": True} if batch.index == last else {})
+        due = every and run.checkpoint_unit == "epoch" and epoch % every == 0
+        if run.checkpoint_dir and (due or epoch == run.epochs):
+            yield checkpoint(epoch + 1, 0)
     yield Message(Kind.END)
 
 
@@ -117,7 +140,8 @@ class Stage:
     """The blocks of one stage and the loop that trains them on the stream from upstream."""
 
     def __init__(self, cfg: Config, rank: int, world: int, blocks: list[Block], *, links: Links,
-                 source: BatchSource | None, device: torch.device, host: str):
+                 source: BatchSource | None, device: torch.device, host: str, start: dict | None = None,
+                 stop: threading.Event | None = None):
         inbox, outbox = links.inbox, links.outbox
         if (rank == 0) != (source is not None) or (rank > 0) != (inbox is not None) or (rank < world - 1) != (outbox is not None):
             raise ValueError(f"stage {rank} of {world} is wired wrongly")
@@ -133,7 +157,9 @@ class Stage:
         self._awaiting: deque[_AwaitingError] = deque()
         self._forwarded = 0
         self._helper_failure: BaseException | None = None
-        self._epoch = 0
+        self.start, self.stop = start, stop  # resume position; stage 0 watches `stop` (a signal arrived)
+        self._epoch = start["epoch"] if start and start["batch"] > 0 else 0  # mid-epoch: keep its running stats
+        self._checkpoint_files: list[dict] = []
         self._eval_hits: list[torch.Tensor | None] = [None] * len(blocks)
         self._eval_examples = 0
         # timings (seconds) and counts for the stage report
@@ -144,7 +170,7 @@ class Stage:
         self._fail_at = _injected_fault(rank)
         # the last stage keeps the run's metrics
         self.throughput = Throughput()
-        self.writer = MetricsWriter(cfg.run.out) if self.is_last else None
+        self.writer = MetricsWriter(cfg.run.out, append=cfg.run.resume) if self.is_last else None
         self._bar: tqdm | None = None
         self._record: dict[str, Any] = {}
         self._alignment: AlignmentLog | None = None
@@ -154,7 +180,7 @@ class Stage:
 
     def _incoming(self) -> Iterator[Message]:
         if self.source is not None:
-            yield from data_messages(self.source, self.cfg.run.epochs, self.cfg.run.log_alignment, self.cfg.run.alignment_batches)
+            yield from data_messages(self.source, self.cfg, self.start, self.stop)
             return
         while True:
             yield self.inbox.recv()
@@ -235,20 +261,23 @@ class Stage:
         if self.device.type == "cuda":  # so that compute time is GPU time, not kernel-launch time
             torch.cuda.synchronize(self.device)
 
-    def _begin_epoch(self, msg: Message) -> None:
+    def _begin_epoch(self, msg: Message, reset: bool = True) -> None:
         self._epoch = msg.epoch
         lr = learning_rate(self.cfg.optim, msg.epoch)
         for block in self.blocks:
             block.set_learning_rate(lr)
-            block.stats.reset()
+            if reset:
+                block.stats.reset()
         if self.is_last:
             self.throughput.start_epoch()
-            self._bar = tqdm(total=msg.meta.get("batches"), desc=f"epoch {msg.epoch}", unit="batch", leave=False,
-                             disable=not self.cfg.run.progress, dynamic_ncols=True)
+            self._bar = tqdm(total=msg.meta.get("batches"), initial=msg.index, desc=f"epoch {msg.epoch}", unit="batch",
+                             leave=False, disable=not self.cfg.run.progress, dynamic_ncols=True)
 
     def _train(self, msg: Message) -> None:
         if msg.epoch != self._epoch:
             self._begin_epoch(msg)
+        elif self.is_last and self._bar is None:  # resumed in the middle of this epoch
+            self._begin_epoch(msg, reset=False)
         if self._fail_at and msg.index == self._fail_at[0]:
             if self._fail_at[1] == "hang":
                 time.sleep(10 ** 6)  # a stuck stage: its neighbours must notice (--stall-timeout)
@@ -388,6 +417,19 @@ class Stage:
         self._alignment.measure(self._alignment_net, msg.index, msg.epoch, epoch_end=meta["epoch_end"])
         msg.release()
 
+    def _checkpoint(self, msg: Message) -> None:
+        """Save this stage's state at the marker's position, pass it on; the last stage completes the checkpoint."""
+        if self._awaiting:  # DFA: no update may be in flight in a checkpoint
+            self._apply_errors(wait=True)
+        root, position, print_ = self.cfg.run.checkpoint_dir, msg.meta["position"], fingerprint(self.cfg)
+        entry = save_stage_checkpoint(root, stage_state(self.blocks, self.rank, self.world, position, print_))
+        files = msg.meta.get("files", []) + [entry]
+        if not self.is_last:
+            self._put(Message(Kind.CHECKPOINT, meta={**msg.meta, "files": files}))
+            return
+        folder = finish_checkpoint(root, position, self.world, files, print_)
+        tqdm.write(f"checkpoint {folder} (epoch {position['epoch']}, next batch {position['batch']})")
+
     def report(self) -> dict[str, Any]:
         """This stage's timings: where its wall time went, and how full its input queue was."""
         wall = time.perf_counter() - self._started
@@ -422,10 +464,15 @@ class Stage:
             save_weights(self.cfg.run.out, self.blocks, self.rank)
         stages = msg.meta.get("stages", []) + [self.report()]
         if self.outbox is not None:
-            self._put(Message(Kind.END, meta={"stages": stages}))
+            self._put(Message(Kind.END, meta={**msg.meta, "stages": stages}))
             return None
+        stopped = msg.meta.get("stopped_at")
+        if stopped:
+            tqdm.write(f"stopped at epoch {stopped['epoch']} batch {stopped['batch']}"
+                       + ("; continue with --resume" if self.cfg.run.checkpoint_dir else ""))
         summary = {
             "mode": "pipeline",
+            "stopped_at": stopped,
             "stages": self.world,
             "transport": self.cfg.pipeline.transport,
             "partition": [len(s["blocks"]) for s in stages],
@@ -463,6 +510,8 @@ class Stage:
                 self._eval(msg)
             elif msg.kind == Kind.ALIGN:
                 self._align(msg)
+            elif msg.kind == Kind.CHECKPOINT:
+                self._checkpoint(msg)
             else:
                 summary = self._end(msg)
                 break

@@ -1,0 +1,136 @@
+"""Checkpoints: an interrupted run resumes bit-identical; damaged, partial or foreign checkpoints are refused."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import small_config
+from pipeline.checkpoint import MANIFEST, _sha256, load_stage_checkpoint, load_weights, verify_checkpoint
+from pipeline.cli import main
+from pipeline.config import ConfigError
+from pipeline.sequential import SequentialTrainer
+
+ARGS = ["--dataset", "synthetic", "--num-layers", "2", "--num-hidden", "128", "--batch-size", "32", "--dropout", "0.1",
+        "--synthetic-train-size", "6400", "--synthetic-test-size", "200", "--epochs", "2", "--threads", "1", "--no-progress",
+        "--lr", "1e-3", "--seed", "3", "--nonlin", "leakyrelu"]  # = _config()
+
+
+def _config(**kw):
+    settings = dict(model__num_layers=2, model__num_hidden=128, data__synthetic_train_size=6400,
+                    data__synthetic_test_size=200, run__epochs=2)
+    return small_config(**{**settings, **kw})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    SequentialTrainer(_config(run__out=str(out))).run()
+    return load_weights(str(out)), (out / "metrics.jsonl").read_text().splitlines()
+
+
+def _same_weights(a, b):
+    return sorted(a) == sorted(b) and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stages,transport", [(1, None), (2, "dist"), (3, "zmq")])
+def test_an_interrupted_run_resumes_bit_identical(uninterrupted, tmp_path, stages, transport):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    args = [sys.executable, "-m", "pipeline", "train", *ARGS, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "20",
+            "--out", str(out)]
+    if stages > 1:
+        args += ["--stages", str(stages), "--transport", transport]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(ckpt.glob(f"step-*/{MANIFEST}")):  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))  # somewhere in the middle, at a random batch
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopped at epoch" in stdout + stderr, stdout + stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_at"] is not None
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    weights, metrics = uninterrupted
+    assert _same_weights(load_weights(str(out)), weights)
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("wall_s", "train_samples_per_s")}
+    assert [strip(l) for l in (out / "metrics.jsonl").read_text().splitlines()] == [strip(l) for l in metrics]
+
+
+@pytest.fixture
+def checkpointed(tmp_path):
+    cfg = _config(run__checkpoint_dir=str(tmp_path / "ckpt"), run__epochs=1)
+    SequentialTrainer(cfg).run()
+    folder = next((tmp_path / "ckpt").glob("step-*"))
+    return cfg, folder
+
+
+def _resume_config(cfg, **kw):
+    return _config(run__checkpoint_dir=cfg.run.checkpoint_dir, run__resume=True, run__epochs=2, **kw)
+
+
+def test_a_damaged_checkpoint_is_refused(checkpointed):
+    cfg, folder = checkpointed
+    path = folder / "stage-0.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="missing or damaged"):
+        verify_checkpoint(cfg.run.checkpoint_dir, _resume_config(cfg))
+
+
+def test_a_partial_checkpoint_is_not_used(checkpointed):
+    cfg, folder = checkpointed
+    (folder / MANIFEST).unlink()  # as if a stage died before the checkpoint was complete
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        verify_checkpoint(cfg.run.checkpoint_dir, _resume_config(cfg))
+
+
+def test_a_checkpoint_of_another_model_or_stage_count_is_refused(checkpointed):
+    cfg, _ = checkpointed
+    with pytest.raises(ConfigError, match="model differ"):
+        verify_checkpoint(cfg.run.checkpoint_dir, _resume_config(cfg, model__num_hidden=64))
+    with pytest.raises(ConfigError, match="written by 1 stages, this run has 2: use --stages 1"):
+        verify_checkpoint(cfg.run.checkpoint_dir, _resume_config(cfg, pipeline__stages=2))
+
+
+def test_code_hidden_in_a_checkpoint_is_never_run(checkpointed, tmp_path):
+    cfg, folder = checkpointed
+    path = folder / "stage-0.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"format": 1, "stage": 0, "payload": _Exploit(str(marker))}, path)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][0].update(bytes=os.path.getsize(path), sha256=_sha256(str(path)))  # a consistent, hostile file
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    verify_checkpoint(cfg.run.checkpoint_dir, _resume_config(cfg))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_stage_checkpoint(str(folder), 0)
+    assert not marker.exists()
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_problems_exit_2_with_one_line(checkpointed, capsys):
+    cfg, _ = checkpointed
+    base = ARGS + ["--checkpoint-dir", cfg.run.checkpoint_dir, "--resume"]
+    assert main(["train", *base, "--num-hidden", "64"]) == 2
+    assert main(["train", *base, "--epochs", "0"]) == 2
+    assert main(["train", "--dataset", "synthetic", "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and "another run (model differ)" in lines[0] and "--resume and --checkpoint-every need --checkpoint-dir" in lines[2]

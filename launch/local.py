@@ -17,7 +17,10 @@ import time
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.config import Config
+import zmq
+
+from pipeline.checkpoint import verify_checkpoint
+from pipeline.config import Config, ConfigError
 from pipeline.data import check_available
 from pipeline.interrupt import ABORT_AFTER_S
 from pipeline.runtime import guarded, run_stage
@@ -85,12 +88,36 @@ def supervise(processes: list, device: str = "cpu") -> int:
     return 0
 
 
+def preflight(cfg: Config) -> None:
+    """Everything about a run that can be judged before its processes start; a ConfigError otherwise."""
+    check_available(cfg.data)  # a missing dataset is reported here, once
+    if cfg.run.resume:
+        verify_checkpoint(cfg.run.checkpoint_dir, cfg)
+    if cfg.pipeline.master_port:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", cfg.pipeline.master_port))
+            except OSError:
+                raise ConfigError(f"address 127.0.0.1:{cfg.pipeline.master_port} is in use: pick another --master-port "
+                                  f"(0 takes any free port)") from None
+    if cfg.pipeline.transport == "zmq" and cfg.pipeline.zmq_host not in ("127.0.0.1", "localhost"):
+        context = zmq.Context.instance()
+        probe = context.socket(zmq.PULL)
+        try:
+            probe.bind_to_random_port(f"tcp://{cfg.pipeline.zmq_host}")
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"--zmq-host {cfg.pipeline.zmq_host} cannot be bound on this machine ({exc}): "
+                              f"give one of its addresses, or 0.0.0.0") from None
+        finally:
+            probe.close(linger=0)
+
+
 def launch(cfg: Config) -> int:
     """Run a K-stage pipeline on this host; returns the exit code."""
-    check_available(cfg.data)  # a missing dataset is reported here, once, before any stage starts
+    preflight(cfg)
     world = cfg.pipeline.stages
     context = mp.get_context("spawn")
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    store = dist.TCPStore("127.0.0.1", cfg.pipeline.master_port, is_master=True, wait_for_workers=False)
     queues = None
     if cfg.pipeline.transport == "local":
         queues = make_queues(context, world, cfg.pipeline.queue_depth, feedback=cfg.loss.loss == "dfa")

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--align-every", type=int, default=50, metavar="N", help="measure every N training steps")
     g.add_argument("--align-batches", type=int, default=4, metavar="M", help="held-out batches per measurement")
     g.add_argument("--load", default=None, metavar="RUN_DIR", help="measure a finished run (its --out) instead of training")
+    keys = commands.add_parser("keys", help="make ZeroMQ CURVE keys for --zmq-curve-keys")
+    keys.add_argument("folder", help="where to write server.key*, client.key* and authorized/")
     return parser
 
 
@@ -106,6 +108,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", default=pi.transport, help=f"{', '.join(TRANSPORTS)} (default {pi.transport})")
     g.add_argument("--queue-depth", type=int, default=pi.queue_depth, help="batches in flight between two stages")
     g.add_argument("--zmq-host", default=pi.zmq_host, help="interface zmq stages bind on across hosts")
+    g.add_argument("--zmq-curve-keys", default=None, metavar="DIR", help="CURVE keys: encrypted zmq, only key holders join")
+    g.add_argument("--master-port", type=int, default=pi.master_port, help="local launcher rendezvous port (0: any free)")
     g.add_argument("--stall-timeout", type=float, default=pi.stall_timeout, metavar="S",
                    help="fail the run when a stage waits S seconds for a peer (default %(default)s)")
     g.add_argument("--dfa-sync", action="store_true", help="DFA: wait for batch t's error before forwarding t+1 (exact)")
@@ -157,7 +161,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
                         limit_train_batches=a.limit_train_batches, limit_eval_batches=a.limit_eval_batches),
         pipeline=PipelineConfig(stages=stages or 1, partition=a.partition, transport=a.transport,
                                 queue_depth=a.queue_depth, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync,
-                                dfa_max_delay=a.dfa_max_delay, stall_timeout=a.stall_timeout),
+                                dfa_max_delay=a.dfa_max_delay, stall_timeout=a.stall_timeout, master_port=a.master_port,
+                                zmq_curve_keys=a.zmq_curve_keys),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
                       progress=not a.no_progress, log_alignment=a.log_alignment, skip_nonfinite=a.skip_nonfinite,
                       checkpoint_dir=a.checkpoint_dir, resume=a.resume,
@@ -188,6 +193,12 @@ def run_train(cfg: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "keys":
+            from pipeline.transport.zmq import CurveKeys
+
+            CurveKeys.create(args.folder)
+            print(f"wrote CURVE keys to {args.folder}: give every stage --zmq-curve-keys {args.folder} (keep it private)")
+            return EXIT_OK
         cfg = config_from_args(args)
         if args.command == "align":
             if args.align_every < 1:

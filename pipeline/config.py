@@ -31,6 +31,12 @@ def _choice(value: str, options: tuple[str, ...], flag: str) -> None:
     _require(value in options, f"unknown {flag} '{value}': choose one of {', '.join(options)}")
 
 
+def _vgg_widths(name: str) -> list[int]:
+    from pipeline.models import VGG_LAYOUTS
+
+    return [item for item in VGG_LAYOUTS[name] if isinstance(item, int)]
+
+
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     """The network: which architecture and how wide, deep and regularised it is."""
@@ -60,6 +66,9 @@ class ModelConfig:
             self.hidden_sizes = tuple(int(w) for w in self.hidden_sizes)
             _require(all(w >= 1 for w in self.hidden_sizes), f"--hidden-sizes must be widths >= 1, got {','.join(map(str, self.hidden_sizes))}")
             self.num_layers = len(self.hidden_sizes)
+        if self.name != "mlp":
+            narrowest = min(w for w in _vgg_widths(self.name))
+            _require(int(narrowest * self.feat_mult) >= 1, f"--feat-mult {self.feat_mult} leaves a {self.name} layer with no feature maps: use at least {1 / narrowest:g}")
         minimum_layers = 1 if self.name == "mlp" else 0
         _require(self.num_layers >= minimum_layers, f"--num-layers must be >= {minimum_layers} for {self.name}, got {self.num_layers}")
         _require(self.num_hidden >= 1, f"--num-hidden must be >= 1, got {self.num_hidden}")
@@ -192,6 +201,11 @@ class PipelineConfig:
     its peer dead or deadlocked and fails the run."""
     zmq_host: str = "127.0.0.1"
     """Interface the zmq stages bind on when they are on different hosts; ipc:// is used within one host."""
+    zmq_curve_keys: str | None = None
+    """Folder of ZeroMQ CURVE keys (python -m pipeline keys DIR): zmq links are encrypted and only stages holding
+    the client key can send to a stage."""
+    master_port: int = 0
+    """Port of the local launcher's rendezvous on 127.0.0.1; 0 picks a free one."""
 
     def __post_init__(self) -> None:
         _require(self.stages >= 1, f"--stages must be >= 1, got {self.stages}")
@@ -199,6 +213,11 @@ class PipelineConfig:
         _require(self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}")
         _require(self.dfa_max_delay is None or self.dfa_max_delay >= 0, f"--dfa-max-delay must be >= 0, got {self.dfa_max_delay}")
         _require(self.stall_timeout > 0, f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
+        _require(0 <= self.master_port <= 65535, f"--master-port must be in [0, 65535], got {self.master_port}")
+        if self.zmq_curve_keys is not None:
+            _require(self.transport == "zmq", "--zmq-curve-keys secures the zmq transport: add --transport zmq")
+            missing = [n for n in ("server.key_secret", "client.key_secret", "authorized") if not os.path.exists(os.path.join(self.zmq_curve_keys, n))]
+            _require(not missing, f"--zmq-curve-keys {self.zmq_curve_keys} lacks {', '.join(missing)}: make the keys with python -m pipeline keys DIR")
         if self.dfa_sync:
             self.dfa_max_delay = 0
         if self.partition is not None:

@@ -92,7 +92,8 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
         start = manifest["position"]
     source = BatchSource(cfg.data, cfg.run.seed, device) if rank == 0 else None
     links = open_links(cfg.pipeline.transport, rank, world, device, feedback=cfg.loss.loss == "dfa",
-                       dist_backend=data_backend(cfg, local_world), zmq_host=cfg.pipeline.zmq_host, local_queues=local_queues)
+                       dist_backend=data_backend(cfg, local_world), zmq_host=cfg.pipeline.zmq_host,
+                       zmq_curve_keys=cfg.pipeline.zmq_curve_keys, local_queues=local_queues)
     stage = Stage(cfg, rank, world, blocks, links=links, source=source, device=device, host=socket.gethostname(),
                   start=start, stop=stop.event)
     summary = stage.run()

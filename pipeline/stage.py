@@ -449,6 +449,7 @@ class Stage:
             "max_queue_depth": self._depth_max,
             "messages": self._messages,
             "receive_buffers": getattr(getattr(self.inbox, "pool", None), "allocated", None),
+            "rejected_messages": getattr(self.inbox, "rejected", None),
             "dfa_delay_mean": self._delay_sum / self._updates if self._updates else None,
             "dfa_delay_max": self._delay_max if self._updates else None,
             "error_wait_s": self.error_wait_s,

@@ -58,3 +58,30 @@ def init_gloo(rank: int, world: int, store_port: int) -> None:
 
     store = dist.TCPStore("127.0.0.1", store_port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+
+
+def malformed_messages() -> dict[str, list[bytes]]:
+    """Multipart messages a zmq stage must reject: garbage, truncation, foreign versions, lies about sizes."""
+    import os
+
+    import msgpack
+
+    def header(**fields):
+        base = {"v": 1, "kind": 1, "epoch": 1, "index": 0, "tensors": [["float32", [2, 2]]], "meta": {}}
+        base.update(fields)
+        return msgpack.packb(base, use_bin_type=True)
+
+    return {
+        "garbage bytes": [os.urandom(64)],
+        "truncated: tensor frame missing": [header()],
+        "frame shorter than declared": [header(), b"\0" * 15],
+        "frame longer than declared": [header(), b"\0" * 17],
+        "extra frame": [header(), b"\0" * 16, b"\0" * 16],
+        "wrong protocol version": [header(v=9), b"\0" * 16],
+        "dtype not allowed": [header(tensors=[["complex128", [1]]]), b"\0" * 16],
+        "shape and bytes mismatch": [header(tensors=[["int64", [2, 2]]]), b"\0" * 16],
+        "huge declared size": [header(tensors=[["float32", [1 << 30]]]), b"\0" * 16],
+        "unknown kind": [header(kind=42), b"\0" * 16],
+        "pickle instead of msgpack": [b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."],
+        "empty message": [b""],
+    }

@@ -40,6 +40,16 @@ BAD_INPUT = [
     (["--queue-depth", "0"], "--queue-depth must be >= 1"),
     (["--device", "tpu"], "unknown --device"),
     (["--bogus-flag"], "unrecognized arguments"),
+    (["--stall-timeout", "0"], "--stall-timeout must be > 0"),
+    (["--checkpoint-every", "0", "--checkpoint-dir", "x"], "--checkpoint-every must be >= 1"),
+    (["--checkpoint-every", "often"], "expected a count of batches"),
+    (["--checkpoint-every", "5"], "--resume and --checkpoint-every need --checkpoint-dir"),
+    (["--resume"], "--resume and --checkpoint-every need --checkpoint-dir"),
+    (["--dfa-max-delay", "-1", "--loss", "dfa"], "--dfa-max-delay must be >= 0"),
+    (["--model", "vgg8b", "--feat-mult", "0.001"], "leaves a vgg8b layer with no feature maps"),
+    (["--master-port", "70000"], "--master-port must be in [0, 65535]"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--synthetic-like", "imagenet"], "unknown --synthetic-like"),
 ]
 
 
@@ -88,3 +98,21 @@ def test_skip_nonfinite_counts_the_skipped_updates(tmp_path):
     assert main(["train", *SMALL, "--optim", "sgd", "--lr", "1e30", "--skip-nonfinite", "--out", str(tmp_path)]) == 0
     skipped = json.loads((tmp_path / "summary.json").read_text())["skipped_updates"]
     assert int(skipped["0"]) >= 1
+
+
+def test_a_rendezvous_port_in_use_exits_2_before_any_stage_starts(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["train", *SMALL, "--stages", "2", "--master-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"address 127.0.0.1:{port} is in use" in err
+
+
+def test_a_zmq_host_that_is_not_this_machine_exits_2(capsys):
+    assert main(["train", *SMALL, "--stages", "2", "--transport", "zmq", "--zmq-host", "192.0.2.77"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--zmq-host 192.0.2.77 cannot be bound on this machine" in err

@@ -8,7 +8,8 @@ from pipeline.transport.base import Channel, Links
 
 
 def open_links(name: str, rank: int, world: int, device: torch.device, *, feedback: bool = False,
-               dist_backend: str = "gloo", zmq_host: str = "127.0.0.1", local_queues: dict | None = None) -> Links:
+               dist_backend: str = "gloo", zmq_host: str = "127.0.0.1", zmq_curve_keys: str | None = None,
+               local_queues: dict | None = None) -> Links:
     """The channels of stage `rank` over the named transport; with `feedback`, also the DFA error channels
     from the last stage to every earlier one."""
     if name == "dist":
@@ -18,7 +19,7 @@ def open_links(name: str, rank: int, world: int, device: torch.device, *, feedba
     if name == "zmq":
         from pipeline.transport.zmq import open_zmq
 
-        return open_zmq(rank, world, device, zmq_host, feedback)
+        return open_zmq(rank, world, device, zmq_host, feedback, zmq_curve_keys)
     if name == "local":
         from pipeline.transport.local import open_local
 

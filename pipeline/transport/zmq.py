@@ -16,6 +16,8 @@ import tempfile
 import torch
 import torch.distributed as dist
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from pipeline.message import (MAX_HEADER_BYTES, MAX_TENSOR_BYTES, Message, ProtocolError, TensorSpec, decode_header,
                               encode_header)
@@ -23,6 +25,7 @@ from pipeline.transport.base import BufferPool, Channel, Links
 
 ADDRESS_BYTES = 512
 CLOSE_LINGER_MS = 10_000  # an END still queued in the sender is delivered, or given up after this
+LOGGED_REJECTIONS = 10  # malformed messages logged one by one; after that every thousandth
 
 
 def _as_frame(tensor: torch.Tensor) -> memoryview:
@@ -30,13 +33,35 @@ def _as_frame(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())  # shares memory: zmq sends it without a copy
 
 
+class CurveKeys:
+    """ZeroMQ CURVE keys from a folder made by `python -m pipeline keys DIR`: receivers accept only senders whose
+    public key is in DIR/authorized, and traffic is encrypted."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.server_public, self.server_secret = zmq.auth.load_certificate(os.path.join(folder, "server.key_secret"))
+        self.client_public, self.client_secret = zmq.auth.load_certificate(os.path.join(folder, "client.key_secret"))
+        self.authorized = os.path.join(folder, "authorized")
+
+    @staticmethod
+    def create(folder: str) -> None:
+        """Make a server and a client key pair, and authorize the client."""
+        os.makedirs(os.path.join(folder, "authorized"), exist_ok=True)
+        zmq.auth.create_certificates(folder, "server")
+        public, _ = zmq.auth.create_certificates(folder, "client")
+        shutil.copy(public, os.path.join(folder, "authorized", "client.key"))
+
+
 class ZmqSender(Channel):
     """PUSH side of a link: blocks once the link holds `high_water_mark` messages (backpressure)."""
 
-    def __init__(self, address: str, high_water_mark: int = 1):
+    def __init__(self, address: str, high_water_mark: int = 1, keys: CurveKeys | None = None):
         self.context = zmq.Context(io_threads=1)
         self.socket = self.context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, high_water_mark)
+        if keys is not None:
+            self.socket.curve_publickey, self.socket.curve_secretkey = keys.client_public, keys.client_secret
+            self.socket.curve_serverkey = keys.server_public
         self.socket.connect(address)
 
     def send(self, msg: Message) -> None:
@@ -64,11 +89,21 @@ class ZmqReceiver(Channel):
     """
 
     def __init__(self, bind_address: str, device: torch.device, high_water_mark: int = 1,
-                 max_tensor_bytes: int = MAX_TENSOR_BYTES):
+                 max_tensor_bytes: int = MAX_TENSOR_BYTES, keys: CurveKeys | None = None):
         self.device, self.max_tensor_bytes = device, max_tensor_bytes
         self.pool = BufferPool()
         self.context = zmq.Context(io_threads=1)
+        self.authenticator = None
         self.socket = self.context.socket(zmq.PULL)
+        if keys is not None:  # only senders with an authorized client key get through the handshake
+            # under ZAP authentication a PULL socket with a receive high-water mark of 1 never delivers (libzmq
+            # 4.3): give it room for one more message
+            high_water_mark = max(high_water_mark, 2)
+            self.authenticator = ThreadAuthenticator(self.context)
+            self.authenticator.start()
+            self.authenticator.configure_curve(domain="*", location=keys.authorized)
+            self.socket.curve_server = True
+            self.socket.curve_publickey, self.socket.curve_secretkey = keys.server_public, keys.server_secret
         self.socket.setsockopt(zmq.RCVHWM, high_water_mark)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_tensor_bytes + MAX_HEADER_BYTES)  # larger frames: peer dropped
         self._ipc_dir = None
@@ -117,7 +152,8 @@ class ZmqReceiver(Channel):
             except ProtocolError as exc:
                 self._discard_rest()
                 self.rejected += 1
-                print(f"warning: rejected a message on {self.address}: {exc}", file=sys.stderr, flush=True)
+                if self.rejected <= LOGGED_REJECTIONS or self.rejected % 1000 == 0:  # a flood does not flood the log
+                    print(f"warning: rejected message {self.rejected} on {self.address}: {exc}", file=sys.stderr, flush=True)
                 continue
             if self.device.type == "cpu":
                 return Message(header.kind, header.epoch, header.index, buffers, header.meta,
@@ -131,6 +167,8 @@ class ZmqReceiver(Channel):
 
     def close(self) -> None:
         self.socket.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.context.term()
         if self._ipc_dir:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
@@ -157,24 +195,26 @@ def exchange_strings(value: str) -> list[str]:
     return [bytes(t.tolist()).rstrip(b"\0").decode() for t in gathered]
 
 
-def open_zmq(rank: int, world: int, device: torch.device, bind_host: str, feedback: bool = False) -> Links:
+def open_zmq(rank: int, world: int, device: torch.device, bind_host: str, feedback: bool = False,
+             curve_keys: str | None = None) -> Links:
     """Each stage binds its inbox (and its DFA error inbox), the addresses are gathered, then each connects."""
     hosts = exchange_strings(socket.gethostname())
     last = world - 1
+    keys = CurveKeys(curve_keys) if curve_keys else None
 
     def bind_from(peer: int) -> ZmqReceiver:
         if hosts[peer] == hosts[rank]:
-            return ZmqReceiver(f"ipc://{tempfile.mkdtemp(prefix='localpipe-')}/inbox", device)
-        return ZmqReceiver(f"tcp://{bind_host}", device)
+            return ZmqReceiver(f"ipc://{tempfile.mkdtemp(prefix='localpipe-')}/inbox", device, keys=keys)
+        return ZmqReceiver(f"tcp://{bind_host}", device, keys=keys)
 
     links = Links(inbox=bind_from(rank - 1) if rank > 0 else None)
     if feedback and rank < last:
         links.feedback_in = bind_from(last)
     inboxes = exchange_strings(links.inbox.address if links.inbox else "")
     if rank < last:
-        links.outbox = ZmqSender(inboxes[rank + 1])
+        links.outbox = ZmqSender(inboxes[rank + 1], keys=keys)
     if feedback:
         error_inboxes = exchange_strings(links.feedback_in.address if links.feedback_in else "")
         if rank == last:
-            links.feedback_out = [ZmqSender(error_inboxes[k]) for k in range(last)]
+            links.feedback_out = [ZmqSender(error_inboxes[k], keys=keys) for k in range(last)]
     return links

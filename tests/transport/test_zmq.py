@@ -5,6 +5,8 @@ import tempfile
 
 import msgpack
 import pytest
+
+from helpers import malformed_messages
 import torch
 import zmq
 
@@ -64,28 +66,6 @@ def _raw_push(address):
     return push
 
 
-def _header(**fields):
-    base = {"v": 1, "kind": 1, "epoch": 1, "index": 0, "tensors": [["float32", [2, 2]]], "meta": {}}
-    base.update(fields)
-    return msgpack.packb(base, use_bin_type=True)
-
-
-MALFORMED = {
-    "garbage bytes": [os.urandom(64)],
-    "truncated: tensor frame missing": [_header()],
-    "frame shorter than declared": [_header(), b"\0" * 15],
-    "frame longer than declared": [_header(), b"\0" * 17],
-    "extra frame": [_header(), b"\0" * 16, b"\0" * 16],
-    "wrong protocol version": [_header(v=9), b"\0" * 16],
-    "dtype not allowed": [_header(tensors=[["complex128", [1]]]), b"\0" * 16],
-    "shape and bytes mismatch": [_header(tensors=[["int64", [2, 2]]]), b"\0" * 16],
-    "huge declared size": [_header(tensors=[["float32", [1 << 30]]]), b"\0" * 16],
-    "unknown kind": [_header(kind=42), b"\0" * 16],
-    "pickle instead of msgpack": [b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."],
-    "empty message": [b""],
-}
-
-
 def test_malformed_messages_are_rejected_and_the_stream_goes_on(link, capsys):
     sender, receiver = link
     push = _raw_push(receiver.address)
@@ -94,14 +74,39 @@ def test_malformed_messages_are_rejected_and_the_stream_goes_on(link, capsys):
                                   "tensors": [["float32", [4, 16]], ["int64", [4]]]})] + [t.numpy().tobytes() for t in good]
     allocated = []
     for _ in range(2):
-        for frames in MALFORMED.values():
+        for frames in malformed_messages().values():
             push.send_multipart(frames)
         push.send_multipart(good_frames)
         got = receiver.recv()
         assert got.index == 7 and torch.equal(got.tensors[0], good[0])
         got.release()
         allocated.append(receiver.pool.allocated)
-    assert receiver.rejected == 2 * len(MALFORMED)
-    assert capsys.readouterr().err.count("rejected a message") == 2 * len(MALFORMED)
+    assert receiver.rejected == 2 * len(malformed_messages())
+    assert capsys.readouterr().err.count("rejected message") == 10  # the first ten are logged one by one
     assert allocated[0] == allocated[1]  # rejected messages give their buffers back: memory stays bounded
     push.close()
+
+
+def test_curve_lets_only_key_holders_in(tmp_path):
+    from pipeline.transport.zmq import CurveKeys
+
+    CurveKeys.create(str(tmp_path / "keys"))
+    CurveKeys.create(str(tmp_path / "other"))
+    keys, other = CurveKeys(str(tmp_path / "keys")), CurveKeys(str(tmp_path / "other"))
+    receiver = ZmqReceiver("tcp://127.0.0.1", torch.device("cpu"), keys=keys)
+    receiver.socket.rcvtimeo = 1500
+    intruders = [ZmqSender(receiver.address), ZmqSender(receiver.address, keys=other)]  # no key; a foreign key
+    for intruder in intruders:
+        intruder.socket.setsockopt(zmq.LINGER, 0)
+        try:
+            intruder.socket.send(b"not allowed", zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+    with pytest.raises(zmq.Again):
+        receiver.recv()
+    member = ZmqSender(receiver.address, keys=keys)
+    member.send(Message(Kind.TRAIN, 1, 5, _batch(4)))
+    assert receiver.recv().index == 5
+    for sender in intruders + [member]:
+        sender.close()
+    receiver.close()

@@ -32,6 +32,10 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,1,1, got '{text}'") from None
 
 
+def _partition(text: str) -> tuple[int, ...] | str:
+    return "auto" if text == "auto" else _int_list(text)
+
+
 def _every(text: str) -> tuple[int, str]:
     unit = "epoch" if text.endswith("e") else "batch"
     try:
@@ -104,7 +108,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit-eval-batches", type=int, default=None, help="test batches per evaluation at most")
     g = p.add_argument_group("pipeline")
     g.add_argument("--stages", type=int, default=None, help="stage processes K (default 1; WORLD_SIZE under torchrun)")
-    g.add_argument("--partition", type=_int_list, default=None, help="blocks per stage, e.g. 2,1,1 (default: even)")
+    g.add_argument("--partition", type=_partition, default=None,
+                   help="blocks per stage, e.g. 2,1,1; auto: balanced by measured block times (default: even)")
     g.add_argument("--transport", default=pi.transport, help=f"{', '.join(TRANSPORTS)} (default {pi.transport})")
     g.add_argument("--queue-depth", type=int, default=pi.queue_depth, help="batches in flight between two stages")
     g.add_argument("--zmq-host", default=pi.zmq_host, help="interface zmq stages bind on across hosts")
@@ -122,6 +127,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per process")
     g.add_argument("--out", default=None, help="folder for summary.json, metrics.jsonl and weights")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--warmup-batches", type=int, default=r.warmup_batches, help="batches per epoch left out of samples/s")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip updates with a NaN/Inf loss instead of stopping")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-dir", default=None, help="folder of resumable checkpoints")
@@ -165,7 +171,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 zmq_curve_keys=a.zmq_curve_keys),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
                       progress=not a.no_progress, log_alignment=a.log_alignment, skip_nonfinite=a.skip_nonfinite,
-                      checkpoint_dir=a.checkpoint_dir, resume=a.resume,
+                      checkpoint_dir=a.checkpoint_dir, resume=a.resume, warmup_batches=a.warmup_batches,
                       checkpoint_every=a.checkpoint_every[0] if a.checkpoint_every else None,
                       checkpoint_unit=a.checkpoint_every[1] if a.checkpoint_every else "batch",
                       alignment_batches=getattr(a, "align_batches", RunConfig().alignment_batches)),

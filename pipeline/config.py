@@ -183,8 +183,9 @@ class PipelineConfig:
 
     stages: int = 1
     """Number of stage processes K; 1 runs the sequential trainer in this process."""
-    partition: tuple[int, ...] | None = None
-    """Blocks per stage (e.g. 2,1,1), the output classifier counting as the last block; None splits evenly."""
+    partition: tuple[int, ...] | str | None = None
+    """Blocks per stage (e.g. 2,1,1), the output classifier counting as the last block; None splits evenly;
+    "auto" times every block's step and picks the contiguous split whose slowest stage is fastest."""
     transport: str = "dist"
     """dist (torch.distributed: NCCL on GPUs, gloo on CPU), zmq (PUSH/PULL + msgpack) or local (torch.multiprocessing queues)."""
     queue_depth: int = 4
@@ -220,7 +221,9 @@ class PipelineConfig:
             _require(not missing, f"--zmq-curve-keys {self.zmq_curve_keys} lacks {', '.join(missing)}: make the keys with python -m pipeline keys DIR")
         if self.dfa_sync:
             self.dfa_max_delay = 0
-        if self.partition is not None:
+        if isinstance(self.partition, str):
+            _require(self.partition == "auto", f"--partition takes block counts like 2,1,1 or auto, got '{self.partition}'")
+        elif self.partition is not None:
             self.partition = tuple(int(p) for p in self.partition)
             _require(all(p >= 1 for p in self.partition), f"--partition sizes must be >= 1, got {','.join(map(str, self.partition))}")
             _require(len(self.partition) == self.stages, f"--partition has {len(self.partition)} sizes but --stages is {self.stages}")
@@ -253,6 +256,8 @@ class RunConfig:
     """batch or epoch: what checkpoint_every counts."""
     resume: bool = False
     """Continue from the newest complete checkpoint in checkpoint_dir."""
+    warmup_batches: int = 1
+    """Training batches at the start of each epoch left out of the samples/s figures (at least one)."""
     skip_nonfinite: bool = False
     """Skip (and count) an update whose loss is NaN or infinite, instead of stopping the run there."""
     alignment_batches: int = 2
@@ -265,6 +270,7 @@ class RunConfig:
         _require(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         _require(self.log_alignment is None or self.log_alignment >= 1, f"--log-alignment must be >= 1, got {self.log_alignment}")
         _require(self.alignment_batches >= 1, f"--align-batches must be >= 1, got {self.alignment_batches}")
+        _require(self.warmup_batches >= 1, f"--warmup-batches must be >= 1, got {self.warmup_batches}")
         _require(self.checkpoint_every is None or self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         _choice(self.checkpoint_unit, ("batch", "epoch"), "checkpoint unit")
         _require(self.checkpoint_dir is not None or not (self.resume or self.checkpoint_every),
@@ -288,7 +294,7 @@ class Config:
         blocks = count_blocks(self.model)
         stages = self.pipeline.stages
         _require(stages <= blocks, f"--stages {stages} is more than the {blocks} blocks of {self.model.name} (output classifier included): use at most {blocks}")
-        if self.pipeline.partition is not None:
+        if isinstance(self.pipeline.partition, tuple):
             total = sum(self.pipeline.partition)
             _require(total == blocks, f"--partition sums to {total} but {self.model.name} has {blocks} blocks")
         _require(not (self.loss.loss in GLOBAL_LOSSES and stages > 1),

@@ -9,25 +9,31 @@ from typing import Any
 
 
 class Throughput:
-    """Training samples per second in steady state: each epoch's first batch (warm-up, pipeline fill) is excluded.
+    """Training samples per second in steady state: each epoch's first `warmup` batches (at least the first: the
+    pipeline fill) are excluded.
 
     Call start_epoch() before an epoch's batches and batch_done(n) as each training batch completes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: int = 1) -> None:
+        self.warmup = max(1, warmup)
         self.samples = 0
         self.seconds = 0.0
         self._first: float | None = None
         self._last: float | None = None
         self._epoch_samples = 0
+        self._seen = 0
 
     def start_epoch(self) -> None:
         self._close_epoch()
         self._first = self._last = None
-        self._epoch_samples = 0
+        self._epoch_samples = self._seen = 0
 
     def batch_done(self, n: int) -> None:
         now = time.perf_counter()
+        self._seen += 1
+        if self._seen < self.warmup:
+            return
         if self._first is None:
             self._first = now
         else:

@@ -26,7 +26,8 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import DATASETS, BatchSource
 from pipeline.interrupt import StopRequest
 from pipeline.models import build_blocks, count_blocks
-from pipeline.partition import resolve_partition
+from pipeline.partition import balanced_partition, resolve_partition, stage_ranges, stage_times
+from pipeline.profile import block_costs
 from pipeline.stage import Stage
 from pipeline.transport import open_links
 
@@ -82,7 +83,8 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     # collectives and gloo receives give up like the stages do, not after torch's 30-minute default
     timeout = datetime.timedelta(seconds=max(60.0, cfg.pipeline.stall_timeout))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    ranges = resolve_partition(count_blocks(cfg.model), world, cfg.pipeline.partition)
+    sizes, profile = agree_partition(cfg, rank, world, device)
+    ranges = stage_ranges(sizes)
     spec = DATASETS[cfg.data.shape_source]
     blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=ranges[rank], device=device)
     start = None
@@ -96,11 +98,33 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
                        zmq_curve_keys=cfg.pipeline.zmq_curve_keys, local_queues=local_queues)
     stage = Stage(cfg, rank, world, blocks, links=links, source=source, device=device, host=socket.gethostname(),
                   start=start, stop=stop.event)
+    if profile:
+        stage.notes["partition_profile"] = profile
     summary = stage.run()
     dist.barrier()  # every stage has seen END: the links can close
     links.close()
     dist.destroy_process_group()
     return summary
+
+
+def agree_partition(cfg: Config, rank: int, world: int, device: torch.device) -> tuple[tuple[int, ...], dict | None]:
+    """Blocks per stage, the same on every rank. For "auto", stage 0 profiles the blocks and broadcasts its choice
+    (timings differ between processes; the partition must not)."""
+    blocks = count_blocks(cfg.model)
+    if cfg.pipeline.partition != "auto":
+        return tuple(len(r) for r in resolve_partition(blocks, world, cfg.pipeline.partition)), None
+    chosen = torch.zeros(world, dtype=torch.int64)
+    profile = None
+    if rank == 0:
+        compute, send = block_costs(cfg, device)
+        sizes = balanced_partition(compute, send, world)
+        chosen = torch.tensor(sizes, dtype=torch.int64)
+        even = tuple(len(r) for r in resolve_partition(blocks, world, None))
+        profile = {"compute_ms": [1e3 * c for c in compute], "send_ms": [1e3 * s for s in send], "chosen": list(sizes),
+                   "chosen_stage_ms": [1e3 * t for t in stage_times(compute, send, sizes)],
+                   "even_stage_ms": [1e3 * t for t in stage_times(compute, send, even)]}
+    dist.broadcast(chosen, src=0)
+    return tuple(chosen.tolist()), profile
 
 
 def guarded(rank: int, body) -> int:

@@ -33,7 +33,7 @@ class SequentialTrainer:
         torch.set_num_threads(cfg.run.threads or default_threads(1))
         self.source = source or BatchSource(cfg.data, cfg.run.seed, self.device)
         self.blocks: list[Block] = build_blocks(cfg, self.source.input_shape, self.source.num_classes, device=self.device)
-        self.throughput = Throughput()
+        self.throughput = Throughput(cfg.run.warmup_batches)
         self.position = {"epoch": 1, "batch": 0, "step": 0}  # what comes next (see pipeline/checkpoint.py)
         if cfg.run.resume:
             folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg)

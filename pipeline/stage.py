@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import os
 import queue
+import resource
 import threading
 import time
 from collections import deque
@@ -169,10 +170,11 @@ class Stage:
         self._started = time.perf_counter()
         self._fail_at = _injected_fault(rank)
         # the last stage keeps the run's metrics
-        self.throughput = Throughput()
+        self.throughput = Throughput(cfg.run.warmup_batches)
         self.writer = MetricsWriter(cfg.run.out, append=cfg.run.resume) if self.is_last else None
         self._bar: tqdm | None = None
         self._record: dict[str, Any] = {}
+        self.notes: dict[str, Any] = {}  # extra facts for this stage's report (e.g. the auto partition's profile)
         self._alignment: AlignmentLog | None = None
         self._alignment_net: list[Block] | None = None  # the last stage's copy of the whole network, for ALIGN
 
@@ -454,6 +456,9 @@ class Stage:
             "dfa_delay_max": self._delay_max if self._updates else None,
             "error_wait_s": self.error_wait_s,
             "skipped_updates": {b.index: b.skipped for b in self.blocks if b.skipped},
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mib": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None,
+            **self.notes,
         }
 
     def _end(self, msg: Message) -> dict[str, Any] | None:

@@ -25,3 +25,33 @@ def test_bad_explicit_partitions_are_refused(sizes):
 def test_more_stages_than_blocks_is_refused():
     with pytest.raises(ValueError):
         even_partition(3, 4)
+
+
+def test_balanced_partition_minimises_the_slowest_stage():
+    from pipeline.partition import balanced_partition, stage_times
+
+    compute = [8.0, 1.0, 1.0, 1.0, 1.0, 4.0]
+    send = [0.0] * 6
+    sizes = balanced_partition(compute, send, 2)
+    assert sizes == (1, 5) and max(stage_times(compute, send, sizes)) == 8.0
+    assert balanced_partition([1.0] * 4, [0.0] * 4, 2) == (2, 2)
+    # a costly hand-off moves the cut away from that block
+    assert balanced_partition([2.0, 2.0, 2.0, 2.0], [0.0, 5.0, 0.0, 0.0], 2) in ((1, 3), (3, 1))
+
+
+def test_balanced_partition_agrees_with_exhaustive_search():
+    import itertools
+    import random
+
+    from pipeline.partition import balanced_partition, stage_times
+
+    rng = random.Random(0)
+    for _ in range(50):
+        n, k = rng.randint(2, 8), rng.randint(1, 4)
+        if k > n:
+            continue
+        compute = [rng.uniform(0, 10) for _ in range(n)]
+        send = [rng.uniform(0, 3) for _ in range(n)]
+        best = min(max(stage_times(compute, send, c)) for c in (
+            tuple(b - a for a, b in zip((0,) + cuts, cuts + (n,))) for cuts in itertools.combinations(range(1, n), k - 1)))
+        assert max(stage_times(compute, send, balanced_partition(compute, send, k))) == pytest.approx(best)

@@ -1,0 +1,159 @@
+"""Backprop pipeline baselines: the same network trained with global backprop by torch.distributed.pipelining.
+
+    python benchmarks/gpipe.py --stages 2 --schedule gpipe --steps 60 --warmup 10
+    python benchmarks/gpipe.py --stages 2 --schedule 1f1b --dataset mnist --data-dir ../shared/data --epochs 3
+
+K processes over gloo, each pinned to its own core with one intra-op thread; the block list is the one the
+local-learning pipeline uses (without local heads: --loss backprop) and is cut the same way. The batch is split
+into --microbatches micro-batches (default 4K). Prints one JSON line: steady-state samples/s (after --warmup
+steps), each stage's peak resident memory, and with --epochs the test accuracy after each epoch with its wall
+time (for time-to-accuracy plots). Full batches only: a last smaller batch is dropped (micro-batch shapes are
+fixed once the schedule has run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig
+from pipeline.data import BatchSource
+from pipeline.models import build_blocks, count_blocks
+from pipeline.partition import resolve_partition
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return Config(
+        model=ModelConfig(name=args.model, num_layers=args.num_layers, num_hidden=args.num_hidden, feat_mult=args.feat_mult,
+                          dropout=args.dropout, nonlin=args.nonlin),
+        loss=LossConfig(loss="backprop"),
+        optim=OptimConfig(lr=args.lr),
+        data=DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=False, batch_size=args.batch_size,
+                        synthetic_train_size=args.synthetic_train_size),
+        pipeline=PipelineConfig(stages=args.stages),
+        run=RunConfig(epochs=max(1, args.epochs), seed=args.seed, progress=False),
+    )
+
+
+def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace) -> None:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, [cores[rank % len(cores)]])
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    cfg = _config(args)
+    shape, classes = BatchSource.shape_of(cfg.data)
+    ranges = resolve_partition(count_blocks(cfg.model), world, None)
+    blocks = build_blocks(cfg, shape, classes, indices=ranges[rank])
+    module = nn.Sequential(*blocks)
+    stage = PipelineStage(module, rank, world, torch.device("cpu"))
+    schedule_class = ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B
+    schedule = schedule_class(stage, n_microbatches=args.microbatches or 4 * world, loss_fn=F.cross_entropy)
+    first, last = rank == 0, rank == world - 1
+    source = BatchSource(cfg.data, cfg.run.seed)  # every rank walks the batches: the middle ones to keep count
+    steps, timed_from, timed_samples, history = 0, None, 0, []
+    started = time.perf_counter()
+    for epoch in range(1, max(1, args.epochs) + 1):
+        module.train()
+        for batch in source.train_batches(epoch):
+            if len(batch.y) != cfg.data.batch_size or (args.steps and steps >= args.warmup + args.steps):
+                break
+            for block in blocks:
+                block.optimizer.zero_grad(set_to_none=True)
+            if first:
+                schedule.step(batch.x)
+            elif last:
+                schedule.step(target=batch.y)
+            else:
+                schedule.step()
+            for block in blocks:
+                block.optimizer.step()
+            steps += 1
+            if steps == args.warmup:
+                timed_from, timed_samples = time.perf_counter(), 0
+            elif timed_from is not None:
+                timed_samples += len(batch.y)
+        if args.epochs:
+            history.append({"epoch": epoch, "wall_s": time.perf_counter() - started,
+                            "test_accuracy": _evaluate(schedule, module, source, first, last, cfg)})
+    rate = timed_samples / (time.perf_counter() - timed_from) if timed_from and timed_samples else None
+    results.put((rank, {"samples_per_s": rate, "steps": steps, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "history": history}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _evaluate(schedule, module, source, first: bool, last: bool, cfg: Config) -> float | None:
+    module.eval()
+    hits = total = 0
+    with torch.no_grad():
+        for batch in source.eval_batches():
+            if len(batch.y) != cfg.data.batch_size:
+                break
+            if first:
+                schedule.eval(batch.x)
+            elif last:
+                out = schedule.eval(target=batch.y)
+                hits += int((out.argmax(1) == batch.y).sum())
+                total += len(batch.y)
+            else:
+                schedule.eval()
+    module.train()
+    return 100.0 * hits / total if last and total else None
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the K processes; the last stage's rate and history, and every stage's peak memory."""
+    context = mp.get_context("spawn")
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    results = context.Queue()
+    processes = [context.Process(target=_worker, args=(rank, args.stages, store.port, results, args))
+                 for rank in range(args.stages)]
+    for process in processes:
+        process.start()
+    collected = dict(results.get(timeout=3600) for _ in processes)
+    for process in processes:
+        process.join()
+    last = collected[args.stages - 1]
+    return {"schedule": args.schedule, "stages": args.stages, "samples_per_s": last["samples_per_s"],
+            "peak_rss_mib": [collected[r]["peak_rss_mib"] for r in range(args.stages)], "history": last["history"]}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe")
+    p.add_argument("--microbatches", type=int, default=None, help="default: 4 x stages")
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--num-layers", type=int, default=3)
+    p.add_argument("--num-hidden", type=int, default=1024)
+    p.add_argument("--feat-mult", type=float, default=1.0)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--nonlin", default="leakyrelu")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--synthetic-train-size", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--steps", type=int, default=0, help="timed steps after warm-up (0: whole epochs)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=0, help="train this many epochs, testing after each")
+    return p
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(parser().parse_args())))
+    sys.stdout.flush()

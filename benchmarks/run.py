@@ -1,0 +1,195 @@
+"""Throughput benchmark: this pipeline against sequential local learning, global backprop and GPipe / 1F1B.
+
+    python benchmarks/run.py --quick --out benchmarks/results/quick     # a few minutes on a 2-core CPU
+    python benchmarks/run.py --out benchmarks/results/full               # K = 1, 2, 4, every transport, auto partition
+
+Every contender trains the same network (MLP 3x1024, predsim; backprop for the global-loss contenders) on the
+same synthetic MNIST-shaped batches for --steps steps after --warmup steps, in a fresh process; the median of
+--repeats runs is reported. On CPU every pipeline process gets its own core and one intra-op thread; the
+single-process contenders run once on one core with one thread and once on all cores.
+Writes results.json (with speedup_vs_sequential and speedup_vs_gpipe), a markdown table on stdout, and PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MLP = ["--model", "mlp", "--num-layers", "3", "--num-hidden", "1024", "--dropout", "0.1", "--nonlin", "leakyrelu",
+       "--batch-size", "128"]
+VGG = ["--model", "vgg8b", "--feat-mult", "0.25", "--num-layers", "1", "--num-hidden", "256", "--dropout", "0.1",
+       "--nonlin", "leakyrelu", "--batch-size", "32", "--dim-in-decoder", "1024"]
+CORES = sorted(os.sched_getaffinity(0))
+
+
+def _ours(args: list[str], steps: int, warmup: int, one_core: bool = False) -> dict:
+    """One run of `python -m pipeline train` on synthetic data; its summary."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "pipeline", "train", "--dataset", "synthetic", "--synthetic-train-size",
+                   str(64 * (steps + warmup + 1) * 2), "--limit-train-batches", str(steps + warmup),
+                   "--limit-eval-batches", "1", "--epochs", "1", "--warmup-batches", str(warmup), "--no-progress",
+                   "--out", out, *args]
+        pin = (lambda: os.sched_setaffinity(0, CORES[:1])) if one_core else None
+        proc = subprocess.run(command, capture_output=True, text=True, preexec_fn=pin, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)}\n{proc.stderr[-3000:]}")
+        with open(os.path.join(out, "summary.json")) as f:
+            return json.load(f)
+
+
+def _gpipe(schedule: str, stages: int, steps: int, warmup: int, model: list[str]) -> dict:
+    flags = [a for a in model if a not in ("--dim-in-decoder", "1024")]
+    command = [sys.executable, os.path.join(HERE, "gpipe.py"), "--schedule", schedule, "--stages", str(stages),
+               "--steps", str(steps), "--warmup", str(warmup), "--synthetic-train-size", str(128 * (steps + warmup + 2)),
+               *flags]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def contenders(quick: bool) -> list[tuple[str, dict]]:
+    """(name, how to run it) for every contender of the mode."""
+    ks = [2] if quick else [1, 2, 4]
+    transports = ["dist", "zmq", "local"]
+    entries = [
+        ("sequential, 1 core", {"ours": MLP + ["--threads", "1"], "one_core": True}),
+        (f"sequential, {len(CORES)} cores", {"ours": MLP + ["--threads", str(len(CORES))]}),
+        ("backprop, 1 core", {"ours": MLP + ["--loss", "backprop", "--threads", "1"], "one_core": True}),
+        (f"backprop, {len(CORES)} cores", {"ours": MLP + ["--loss", "backprop", "--threads", str(len(CORES))]}),
+    ]
+    for k in ks:
+        for transport in transports if k > 1 else ["dist"]:
+            entries.append((f"pipeline K={k} {transport}", {"ours": MLP + ["--stages", str(k), "--transport", transport], "k": k}))
+        if k > 1:
+            entries.append((f"GPipe K={k}", {"gpipe": "gpipe", "k": k}))
+            entries.append((f"1F1B K={k}", {"gpipe": "1f1b", "k": k}))
+    return entries
+
+
+def measure(spec: dict, steps: int, warmup: int, repeats: int, model: list[str] = MLP) -> dict:
+    runs = []
+    for _ in range(repeats):
+        if "gpipe" in spec:
+            result = _gpipe(spec["gpipe"], spec["k"], steps, warmup, model)
+            runs.append({"samples_per_s": result["samples_per_s"], "peak_rss_mib": result["peak_rss_mib"]})
+        else:
+            summary = _ours(spec["ours"], steps, warmup, spec.get("one_core", False))
+            runs.append({"samples_per_s": summary["train_samples_per_s"], "stage_stats": summary.get("stage_stats")})
+    rates = [r["samples_per_s"] for r in runs]
+    return {"samples_per_s": statistics.median(rates), "runs": rates, "detail": runs[rates.index(statistics.median(rates))]
+            if statistics.median(rates) in rates else runs[0]}
+
+
+def stage_profile(results: dict) -> list[dict]:
+    """Per-stage busy / waiting / blocked / sending fractions and peak memory of the pipeline runs, and GPipe's memory."""
+    rows = []
+    for name, result in results.items():
+        detail = result["detail"]
+        for stage in detail.get("stage_stats") or []:
+            wall = stage["wall_s"]
+            rows.append({"contender": name, "stage": stage["stage"], "busy": stage["busy_fraction"],
+                         "waiting_for_input": stage["wait_s"] / wall, "blocked_sending": stage["blocked_s"] / wall,
+                         "send_thread": stage["send_s"] / wall, "peak_rss_mib": stage["peak_rss_mib"]})
+        for stage, rss in enumerate(detail.get("peak_rss_mib") or []):
+            rows.append({"contender": name, "stage": stage, "peak_rss_mib": rss})
+    return rows
+
+
+def partition_study(steps: int, warmup: int, repeats: int) -> list[dict]:
+    """--partition auto against the even split, for the MLP and vgg8b at K=2."""
+    rows = []
+    for label, model in (("mlp 3x1024", MLP), ("vgg8b x0.25", VGG)):
+        for partition in ("even", "auto"):
+            flags = model + ["--stages", "2", "--transport", "zmq"] + (["--partition", "auto"] if partition == "auto" else [])
+            result = measure({"ours": flags}, steps, warmup, repeats)
+            stats = result["detail"]["stage_stats"]
+            rows.append({"model": label, "partition": partition, "sizes": [len(s["blocks"]) for s in stats],
+                         "samples_per_s": result["samples_per_s"], "runs": result["runs"],
+                         "profile": stats[0].get("partition_profile")})
+    return rows
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.2))
+    ax.barh(names, [results[n]["samples_per_s"] for n in names],
+            color=["tab:blue" if n.startswith("pipeline") else "tab:gray" for n in names])
+    ax.invert_yaxis()
+    ax.set(xlabel="training samples/s (median)", title="MLP 3x1024 on MNIST-shaped data, 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/quick")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    steps = args.steps or (60 if args.quick else 150)
+    repeats = args.repeats or (3 if args.quick else 5)
+    os.makedirs(args.out, exist_ok=True)
+    started = time.time()
+    results = {}
+    for name, spec in contenders(args.quick):
+        results[name] = measure(spec, steps, args.warmup, repeats)
+        print(f"  {name}: {results[name]['samples_per_s']:.0f} samples/s {[round(r) for r in results[name]['runs']]}",
+              file=sys.stderr, flush=True)
+    sequential = results["sequential, 1 core"]["samples_per_s"]
+    gpipe = results["GPipe K=2"]["samples_per_s"]
+    k2 = {name.split()[-1]: r["samples_per_s"] for name, r in results.items() if name.startswith("pipeline K=2")}
+    best = max(k2, key=k2.get)
+    report = {
+        "mode": "quick" if args.quick else "full",
+        "machine": {"cores": len(CORES), "cpu": _cpu_name()},
+        "steps": steps, "warmup": args.warmup, "repeats": repeats,
+        "results": results,
+        "speedup_vs_sequential": k2[best] / sequential,
+        "speedup_vs_gpipe": k2[best] / gpipe,
+        "k2_transport": best,
+        "speedup_vs_sequential_by_transport": {t: v / sequential for t, v in k2.items()},
+        "speedup_vs_gpipe_by_transport": {t: v / gpipe for t, v in k2.items()},
+        "stage_profile": stage_profile(results),
+    }
+    if not args.quick:
+        report["partition"] = partition_study(steps, args.warmup, repeats)
+    report["wall_s"] = time.time() - started
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    plot(results, os.path.join(args.out, "throughput.png"))
+    print(f"| contender | samples/s (median of {repeats}) | vs sequential, 1 core | vs GPipe K=2 |")
+    print("|---|---|---|---|")
+    for name, result in results.items():
+        rate = result["samples_per_s"]
+        print(f"| {name} | {rate:.0f} | {rate / sequential:.2f} | {rate / gpipe:.2f} |")
+    print(f"\nspeedup_vs_sequential = {report['speedup_vs_sequential']:.2f}, speedup_vs_gpipe = "
+          f"{report['speedup_vs_gpipe']:.2f} (K=2 over {best}); {report['wall_s'] / 60:.1f} minutes")
+    for row in report.get("partition", []):
+        print(f"partition {row['partition']:>4} {row['model']}: {row['sizes']} -> {row['samples_per_s']:.0f} samples/s")
+
+
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,7 @@ class MemoryChannel(Channel):
 
 def test_stage_zero_streams_epochs_of_train_then_eval_batches_then_end():
     cfg = small_config(run__epochs=2, data__synthetic_train_size=70, data__synthetic_test_size=40)
-    stream = list(data_messages(BatchSource(cfg.data, 0), epochs=2))
+    stream = list(data_messages(BatchSource(cfg.data, 0), cfg))
     kinds = [(m.kind, m.epoch, m.index) for m in stream]
     expected = [(kind, epoch, i) for epoch in (1, 2) for kind, n in ((Kind.TRAIN, 3), (Kind.EVAL, 2)) for i in range(n)]
     assert kinds == expected + [(Kind.END, 0, 0)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import resource
 import sys
 import time
@@ -40,7 +41,7 @@ def _config(args: argparse.Namespace) -> Config:
         optim=OptimConfig(lr=args.lr),
         data=DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=False, batch_size=args.batch_size,
                         synthetic_train_size=args.synthetic_train_size),
-        pipeline=PipelineConfig(stages=args.stages),
+        pipeline=PipelineConfig(stages=1),  # builds the blocks only; this script cuts them into stages itself
         run=RunConfig(epochs=max(1, args.epochs), seed=args.seed, progress=False),
     )
 
@@ -123,7 +124,17 @@ def run(args: argparse.Namespace) -> dict:
                  for rank in range(args.stages)]
     for process in processes:
         process.start()
-    collected = dict(results.get(timeout=3600) for _ in processes)
+    collected = {}
+    while len(collected) < len(processes):
+        try:
+            rank, value = results.get(timeout=1.0)
+            collected[rank] = value
+        except queue.Empty:
+            failed = [p for p in processes if p.exitcode not in (None, 0)]
+            if failed:
+                for process in processes:
+                    process.kill()
+                raise RuntimeError(f"a baseline stage failed with exit code {failed[0].exitcode}")
     for process in processes:
         process.join()
     last = collected[args.stages - 1]

@@ -44,8 +44,16 @@ def _ours(args: list[str], steps: int, warmup: int, one_core: bool = False) -> d
             return json.load(f)
 
 
+def _without(flags: list[str], name: str) -> list[str]:
+    """The flags without `name` and its value."""
+    if name not in flags:
+        return list(flags)
+    i = flags.index(name)
+    return flags[:i] + flags[i + 2:]
+
+
 def _gpipe(schedule: str, stages: int, steps: int, warmup: int, model: list[str]) -> dict:
-    flags = [a for a in model if a not in ("--dim-in-decoder", "1024")]
+    flags = _without(model, "--dim-in-decoder")  # no local heads under backprop
     command = [sys.executable, os.path.join(HERE, "gpipe.py"), "--schedule", schedule, "--stages", str(stages),
                "--steps", str(steps), "--warmup", str(warmup), "--synthetic-train-size", str(128 * (steps + warmup + 2)),
                *flags]

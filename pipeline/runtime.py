@@ -28,7 +28,7 @@ from pipeline.interrupt import StopRequest
 from pipeline.models import build_blocks, count_blocks
 from pipeline.partition import balanced_partition, resolve_partition, stage_ranges, stage_times
 from pipeline.profile import block_costs
-from pipeline.stage import Stage
+from pipeline.stage import Stage, StallError
 from pipeline.transport import open_links
 
 
@@ -135,7 +135,7 @@ def guarded(rank: int, body) -> int:
     except ConfigError as exc:
         print(f"error: stage {rank}: {exc}", file=sys.stderr, flush=True)
         code = 2
-    except NonFiniteLoss as exc:
+    except (NonFiniteLoss, StallError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         code = 1
     except KeyboardInterrupt:

@@ -44,6 +44,7 @@ from pipeline.models import build_blocks
 from pipeline.transport import Channel, Links
 
 _POLL_S = 0.2
+STOP_SILENCE_S = 3.0  # after an interrupt, a peer silent this long (or 4x its slowest batch) is taken for gone
 FAULT_ENV = "PIPELINE_FAIL_AT"  # "STAGE:BATCH[:hang]": that stage raises (or hangs) at that batch (fault tests)
 
 
@@ -56,7 +57,7 @@ def _injected_fault(rank: int) -> tuple[int, str] | None:
 
 
 class StallError(RuntimeError):
-    """A peer stopped making progress for longer than --stall-timeout."""
+    """A peer stopped making progress for longer than --stall-timeout (or, once stopping, the stop patience)."""
 
 
 class _Failure:
@@ -167,6 +168,7 @@ class Stage:
         self.compute_s = self.wait_s = self.blocked_s = self.send_s = self.error_wait_s = 0.0
         self._depth_sum = self._depth_max = self._messages = 0
         self._delay_sum = self._delay_max = self._updates = 0
+        self._slowest_gap = 0.0  # longest wait for an upstream message after the first (sets the stop patience)
         self._started = time.perf_counter()
         self._fail_at = _injected_fault(rank)
         # the last stage keeps the run's metrics
@@ -224,20 +226,40 @@ class Stage:
 
     # ---- compute thread -------------------------------------------------------------------------------------
 
+    def _patience(self) -> float:
+        """How long a peer may stay silent: --stall-timeout; once an interrupt asked the run to stop, only a few
+        seconds (or 4x the slowest gap seen so far) -- under torchrun a SIGTERM often means a peer has died."""
+        if self.stop is None or not self.stop.is_set():
+            return self.cfg.pipeline.stall_timeout
+        return min(self.cfg.pipeline.stall_timeout, max(STOP_SILENCE_S, 4 * self._slowest_gap))
+
+    def _stalled(self, waited: float, what: str) -> StallError:
+        if self.stop is not None and self.stop.is_set():
+            return StallError(f"stage {self.rank} waited {waited:.0f} s for {what} after an interrupt: that peer "
+                              f"is gone, so the run stops without a final checkpoint")
+        return StallError(f"stage {self.rank} waited {waited:.0f} s for {what} (--stall-timeout): "
+                          f"that peer is dead or stuck")
+
     def _wait(self, source: queue.Queue, what: str):
-        """The next item of a queue; a StallError if none comes within the stall timeout."""
-        try:
-            return source.get(timeout=self.cfg.pipeline.stall_timeout)
-        except queue.Empty:
-            raise StallError(f"stage {self.rank} waited {self.cfg.pipeline.stall_timeout:.0f} s for {what} "
-                             f"(--stall-timeout): that peer is dead or stuck") from None
+        """The next item of a queue; a StallError if none comes within the patience (re-read as we wait)."""
+        started = time.perf_counter()
+        while True:
+            try:
+                return source.get(timeout=_POLL_S)
+            except queue.Empty:
+                waited = time.perf_counter() - started
+                if waited > self._patience():
+                    raise self._stalled(waited, what) from None
 
     def _next(self) -> Message:
         started = time.perf_counter()
         depth = self.in_queue.qsize()
         upstream = "its data source" if self.rank == 0 else f"a batch from stage {self.rank - 1}"
         item = self._wait(self.in_queue, upstream)
-        self.wait_s += time.perf_counter() - started
+        gap = time.perf_counter() - started
+        self.wait_s += gap
+        if self._messages:  # not the first message: that wait includes the peers' start-up
+            self._slowest_gap = max(self._slowest_gap, gap)
         self._depth_sum += depth
         self._depth_max = max(self._depth_max, depth)
         self._messages += 1
@@ -254,9 +276,9 @@ class Stage:
                 self.out_queue.put(msg, timeout=_POLL_S)
                 break
             except queue.Full:
-                if time.perf_counter() - started > self.cfg.pipeline.stall_timeout:
-                    raise StallError(f"stage {self.rank} waited {self.cfg.pipeline.stall_timeout:.0f} s for stage "
-                                     f"{self.rank + 1} to take a batch (--stall-timeout): that peer is dead or stuck") from None
+                waited = time.perf_counter() - started
+                if waited > self._patience():
+                    raise self._stalled(waited, f"stage {self.rank + 1} to take a batch") from None
         self.blocked_s += time.perf_counter() - started
 
     def _sync(self) -> None:
@@ -521,11 +543,11 @@ class Stage:
             else:
                 summary = self._end(msg)
                 break
-        deadline = time.perf_counter() + self.cfg.pipeline.stall_timeout
+        started = time.perf_counter()
         for sender in senders:  # END is on its way; wait for it to leave, or for a link to fail
             while sender.is_alive() and self._helper_failure is None:
-                if time.perf_counter() > deadline:
-                    raise StallError(f"stage {self.rank} could not deliver END within the stall timeout")
+                if time.perf_counter() - started > self._patience():
+                    raise self._stalled(time.perf_counter() - started, f"stage {self.rank + 1} to take END")
                 sender.join(_POLL_S)
         if self._helper_failure is not None:
             raise self._helper_failure

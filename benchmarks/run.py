@@ -13,6 +13,7 @@ Writes results.json (with speedup_vs_sequential and speedup_vs_gpipe), a markdow
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -21,9 +22,21 @@ import sys
 import tempfile
 import time
 
+
+def _without(flags: list[str], name: str) -> list[str]:
+    """The flags without `name` and its value."""
+    if name not in flags:
+        return list(flags)
+    i = flags.index(name)
+    return flags[:i] + flags[i + 2:]
+
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MLP = ["--model", "mlp", "--num-layers", "3", "--num-hidden", "1024", "--dropout", "0.1", "--nonlin", "leakyrelu",
        "--batch-size", "128"]
+# the same MLP with 4 hidden blocks: two equal halves, so K=2 can be balanced (3 blocks cannot: the slowest stage
+# holds 2 of 3 equal blocks, which caps the K=2 speedup near 1.5)
+MLP4 = _without(MLP, "--num-layers") + ["--num-layers", "4"]
 VGG = ["--model", "vgg8b", "--feat-mult", "0.25", "--num-layers", "1", "--num-hidden", "256", "--dropout", "0.1",
        "--nonlin", "leakyrelu", "--batch-size", "32", "--dim-in-decoder", "1024"]
 CORES = sorted(os.sched_getaffinity(0))
@@ -42,14 +55,6 @@ def _ours(args: list[str], steps: int, warmup: int, one_core: bool = False) -> d
             raise RuntimeError(f"{' '.join(command)}\n{proc.stderr[-3000:]}")
         with open(os.path.join(out, "summary.json")) as f:
             return json.load(f)
-
-
-def _without(flags: list[str], name: str) -> list[str]:
-    """The flags without `name` and its value."""
-    if name not in flags:
-        return list(flags)
-    i = flags.index(name)
-    return flags[:i] + flags[i + 2:]
 
 
 def _gpipe(schedule: str, stages: int, steps: int, warmup: int, model: list[str]) -> dict:
@@ -77,8 +82,12 @@ def contenders(quick: bool) -> list[tuple[str, dict]]:
         for transport in transports if k > 1 else ["dist"]:
             entries.append((f"pipeline K={k} {transport}", {"ours": MLP + ["--stages", str(k), "--transport", transport], "k": k}))
         if k > 1:
+            entries.append((f"pipeline K={k} zmq, auto partition",
+                            {"ours": MLP + ["--stages", str(k), "--transport", "zmq", "--partition", "auto"], "k": k}))
             entries.append((f"GPipe K={k}", {"gpipe": "gpipe", "k": k}))
             entries.append((f"1F1B K={k}", {"gpipe": "1f1b", "k": k}))
+    entries += [("sequential, 1 core, MLP 4x1024", {"ours": MLP4 + ["--threads", "1"], "one_core": True}),
+                ("pipeline K=2 zmq, MLP 4x1024", {"ours": MLP4 + ["--stages", "2", "--transport", "zmq", "--partition", "auto"], "k": 2})]
     return entries
 
 
@@ -111,17 +120,29 @@ def stage_profile(results: dict) -> list[dict]:
     return rows
 
 
+def even_splits(blocks: int, k: int) -> list[list[int]]:
+    """Every contiguous split into k stages whose sizes differ by at most one block."""
+    small, extra = divmod(blocks, k)
+    return [list(sizes) for sizes in sorted(set(itertools.permutations([small + 1] * extra + [small] * (k - extra))))]
+
+
 def partition_study(steps: int, warmup: int, repeats: int) -> list[dict]:
-    """--partition auto against the even split, for the MLP and vgg8b at K=2."""
+    """--partition auto against every even split (sizes within one block), for MLPs and vgg8b at K=2."""
+    from pipeline.cli import build_parser, config_from_args
+    from pipeline.models import count_blocks
+
     rows = []
-    for label, model in (("mlp 3x1024", MLP), ("vgg8b x0.25", VGG)):
-        for partition in ("even", "auto"):
-            flags = model + ["--stages", "2", "--transport", "zmq"] + (["--partition", "auto"] if partition == "auto" else [])
+    for label, model in (("mlp 3x1024", MLP), ("mlp 4x1024", MLP4), ("vgg8b x0.25", VGG)):
+        blocks = count_blocks(config_from_args(build_parser().parse_args(["train", "--dataset", "synthetic", *model])).model)
+        choices = [("even", ",".join(map(str, sizes))) for sizes in even_splits(blocks, 2)] + [("auto", "auto")]
+        for kind, partition in choices:
+            flags = model + ["--stages", "2", "--transport", "zmq", "--partition", partition]
             result = measure({"ours": flags}, steps, warmup, repeats)
             stats = result["detail"]["stage_stats"]
-            rows.append({"model": label, "partition": partition, "sizes": [len(s["blocks"]) for s in stats],
+            rows.append({"model": label, "partition": kind, "sizes": [len(s["blocks"]) for s in stats],
                          "samples_per_s": result["samples_per_s"], "runs": result["runs"],
                          "profile": stats[0].get("partition_profile")})
+            print(f"  partition {label} {partition}: {result['samples_per_s']:.0f} samples/s", file=sys.stderr, flush=True)
     return rows
 
 
@@ -149,11 +170,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--partition-only", action="store_true", help="only the --partition auto vs even study")
     args = parser.parse_args()
     steps = args.steps or (60 if args.quick else 150)
     repeats = args.repeats or (3 if args.quick else 5)
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
+    if args.partition_only:
+        rows = partition_study(steps, args.warmup, repeats)
+        with open(os.path.join(args.out, "partition.json"), "w") as f:
+            json.dump({"machine": {"cores": len(CORES), "cpu": _cpu_name()}, "steps": steps, "repeats": repeats,
+                       "partition": rows, "wall_s": time.time() - started}, f, indent=1)
+        print_partition(rows)
+        return
     results = {}
     for name, spec in contenders(args.quick):
         results[name] = measure(spec, steps, args.warmup, repeats)
@@ -161,7 +190,8 @@ def main() -> None:
               file=sys.stderr, flush=True)
     sequential = results["sequential, 1 core"]["samples_per_s"]
     gpipe = results["GPipe K=2"]["samples_per_s"]
-    k2 = {name.split()[-1]: r["samples_per_s"] for name, r in results.items() if name.startswith("pipeline K=2")}
+    k2 = {name.split()[-1]: r["samples_per_s"] for name, r in results.items()
+          if name.startswith("pipeline K=2") and "," not in name}
     best = max(k2, key=k2.get)
     report = {
         "mode": "quick" if args.quick else "full",
@@ -173,6 +203,9 @@ def main() -> None:
         "k2_transport": best,
         "speedup_vs_sequential_by_transport": {t: v / sequential for t, v in k2.items()},
         "speedup_vs_gpipe_by_transport": {t: v / gpipe for t, v in k2.items()},
+        "speedup_vs_sequential_auto_partition": results["pipeline K=2 zmq, auto partition"]["samples_per_s"] / sequential,
+        "speedup_vs_sequential_mlp4x1024": results["pipeline K=2 zmq, MLP 4x1024"]["samples_per_s"]
+        / results["sequential, 1 core, MLP 4x1024"]["samples_per_s"],
         "stage_profile": stage_profile(results),
     }
     if not args.quick:
@@ -185,11 +218,26 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, result in results.items():
         rate = result["samples_per_s"]
-        print(f"| {name} | {rate:.0f} | {rate / sequential:.2f} | {rate / gpipe:.2f} |")
+        if "4x1024" in name:  # compared with its own sequential run
+            print(f"| {name} | {rate:.0f} | {rate / results['sequential, 1 core, MLP 4x1024']['samples_per_s']:.2f} | - |")
+        else:
+            print(f"| {name} | {rate:.0f} | {rate / sequential:.2f} | {rate / gpipe:.2f} |")
     print(f"\nspeedup_vs_sequential = {report['speedup_vs_sequential']:.2f}, speedup_vs_gpipe = "
-          f"{report['speedup_vs_gpipe']:.2f} (K=2 over {best}); {report['wall_s'] / 60:.1f} minutes")
-    for row in report.get("partition", []):
-        print(f"partition {row['partition']:>4} {row['model']}: {row['sizes']} -> {row['samples_per_s']:.0f} samples/s")
+          f"{report['speedup_vs_gpipe']:.2f} (K=2 over {best}); with --partition auto "
+          f"{report['speedup_vs_sequential_auto_partition']:.2f}; MLP 4x1024 (balanced K=2) "
+          f"{report['speedup_vs_sequential_mlp4x1024']:.2f}; {report['wall_s'] / 60:.1f} minutes")
+    print_partition(report.get("partition", []))
+
+
+def print_partition(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print("\n| model (K=2, zmq) | partition | blocks per stage | samples/s (median) | vs best even split |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        best = max(r["samples_per_s"] for r in rows if r["model"] == row["model"] and r["partition"] == "even")
+        print(f"| {row['model']} | {row['partition']} | {row['sizes']} | {row['samples_per_s']:.0f} | "
+              f"{row['samples_per_s'] / best:.2f} |")
 
 
 def _cpu_name() -> str:

@@ -8,7 +8,11 @@ Two processes, each pinned to its own core. For every message size (64 KB to 64 
   * ping-pong: one message there and back, repeated; half the median round trip is the latency.
 Contenders: our dist (gloo), zmq over ipc and over tcp, and local (torch.multiprocessing) channels, each with
 its header, checks and receive buffers; and the raw libraries moving the same bytes: torch.distributed
-send/recv into a preallocated tensor, pyzmq PUSH/PULL with zero-copy send and receive, a multiprocessing queue.
+send/recv into a preallocated tensor; pyzmq PUSH/PULL with zero-copy send, receiving either in libzmq's buffer
+(no copy) or with recv_into a preallocated aligned tensor (one copy, like ours); a multiprocessing queue putting
+the same tensor each time (after the first put only a handle to its shared storage travels: an upper bound,
+where ours copies every message into fresh shared memory).
+Ours and the raw baselines take turns, --repeats times per size, and medians are reported (the machine drifts).
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ import torch.multiprocessing as mp
 
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 QUICK_SIZES = [64 << 10, 1 << 20, 16 << 20]
-CONTENDERS = ["dist", "raw-dist", "zmq-ipc", "raw-zmq-ipc", "zmq-tcp", "raw-zmq-tcp", "local", "raw-local"]
+# each of our channels and the raw baselines measured in turn with it; "-into" receives into a preallocated
+# 64-byte-aligned tensor (one copy, as our zmq receiver does), the others use libzmq's buffer in place
+RAW = {"dist": ["raw-dist"], "zmq-ipc": ["raw-zmq-ipc", "raw-zmq-ipc-into"], "zmq-tcp": ["raw-zmq-tcp", "raw-zmq-tcp-into"],
+       "local": ["raw-local"]}
+OURS = list(RAW)
 
 
 def _messages(size: int, budget: int) -> int:
@@ -82,7 +90,7 @@ class _Raw:
             context = zmq.Context.instance()
             self.pull = context.socket(zmq.PULL)
             self.pull.setsockopt(zmq.RCVHWM, 1)
-            if kind.endswith("ipc"):
+            if "-ipc" in kind:
                 address = f"ipc://{tempfile.mkdtemp(prefix='localpipe-bench-')}/raw"
                 self.pull.bind(address)
             else:
@@ -105,50 +113,67 @@ class _Raw:
     def recv(self) -> None:
         if self.kind == "raw-dist":
             dist.recv(self.buffer, self.peer)
+        elif self.kind.endswith("-into"):
+            self.pull.recv_into(self.buffer.view(torch.uint8).numpy())
         elif self.kind.startswith("raw-zmq"):
             self.pull.recv(copy=False)
         else:
             self.inp.get()
 
 
-def _worker(rank: int, port: int, kind: str, sizes: list[int], budget: int, queues, results) -> None:
+def _stream(link, rank: int, payload: torch.Tensor, n: int) -> float | None:
+    """Rank 0 sends n messages back to back; rank 1 returns its MB/s between the first and the last."""
+    dist.barrier()
+    if rank == 0:
+        for _ in range(n):
+            link.send(payload)
+        return None
+    link.recv()
+    started = time.perf_counter()
+    for _ in range(n - 1):
+        link.recv()
+    return (n - 1) * payload.numel() * 4 / (time.perf_counter() - started) / 1e6
+
+
+def _ping_pong(link, rank: int, payload: torch.Tensor, rounds: int) -> float | None:
+    """Half the median round trip (rank 0), in ms."""
+    dist.barrier()
+    trips = []
+    for _ in range(rounds):
+        if rank == 0:
+            started = time.perf_counter()
+            link.send(payload)
+            link.recv()
+            trips.append(time.perf_counter() - started)
+        else:
+            link.recv()
+            link.send(payload)
+    return 1e3 * statistics.median(trips) / 2 if rank == 0 else None
+
+
+def _worker(rank: int, port: int, kind: str, sizes: list[int], budget: int, repeats: int, queues, results) -> None:
+    """Our channel of `kind` and the raw library, measured in turns (so that drift hits both alike)."""
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, [cores[rank % len(cores)]])
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
-    ours = _Ours(kind, rank, store, queues) if not kind.startswith("raw") else None
-    rows = []
+    ours = _Ours(kind, rank, store, queues["ours"])
+    rows: dict[str, list] = {name: [] for name in (kind, *RAW[kind])}
     for size in sizes:
-        link = ours or _Raw(kind, rank, store, queues, size)
+        links = {kind: ours, **{raw: _Raw(raw, rank, store, queues["raw"], size) for raw in RAW[kind]}}
         payload = torch.ones(size // 4)
         n = _messages(size, budget)
-        dist.barrier()
-        if rank == 0:
-            for _ in range(n):
-                link.send(payload)
-        else:
-            link.recv()
-            started = time.perf_counter()
-            for _ in range(n - 1):
-                link.recv()
-            elapsed = time.perf_counter() - started
-        rounds, trips = max(5, n // 4), []
-        dist.barrier()
-        for _ in range(rounds):
-            if rank == 0:
-                started = time.perf_counter()
-                link.send(payload)
-                link.recv()
-                trips.append(time.perf_counter() - started)
-            else:
-                link.recv()
-                link.send(payload)
-        if rank == 1:
-            rows.append({"bytes": size, "messages": n, "mb_per_s": (n - 1) * size / elapsed / 1e6,
-                         "ms_per_message": 1e3 * elapsed / (n - 1)})
-        else:
-            rows.append({"bytes": size, "latency_ms": 1e3 * statistics.median(trips) / 2})
+        rates: dict[str, list] = {name: [] for name in links}
+        latencies: dict[str, list] = {name: [] for name in links}
+        for _ in range(repeats):
+            for name, link in links.items():
+                rates[name].append(_stream(link, rank, payload, n))
+                latencies[name].append(_ping_pong(link, rank, payload, max(5, n // 8)))
+        for name in rows:
+            values = rates[name] if rank == 1 else latencies[name]
+            key = "mb_per_s" if rank == 1 else "latency_ms"
+            rows[name].append({"bytes": size, "messages": n, key: statistics.median(values), key + "_runs": values})
         dist.barrier()
     results.put((rank, rows))
     dist.barrier()
@@ -156,39 +181,52 @@ def _worker(rank: int, port: int, kind: str, sizes: list[int], budget: int, queu
     os._exit(0)  # sockets and queues of every size are still open: leave without a teardown
 
 
-def measure(kind: str, sizes: list[int], budget: int) -> list[dict]:
+def measure(kind: str, sizes: list[int], budget: int, repeats: int) -> dict[str, list[dict]]:
+    """{kind: rows, raw-kind: rows}, one row per size: median MB/s and latency of `repeats` turns."""
     context = mp.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    queues = [context.Queue(maxsize=1), context.Queue(maxsize=1)] if kind.endswith("local") else None
+    queues = {"ours": [context.Queue(maxsize=1), context.Queue(maxsize=1)],
+              "raw": [context.Queue(maxsize=1), context.Queue(maxsize=1)]} if kind == "local" else {"ours": None, "raw": None}
     results = context.Queue()
-    processes = [context.Process(target=_worker, args=(rank, store.port, kind, sizes, budget, queues, results)) for rank in (0, 1)]
+    processes = [context.Process(target=_worker, args=(rank, store.port, kind, sizes, budget, repeats, queues, results))
+                 for rank in (0, 1)]
     for process in processes:
         process.start()
     rows = dict(results.get(timeout=1800) for _ in processes)
     for process in processes:
         process.join(timeout=30)
-    return [{**stream, **ping} for stream, ping in zip(rows[1], rows[0])]
+    return {name: [{**stream, **ping} for stream, ping in zip(rows[1][name], rows[0][name])] for name in rows[1]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/transport")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5, help="turns of ours and raw per size; medians reported")
+    parser.add_argument("--only", default=",".join(OURS), help=f"comma-separated subset of {','.join(OURS)}")
     args = parser.parse_args()
+    ours = [kind for kind in args.only.split(",") if kind in RAW]
+    contenders = [name for kind in ours for name in (kind, *RAW[kind])]
     sizes = QUICK_SIZES if args.quick else SIZES
-    budget = (128 if args.quick else 512) << 20  # bytes streamed per size
-    results = {kind: measure(kind, sizes, budget) for kind in CONTENDERS}
-    print("| size | " + " | ".join(CONTENDERS) + " |  (MB/s; latency ms)")
-    print("|---|" + "---|" * len(CONTENDERS))
+    budget = (64 if args.quick else 256) << 20  # bytes streamed per size and turn
+    results = {}
+    for kind in ours:
+        results.update(measure(kind, sizes, budget, args.repeats))
+        print(f"  {kind} done", file=sys.stderr, flush=True)
+    print("| size | " + " | ".join(contenders) + " |  (MB/s; latency ms)")
+    print("|---|" + "---|" * len(contenders))
     for i, size in enumerate(sizes):
-        cells = [f"{results[k][i]['mb_per_s']:.0f}; {results[k][i]['latency_ms']:.2f}" for k in CONTENDERS]
+        cells = [f"{results[k][i]['mb_per_s']:.0f}; {results[k][i]['latency_ms']:.2f}" for k in contenders]
         print(f"| {size >> 10} KB | " + " | ".join(cells) + " |")
-    ratios = {ours: [results[ours][i]["mb_per_s"] / results["raw-" + ours][i]["mb_per_s"] for i in range(len(sizes))]
-              for ours in ("dist", "zmq-ipc", "zmq-tcp", "local")}
-    print("\nours / raw MB/s: " + "; ".join(f"{k} " + " ".join(f"{r:.2f}" for r in v) for k, v in ratios.items()))
+    ratios = {f"{kind} / {raw}": [results[kind][i]["mb_per_s"] / results[raw][i]["mb_per_s"] for i in range(len(sizes))]
+              for kind in ours for raw in RAW[kind]}
+    print("\nours / raw MB/s, per size:")
+    for pair, values in ratios.items():
+        print(f"  {pair}: " + " ".join(f"{r:.2f}" for r in values))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "transport.json"), "w") as f:
-        json.dump({"sizes": sizes, "results": results, "ours_over_raw": ratios}, f, indent=1)
+        json.dump({"sizes": sizes, "repeats": args.repeats, "budget_bytes": budget, "results": results,
+                   "ours_over_raw": ratios}, f, indent=1)
     plot(sizes, results, os.path.join(args.out, "transport.png"))
 
 

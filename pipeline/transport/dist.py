@@ -3,7 +3,9 @@
 Each link between stage k and k+1 has its own process group, so the sending thread of one stage and the
 receiving thread of the next are the only users of its communicator. A message goes as a fixed-size header
 frame (length + msgpack), an overflow frame if the header is long, then one frame per tensor; the receiver
-learns every shape from the header, so a smaller last batch needs nothing special.
+learns every shape from the header, so a smaller last batch needs nothing special. The sender posts all frames
+at once and the receiver posts the next header's receive as soon as a message has arrived, so that a message
+costs one rendezvous, as a bare send/recv does.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pipeline.message import MAX_HEADER_BYTES, Message, ProtocolError, decode_header, encode_header
+from pipeline.message import MAX_HEADER_BYTES, Kind, Message, ProtocolError, decode_header, encode_header
 from pipeline.transport.base import BufferPool, Channel, Links
 
 HEADER_FRAME_BYTES = 1024  # one frame holds the usual header; longer ones (end-of-run reports) add an overflow frame
@@ -26,27 +28,31 @@ class DistChannel(Channel):
         self.comm_device, self.compute_device = comm_device, compute_device
         self.pool = BufferPool()
         self._header = torch.empty(HEADER_FRAME_BYTES, dtype=torch.uint8, device=comm_device)
-
-    def _send_frame(self, tensor: torch.Tensor) -> None:
-        dist.send(tensor.contiguous().to(self.comm_device), self.peer, group=self.group)
+        self._header_posted = None  # the next header's receive, posted as soon as the last message has arrived
 
     def send(self, msg: Message) -> None:
+        """Every frame is posted at once and then awaited: the peer receives the header while the tensors are
+        already on their way (one gloo/NCCL round trip per message, not one per frame)."""
         payload = encode_header(msg)
         frame = bytearray(HEADER_FRAME_BYTES)
         frame[:_LENGTH_BYTES] = len(payload).to_bytes(_LENGTH_BYTES, "little")
-        overflow = len(payload) > HEADER_FRAME_BYTES - _LENGTH_BYTES
-        if not overflow:
+        frames = [torch.frombuffer(frame, dtype=torch.uint8)]
+        if len(payload) > HEADER_FRAME_BYTES - _LENGTH_BYTES:
+            frames.append(torch.frombuffer(bytearray(payload), dtype=torch.uint8))  # an overflow frame
+        else:
             frame[_LENGTH_BYTES:_LENGTH_BYTES + len(payload)] = payload
-        self._send_frame(torch.frombuffer(frame, dtype=torch.uint8))
-        if overflow:
-            self._send_frame(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-        for tensor in msg.tensors:
-            self._send_frame(tensor.detach())
+        frames += [t.detach() for t in msg.tensors]
+        frames = [f.contiguous().to(self.comm_device) for f in frames]
+        for work in [dist.isend(f, self.peer, group=self.group) for f in frames]:
+            work.wait()
         if self.comm_device.type == "cuda":
             torch.cuda.current_stream(self.comm_device).synchronize()  # the sender may reuse its tensors after this
 
     def _recv_header(self) -> bytes:
-        dist.recv(self._header, self.peer, group=self.group)
+        if self._header_posted is None:
+            self._header_posted = dist.irecv(self._header, self.peer, group=self.group)
+        self._header_posted.wait()
+        self._header_posted = None
         frame = self._header.cpu().numpy().tobytes()
         length = int.from_bytes(frame[:_LENGTH_BYTES], "little")
         if length <= HEADER_FRAME_BYTES - _LENGTH_BYTES:
@@ -62,6 +68,8 @@ class DistChannel(Channel):
         frames = [self.pool.take(spec.shape, spec.dtype, self.comm_device) for spec in header.specs]
         for frame in frames:
             dist.recv(frame, self.peer, group=self.group)
+        if header.kind != Kind.END:  # the sender's next header goes out without waiting for us (nothing follows END)
+            self._header_posted = dist.irecv(self._header, self.peer, group=self.group)
         if self.comm_device == self.compute_device:
             return Message(header.kind, header.epoch, header.index, frames, header.meta, release=lambda: self.pool.give(frames))
         tensors = [frame.to(self.compute_device) for frame in frames]  # gloo on a GPU run: staged through the host

@@ -101,8 +101,8 @@ def measure(spec: dict, steps: int, warmup: int, repeats: int, model: list[str] 
             summary = _ours(spec["ours"], steps, warmup, spec.get("one_core", False))
             runs.append({"samples_per_s": summary["train_samples_per_s"], "stage_stats": summary.get("stage_stats")})
     rates = [r["samples_per_s"] for r in runs]
-    return {"samples_per_s": statistics.median(rates), "runs": rates, "detail": runs[rates.index(statistics.median(rates))]
-            if statistics.median(rates) in rates else runs[0]}
+    typical = rates.index(statistics.median_low(rates))  # the run whose stage details are reported
+    return {"samples_per_s": statistics.median(rates), "runs": rates, "detail": runs[typical]}
 
 
 def stage_profile(results: dict) -> list[dict]:

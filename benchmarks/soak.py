@@ -11,7 +11,6 @@ stays within 5% of its mean.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import signal
@@ -20,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from pipeline.runtime import stage_processes
+
 
 def rss_mib(pid: int) -> float | None:
     try:
@@ -27,20 +28,6 @@ def rss_mib(pid: int) -> float | None:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     except (OSError, StopIteration):
         return None
-
-
-def stage_pids(parent: int) -> dict[str, int]:
-    found = {}
-    for path in glob.glob("/proc/[0-9]*/comm"):
-        pid = int(path.split("/")[2])
-        try:
-            name = open(path).read().strip()
-            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if name.startswith("stage-") and ppid == parent:
-            found[name] = pid
-    return found
 
 
 def flatness(samples: list[float]) -> float:
@@ -71,7 +58,7 @@ def main() -> None:
     print("|---|" + "---|" * (args.stages + 1))
     while time.monotonic() - started < args.minutes * 60 and proc.poll() is None:
         time.sleep(args.interval)
-        pids = {"launcher": proc.pid, **stage_pids(proc.pid)}
+        pids = {"launcher": proc.pid, **{f"stage-{rank}": pid for rank, pid in stage_processes(proc.pid).items()}}
         sample = {"t_s": time.monotonic() - started, **{name: rss_mib(pid) for name, pid in pids.items()}}
         samples.append(sample)
         if int(sample["t_s"] // 60) != int((sample["t_s"] - args.interval) // 60):

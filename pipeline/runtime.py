@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import glob
 import os
 import socket
 import sys
@@ -42,6 +43,23 @@ def name_process(rank: int) -> None:
 
 
 _PR_SET_NAME = 15
+
+
+def stage_processes(parent: int) -> dict[int, int]:
+    """Linux: rank -> pid of the children of `parent` that name_process called stage-<rank>."""
+    found = {}
+    for path in glob.glob("/proc/[0-9]*/comm"):
+        pid = int(path.split("/")[2])
+        try:
+            with open(path) as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if name.startswith("stage-") and ppid == parent:
+            found[int(name[len("stage-"):])] = pid
+    return found
 
 
 def stage_device(cfg: Config, local_rank: int) -> torch.device:

@@ -226,15 +226,19 @@ class Stage:
 
     # ---- compute thread -------------------------------------------------------------------------------------
 
+    @property
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
     def _patience(self) -> float:
         """How long a peer may stay silent: --stall-timeout; once an interrupt asked the run to stop, only a few
         seconds (or 4x the slowest gap seen so far) -- under torchrun a SIGTERM often means a peer has died."""
-        if self.stop is None or not self.stop.is_set():
+        if not self._stopping:
             return self.cfg.pipeline.stall_timeout
         return min(self.cfg.pipeline.stall_timeout, max(STOP_SILENCE_S, 4 * self._slowest_gap))
 
     def _stalled(self, waited: float, what: str) -> StallError:
-        if self.stop is not None and self.stop.is_set():
+        if self._stopping:
             return StallError(f"stage {self.rank} waited {waited:.0f} s for {what} after an interrupt: that peer "
                               f"is gone, so the run stops without a final checkpoint")
         return StallError(f"stage {self.rank} waited {waited:.0f} s for {what} (--stall-timeout): "

@@ -12,6 +12,8 @@ import uuid
 
 import pytest
 
+from pipeline.runtime import stage_processes
+
 RUN = [sys.executable, "-m", "pipeline", "train", "--dataset", "synthetic", "--num-layers", "3", "--num-hidden", "32",
        "--threads", "1", "--no-progress", "--batch-size", "32"]
 
@@ -89,27 +91,12 @@ def test_stages_must_match_torchrun_world(tmp_path):
     assert proc.returncode != 0 and "--stages 3 but torchrun started 2 processes" in proc.stderr
 
 
-def _stage_pids(parent: int) -> dict[int, int]:
-    """rank -> pid of the processes named stage-<rank> (see runtime.name_process) under a launcher."""
-    found = {}
-    for path in glob.glob("/proc/[0-9]*/comm"):
-        pid = int(path.split("/")[2])
-        try:
-            name = open(path).read().strip()
-            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if name.startswith("stage-") and ppid == parent:
-            found[int(name[len("stage-"):])] = pid
-    return found
-
-
 def _kill_mid_run(args, victim, stages=3):
     token = uuid.uuid4().hex
     env = {**os.environ, "PIPELINE_TEST_TOKEN": token}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 90
-    while len(pids := _stage_pids(proc.pid)) < stages:
+    while len(pids := stage_processes(proc.pid)) < stages:
         assert proc.poll() is None and time.monotonic() < deadline, "the stages did not start"
         time.sleep(0.2)
     time.sleep(4)  # well into training

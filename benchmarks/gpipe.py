@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import resource
 import sys
@@ -31,6 +30,7 @@ from pipeline.config import Config, DataConfig, LossConfig, ModelConfig, OptimCo
 from pipeline.data import BatchSource
 from pipeline.models import build_blocks, count_blocks
 from pipeline.partition import resolve_partition
+from pipeline.runtime import pin_cores
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -49,8 +49,7 @@ def _config(args: argparse.Namespace) -> Config:
 def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace) -> None:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, [cores[rank % len(cores)]])
+    pin_cores(rank, world)  # the placement our stages get: a core each, or the scheduler's when there are more
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)

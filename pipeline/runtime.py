@@ -69,13 +69,18 @@ def stage_device(cfg: Config, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def pin_cores(local_rank: int, local_world: int) -> list[int]:
-    """Give this stage its own share of the cores (round robin when there are more stages than cores)."""
+def pin_cores(local_rank: int, local_world: int) -> int:
+    """Pin this stage to its own share of the cores and return how many it got (its thread count).
+
+    With more stages than cores nothing is pinned and each stage gets one thread: doubling stages up round
+    robin would fix an unlucky pairing for the whole run (two heavy stages on one core, a light one alone on
+    the other), while unpinned stages go to whichever core is idle.
+    """
     cores = sorted(os.sched_getaffinity(0))
     per_stage = len(cores) // local_world
-    mine = cores[local_rank * per_stage:(local_rank + 1) * per_stage] if per_stage else [cores[local_rank % len(cores)]]
-    os.sched_setaffinity(0, mine)
-    return mine
+    if per_stage:
+        os.sched_setaffinity(0, cores[local_rank * per_stage:(local_rank + 1) * per_stage])
+    return max(1, per_stage)
 
 
 def data_backend(cfg: Config, local_world: int) -> str:
@@ -96,7 +101,8 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
         torch.cuda.set_device(device)
         threads = cfg.run.threads or 1
     else:
-        threads = cfg.run.threads or len(pin_cores(local_rank, local_world))
+        # an explicit --threads leaves the placement to the user (or to taskset)
+        threads = cfg.run.threads or pin_cores(local_rank, local_world)
     torch.set_num_threads(threads)
     # collectives and gloo receives give up like the stages do, not after torch's 30-minute default
     timeout = datetime.timedelta(seconds=max(60.0, cfg.pipeline.stall_timeout))

@@ -1,0 +1,47 @@
+"""Runtime placement: each stage's share of the CPU cores."""
+
+import os
+
+import pytest
+
+from pipeline.runtime import pin_cores
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+
+
+@pytest.fixture
+def restored_affinity():
+    cores = os.sched_getaffinity(0)
+    yield sorted(cores)
+    os.sched_setaffinity(0, cores)
+
+
+def test_as_many_stages_as_cores_get_one_core_each(restored_affinity):
+    cores = restored_affinity
+    placed = []
+    for rank in range(len(cores)):
+        os.sched_setaffinity(0, cores)
+        assert pin_cores(rank, len(cores)) == 1
+        placed.append(os.sched_getaffinity(0))
+    assert placed == [{core} for core in cores]
+
+
+def test_fewer_stages_than_cores_split_them_without_overlap(restored_affinity):
+    cores = restored_affinity
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    os.sched_setaffinity(0, cores)
+    assert pin_cores(0, 1) == len(cores)
+    assert os.sched_getaffinity(0) == set(cores)
+    halves = len(cores) // 2
+    os.sched_setaffinity(0, cores)
+    assert pin_cores(1, 2) == halves
+    assert os.sched_getaffinity(0) == set(cores[halves:2 * halves])
+
+
+def test_more_stages_than_cores_are_left_to_the_scheduler(restored_affinity):
+    cores = restored_affinity
+    for rank in range(2 * len(cores) + 1):
+        os.sched_setaffinity(0, cores)
+        assert pin_cores(rank, 2 * len(cores) + 1) == 1
+        assert os.sched_getaffinity(0) == set(cores)  # not narrowed to one core

@@ -40,21 +40,48 @@ MLP4 = _without(MLP, "--num-layers") + ["--num-layers", "4"]
 VGG = ["--model", "vgg8b", "--feat-mult", "0.25", "--num-layers", "1", "--num-hidden", "256", "--dropout", "0.1",
        "--nonlin", "leakyrelu", "--batch-size", "32", "--dim-in-decoder", "1024"]
 CORES = sorted(os.sched_getaffinity(0))
+SIDE_BY_SIDE = f"{len(CORES)} sequential side by side, 1 core each"
+
+
+def _command(args: list[str], steps: int, warmup: int, out: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "train", "--dataset", "synthetic", "--synthetic-train-size",
+            str(64 * (steps + warmup + 1) * 2), "--limit-train-batches", str(steps + warmup),
+            "--limit-eval-batches", "1", "--epochs", "1", "--warmup-batches", str(warmup), "--no-progress",
+            "--out", out, *args]
+
+
+def _summary(returncode: int, stderr: str, command: list[str], out: str) -> dict:
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}\n{stderr[-3000:]}")
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
 
 
 def _ours(args: list[str], steps: int, warmup: int, one_core: bool = False) -> dict:
     """One run of `python -m pipeline train` on synthetic data; its summary."""
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "pipeline", "train", "--dataset", "synthetic", "--synthetic-train-size",
-                   str(64 * (steps + warmup + 1) * 2), "--limit-train-batches", str(steps + warmup),
-                   "--limit-eval-batches", "1", "--epochs", "1", "--warmup-batches", str(warmup), "--no-progress",
-                   "--out", out, *args]
+        command = _command(args, steps, warmup, out)
         pin = (lambda: os.sched_setaffinity(0, CORES[:1])) if one_core else None
         proc = subprocess.run(command, capture_output=True, text=True, preexec_fn=pin, timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)}\n{proc.stderr[-3000:]}")
-        with open(os.path.join(out, "summary.json")) as f:
-            return json.load(f)
+        return _summary(proc.returncode, proc.stderr, command, out)
+
+
+def _side_by_side(args: list[str], steps: int, warmup: int) -> dict:
+    """One single-process run per core, all at once, each pinned to its core: their summed samples/s is what
+    this machine gives any scheme of that many one-core processes (perfect balance, no communication)."""
+    with tempfile.TemporaryDirectory() as root:
+        runs = []
+        for core in CORES:
+            out = os.path.join(root, str(core))
+            command = _command(args, steps, warmup, out)
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=lambda core=core: os.sched_setaffinity(0, [core]))
+            runs.append((proc, command, out))
+        rates = []
+        for proc, command, out in runs:
+            stderr = proc.communicate(timeout=1800)[1]
+            rates.append(_summary(proc.returncode, stderr, command, out)["train_samples_per_s"])
+    return {"train_samples_per_s": sum(rates), "per_process": rates}
 
 
 def _gpipe(schedule: str, stages: int, steps: int, warmup: int, model: list[str]) -> dict:
@@ -74,6 +101,8 @@ def contenders(quick: bool) -> list[tuple[str, dict]]:
     transports = ["dist", "zmq", "local"]
     entries = [
         ("sequential, 1 core", {"ours": MLP + ["--threads", "1"], "one_core": True}),
+        (SIDE_BY_SIDE,
+         {"ours": MLP + ["--threads", "1"], "side_by_side": True}),
         (f"sequential, {len(CORES)} cores", {"ours": MLP + ["--threads", str(len(CORES))]}),
         ("backprop, 1 core", {"ours": MLP + ["--loss", "backprop", "--threads", "1"], "one_core": True}),
         (f"backprop, {len(CORES)} cores", {"ours": MLP + ["--loss", "backprop", "--threads", str(len(CORES))]}),
@@ -98,11 +127,18 @@ def measure(spec: dict, steps: int, warmup: int, repeats: int, model: list[str] 
             result = _gpipe(spec["gpipe"], spec["k"], steps, warmup, model)
             runs.append({"samples_per_s": result["samples_per_s"], "peak_rss_mib": result["peak_rss_mib"]})
         else:
-            summary = _ours(spec["ours"], steps, warmup, spec.get("one_core", False))
+            summary = (_side_by_side(spec["ours"], steps, warmup) if spec.get("side_by_side")
+                       else _ours(spec["ours"], steps, warmup, spec.get("one_core", False)))
             runs.append({"samples_per_s": summary["train_samples_per_s"], "stage_stats": summary.get("stage_stats")})
     rates = [r["samples_per_s"] for r in runs]
     typical = rates.index(statistics.median_low(rates))  # the run whose stage details are reported
     return {"samples_per_s": statistics.median(rates), "runs": rates, "detail": runs[typical]}
+
+
+def balance_ceiling(result: dict) -> float | None:
+    """Speedup bound of a pipeline's split: total block time over its slowest stage's (from the auto profile)."""
+    profile = next((s["partition_profile"] for s in result["detail"].get("stage_stats") or [] if "partition_profile" in s), None)
+    return sum(profile["compute_ms"]) / max(profile["chosen_stage_ms"]) if profile else None
 
 
 def stage_profile(results: dict) -> list[dict]:
@@ -207,6 +243,10 @@ def main() -> None:
         "speedup_vs_sequential_mlp4x1024": results["pipeline K=2 zmq, MLP 4x1024"]["samples_per_s"]
         / results["sequential, 1 core, MLP 4x1024"]["samples_per_s"],
         "stage_profile": stage_profile(results),
+        # what K=2 could reach at best: on this machine (N one-core runs side by side), and with whole blocks per
+        # stage (the auto partition's measured block costs: all of them over its slowest stage's)
+        "machine_ceiling": results[SIDE_BY_SIDE]["samples_per_s"] / sequential,
+        "balance_ceiling_k2": balance_ceiling(results["pipeline K=2 zmq, auto partition"]),
     }
     if not args.quick:
         report["partition"] = partition_study(steps, args.warmup, repeats)
@@ -225,7 +265,8 @@ def main() -> None:
     print(f"\nspeedup_vs_sequential = {report['speedup_vs_sequential']:.2f}, speedup_vs_gpipe = "
           f"{report['speedup_vs_gpipe']:.2f} (K=2 over {best}); with --partition auto "
           f"{report['speedup_vs_sequential_auto_partition']:.2f}; MLP 4x1024 (balanced K=2) "
-          f"{report['speedup_vs_sequential_mlp4x1024']:.2f}; {report['wall_s'] / 60:.1f} minutes")
+          f"{report['speedup_vs_sequential_mlp4x1024']:.2f}; ceilings: machine {report['machine_ceiling']:.2f}, "
+          f"whole-block split {report['balance_ceiling_k2'] or float('nan'):.2f}; {report['wall_s'] / 60:.1f} minutes")
     print_partition(report.get("partition", []))
 
 

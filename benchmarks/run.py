@@ -81,7 +81,7 @@ def _side_by_side(args: list[str], steps: int, warmup: int) -> dict:
         for proc, command, out in runs:
             stderr = proc.communicate(timeout=1800)[1]
             rates.append(_summary(proc.returncode, stderr, command, out)["train_samples_per_s"])
-    return {"train_samples_per_s": sum(rates), "per_process": rates}
+    return {"train_samples_per_s": sum(rates)}
 
 
 def _gpipe(schedule: str, stages: int, steps: int, warmup: int, model: list[str]) -> dict:
@@ -101,8 +101,7 @@ def contenders(quick: bool) -> list[tuple[str, dict]]:
     transports = ["dist", "zmq", "local"]
     entries = [
         ("sequential, 1 core", {"ours": MLP + ["--threads", "1"], "one_core": True}),
-        (SIDE_BY_SIDE,
-         {"ours": MLP + ["--threads", "1"], "side_by_side": True}),
+        (SIDE_BY_SIDE, {"ours": MLP + ["--threads", "1"], "side_by_side": True}),
         (f"sequential, {len(CORES)} cores", {"ours": MLP + ["--threads", str(len(CORES))]}),
         ("backprop, 1 core", {"ours": MLP + ["--loss", "backprop", "--threads", "1"], "one_core": True}),
         (f"backprop, {len(CORES)} cores", {"ours": MLP + ["--loss", "backprop", "--threads", str(len(CORES))]}),

@@ -26,7 +26,7 @@ def test_as_many_stages_as_cores_get_one_core_each(restored_affinity):
     assert placed == [{core} for core in cores]
 
 
-def test_fewer_stages_than_cores_split_them_without_overlap(restored_affinity):
+def test_fewer_stages_than_cores_get_equal_shares(restored_affinity):
     cores = restored_affinity
     if len(cores) < 2:
         pytest.skip("needs two cores")

@@ -196,7 +196,8 @@ class PipelineConfig:
     the same as dfa_max_delay 0."""
     dfa_max_delay: int | None = 2
     """DFA, asynchronous: a stage forwards at most this many batches past the oldest one whose error it still
-    awaits (bounded staleness); None: only the forward pipe bounds it."""
+    awaits (bounded staleness); None: no bound, the delay is how far the stage runs ahead of the last one plus
+    the time the error takes to come back (on busy cores that return trip can take many batches)."""
     stall_timeout: float = 300.0
     """Seconds a stage may wait for its next batch, for room to send one, or for a DFA error, before it declares
     its peer dead or deadlocked and fails the run."""

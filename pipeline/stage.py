@@ -154,7 +154,7 @@ class Stage:
         self.dfa = cfg.loss.loss == "dfa"
         self.in_queue: queue.Queue = queue.Queue(maxsize=cfg.pipeline.queue_depth)
         self.out_queue: queue.Queue = queue.Queue(maxsize=cfg.pipeline.queue_depth)
-        self.errors: queue.Queue = queue.Queue()  # DFA errors that arrived (bounded by the forward pipe, see Links)
+        self.errors: queue.Queue = queue.Queue()  # DFA errors that arrived (at most the batches awaiting one)
         self.errors_out: queue.Queue = queue.Queue()  # last stage: errors on their way back
         self._awaiting: deque[_AwaitingError] = deque()
         self._forwarded = 0

@@ -45,7 +45,7 @@ class QueueChannel(Channel):
 
 def make_queues(context, world: int, depth: int, feedback: bool) -> dict[str, list]:
     """One bounded queue per link (k, k+1) and, for DFA, per error link (K-1 -> k); made by the launcher before
-    it starts the stages. Error queues are unbounded: a stage drains them at once and its forward pipe bounds
+    it starts the stages. Error queues are unbounded: a stage drains them at once, and --dfa-max-delay bounds
     how many batches can await an error."""
     return {"forward": [context.Queue(maxsize=depth) for _ in range(world - 1)],
             "feedback": [context.Queue() for _ in range(world - 1)] if feedback else []}

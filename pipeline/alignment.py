@@ -21,20 +21,23 @@ from torch import nn
 
 from pipeline.blocks import Block, DFABlock, HiddenBlock
 from pipeline.feedback import Conv2dFA, LinearFA, direct_feedback, output_error
+from pipeline.precision import Precision
 
 
 def measurement_copy(blocks: list[Block]) -> list[Block]:
-    """Deep copies of the blocks without their optimizers, generators or dropout."""
+    """Deep copies of the blocks without their optimizers, generators, loss scalers, non-finite watch or dropout,
+    computing in fp32 whatever the run's --precision (the angles are those of the rule, not of its rounding)."""
     copies = []
     for block in blocks:
-        optimizer, gen = block.optimizer, block.generator
-        block.optimizer = block.generator = None
+        kept = block.optimizer, block.generator, block.scaler, block.watch
+        block.optimizer = block.generator = block.scaler = block.watch = None
         try:
             twin = copy.deepcopy(block)
         finally:
-            block.optimizer, block.generator = optimizer, gen
+            block.optimizer, block.generator, block.scaler, block.watch = kept
         if isinstance(twin, HiddenBlock):
             twin.dropout = 0.0
+        twin.precision = Precision()
         twin.train()
         copies.append(twin)
     return copies

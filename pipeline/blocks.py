@@ -5,6 +5,9 @@ Every block offers the same three steps, used alike by the sequential trainer an
     h, out = block.forward_train(x)   # out is what the next block receives (detach it for local learning)
     block.learn(h, y)                 # local loss -> backward -> this block's optimizer step
     out, hits = block.evaluate(x, y)  # eval mode: output and the block's own classifier's correct count
+
+Forwards run under the block's autocast (pipeline/precision.py); a non-finite loss skips its update on the device
+and is reported to the process's watch (pipeline/nonfinite.py), which is read without a sync per step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from torch import nn
 
 from pipeline.feedback import LinearFA, direct_feedback
 from pipeline.heads import LocalHeads
+from pipeline.nonfinite import NonFiniteLoss, NonFiniteWatch  # noqa: F401 (NonFiniteLoss: also imported from here)
+from pipeline.precision import Precision
 
 if TYPE_CHECKING:
     from pipeline.config import OptimConfig
@@ -26,9 +31,18 @@ if TYPE_CHECKING:
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer each block owns: adam, amsgrad or sgd, with weight decay."""
     params = list(params)
-    # fused kernels: one pass over each parameter's state; on CPU a quarter of a block's step time saved over foreach
+    # fused kernels: one pass over each parameter's state; on CPU a quarter of a block's step time saved over foreach.
+    # They also skip a step on the device when told to ([Note: deferred non-finite check] in pipeline/nonfinite.py).
     if cfg.optim == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+        sgd = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+        if cfg.momentum:
+            # Fused SGD allocates its momentum buffers with torch.empty_like on its first step and fills them in the
+            # kernel (torch/optim/sgd.py `_fused_sgd`, is_first_step); a first step skipped through found_inf would
+            # leave them uninitialised. Zero buffers from the start give the first step's buffer as momentum * 0 +
+            # grad = grad, the same bits, and make a skipped first step a true no-op.
+            for p in params:
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return sgd
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.optim == "amsgrad", fused=True)
 
 
@@ -49,11 +63,18 @@ class EpochStats:
         self.examples = 0
         self.scored = False
 
-    def add(self, loss: torch.Tensor, predictions: torch.Tensor | None, labels: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, predictions: torch.Tensor | None, labels: torch.Tensor,
+            bad: torch.Tensor | None = None) -> None:
+        """Add one update; where the device flag `bad` is set its loss and hits count as zero (the watch that reads
+        the flag takes its examples out again), so nothing here waits for the device."""
         n = labels.numel()
-        self.loss_sum = self.loss_sum + loss.detach() * n
+        loss_sum = loss.detach() * n
+        if bad is not None:
+            loss_sum = torch.where(bad, 0.0, loss_sum)
+        self.loss_sum = self.loss_sum + loss_sum
         if predictions is not None:
-            self.hits = self.hits + (predictions == labels).sum()
+            hits = (predictions == labels).sum()
+            self.hits = self.hits + (hits if bad is None else torch.where(bad, 0, hits))
             self.scored = True
         self.examples += n
 
@@ -66,10 +87,6 @@ class EpochStats:
         return {"loss": loss, "error": error}
 
 
-class NonFiniteLoss(RuntimeError):
-    """A block's loss (or the DFA error it got) is NaN or infinite."""
-
-
 class Block(nn.Module):
     """What every block has: its position, optimizer, private generator and epoch statistics."""
 
@@ -80,17 +97,19 @@ class Block(nn.Module):
         self.generator: torch.Generator | None = None
         self.stats = EpochStats()
         self.skip_nonfinite = False  # skip an update whose loss is not finite instead of stopping the run
-        self.skipped = 0
+        self.skipped = 0  # updates skipped so far, counted when the watch reads their flags
+        self.watch: NonFiniteWatch | None = None  # shared by the blocks of a process; None: each update checked at once
+        self.precision = Precision()  # autocast dtype of the forward (pipeline/precision.py)
+        self.scaler: torch.amp.GradScaler | None = None  # fp16 only; its state_dict() belongs in a checkpoint
 
-    def finite(self, value: torch.Tensor, what: str = "loss") -> bool:
-        """True if the update may go ahead; False to skip it (--skip-nonfinite); else NonFiniteLoss."""
-        if bool(torch.isfinite(value).all()):
-            return True
-        if self.skip_nonfinite:
-            self.skipped += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            return False
-        raise NonFiniteLoss(f"block {self.index}: {what} is not finite (use --skip-nonfinite to skip such updates)")
+    def report(self, bad: torch.Tensor, examples: int, what: str = "loss") -> None:
+        """Hand an update's device-side non-finite flag to the watch (a block on its own is checked at once)."""
+        if self.watch is not None:
+            self.watch.report(self, bad, examples, what)
+            return
+        alone = NonFiniteWatch(every=1)
+        alone.report(self, bad, examples, what)
+        alone.check()
 
     def attach(self, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
         self.optimizer, self.generator = optimizer, generator
@@ -99,10 +118,46 @@ class Block(nn.Module):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self) -> None:
-        """Apply and clear the gradients accumulated in this block's parameters."""
-        self.optimizer.step()
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of the block's (fp32) loss; scaled by the block's loss scale under fp16."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, bad: torch.Tensor | None = None) -> None:
+        """Apply and clear the gradients accumulated in this block's parameters; where the 0-dim device flag `bad`
+        is set, the fused optimizer leaves parameters and state untouched, without the host reading the flag."""
+        if self.scaler is not None:
+            if bad is not None:
+                _mark_non_finite(self.optimizer, bad)
+            self.scaler.step(self.optimizer)  # sets optimizer.found_inf from the gradients itself
+            self.scaler.update()
+        elif bad is None:
+            self.optimizer.step()
+        else:
+            # the attribute GradScaler.step sets on optimizers with _step_supports_amp_scaling (torch/amp/grad_scaler.py)
+            self.optimizer.found_inf = bad.to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
+
+    def update(self, loss: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor | None) -> torch.Tensor:
+        """Report, backward and step on this block's loss, then add it to the epoch statistics; the update is
+        skipped on the device if the loss is not finite. Returns that flag (0-dim bool, on the device)."""
+        bad = ~torch.isfinite(loss.detach())
+        self.report(bad, labels.numel())
+        self.backward(loss)
+        self.step(bad)
+        self.stats.add(loss, predictions, labels, bad)
+        return bad
+
+
+def _mark_non_finite(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """fp16: a non-finite loss need not make every gradient non-finite; a NaN written (on the device, where `bad`)
+    into the smallest gradient makes the block's GradScaler skip the step as it skips an overflow."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        min(grads, key=torch.Tensor.numel).masked_fill_(bad, float("nan"))
 
 
 def _nonlinearity(name: str) -> nn.Module:
@@ -128,13 +183,16 @@ class HiddenBlock(Block):
         self.flatten_input = flatten_input
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
-        """h: the block's activation before dropout, where its local loss is taken."""
-        if self.flatten_input:
-            x = x.flatten(1)
-        h = self.layer(x)
-        if self.norm is not None:
-            h = self.norm(h)
-        return self.nonlin(h)
+        """h: the block's activation before dropout, where its local loss is taken; in the compute dtype."""
+        with self.precision.autocast():
+            if self.flatten_input:
+                x = x.flatten(1)
+            h = self.layer(x)
+            if self.norm is not None:
+                h = self.norm(h)
+            # batch norm is on neither of autocast's op lists (https://pytorch.org/docs/stable/amp.html, "Autocast Op
+            # Reference"), so it keeps its input's dtype; the cast makes the compute dtype explicit
+            return self.nonlin(h).to(self.precision.dtype)
 
     def emit(self, h: torch.Tensor) -> torch.Tensor:
         """What goes on to the next block: h after dropout (drawn from this block's generator) and pooling."""
@@ -153,19 +211,17 @@ class HiddenBlock(Block):
         h = self.activation(x)
         return h, self.emit(h)
 
-    def learn(self, h: torch.Tensor, y: torch.Tensor) -> None:
-        loss, logits = self.heads.loss(h, y)
-        if not self.finite(loss):
-            return
-        loss.backward()
-        self.step()
-        self.stats.add(loss, None if logits is None else self.heads.predictions(logits.detach()), y)
+    def learn(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.precision.autocast():  # the heads' forward; their loss math is fp32 (LocalHeads.loss)
+            loss, logits = self.heads.loss(h, y)
+        return self.update(loss, y, None if logits is None else self.heads.predictions(logits.detach()))
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.eval()
         h = self.activation(x)
-        predictions = self.heads.classify(h) if self.heads is not None else None
+        with self.precision.autocast():
+            predictions = self.heads.classify(h) if self.heads is not None else None
         hits = None if predictions is None else (predictions == y).sum()
         return self.emit(h), hits
 
@@ -183,12 +239,16 @@ class DFABlock(HiddenBlock):
         out = self.emit(self.activation(x))
         return out, out  # the output is where the error is injected
 
-    def learn(self, out: torch.Tensor, error: torch.Tensor) -> None:
-        """Apply the DFA update of one batch: `error` is e = softmax(logits) - onehot(y), (B, classes)."""
-        if not self.finite(error, "the output error"):
-            return
-        out.backward(direct_feedback(error, self.feedback, out.shape))
-        self.step()
+    def learn(self, out: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """Apply the DFA update of one batch: `error` is e = softmax(logits) - onehot(y), (B, classes), fp32."""
+        bad = ~torch.isfinite(error).all()
+        self.report(bad, 0, "the output error")
+        feedback = direct_feedback(error, self.feedback, out.shape)  # fp32: scaled before the cast, so no underflow
+        if self.scaler is not None:
+            feedback = self.scaler.scale(feedback)
+        out.backward(feedback.to(out.dtype))
+        self.step(bad)
+        return bad
 
 
 class OutputBlock(Block):
@@ -203,22 +263,21 @@ class OutputBlock(Block):
         self.loss_scale = loss_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x.flatten(1))
+        with self.precision.autocast():
+            return self.layer(x.flatten(1))
 
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.train()
         logits = self(x)
         return logits, logits
 
-    def learn(self, logits: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.cross_entropy(logits, y)
+    def learn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (fp32) update; returns its device-side non-finite flag, which the hidden blocks of a
+        global loss step with (their gradients come from this loss)."""
+        loss = F.cross_entropy(logits.float(), y)
         if self.loss_scale != 1.0:
             loss = loss * self.loss_scale
-        if not self.finite(loss):
-            return
-        loss.backward()
-        self.step()
-        self.stats.add(loss, logits.detach().argmax(1), y)
+        return self.update(loss, y, logits.detach().argmax(1))
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,14 +76,15 @@ def fingerprint(cfg) -> dict:
     data = {k: v for k, v in values["data"].items() if k not in ("data_dir", "download")}
     return {"model": values["model"], "loss": values["loss"], "optim": values["optim"], "data": data,
             "seed": values["run"]["seed"], "stages": values["pipeline"]["stages"],
-            "partition": values["pipeline"]["partition"], "dfa_max_delay": values["pipeline"]["dfa_max_delay"]}
+            "partition": values["pipeline"]["partition"], "dfa_max_delay": values["pipeline"]["dfa_max_delay"],
+            "precision": values["run"]["precision"]}
 
 
 def stage_state(blocks: list[Block], rank: int, world: int, position: dict, print_: dict) -> dict:
     """Everything a stage needs to continue exactly: weights and buffers, optimizer and generator states, the
     epoch's running statistics, and where in the data it stopped."""
     state = {"format": CHECKPOINT_FORMAT, "stage": rank, "stages": world, "position": dict(position),
-             "fingerprint": json.dumps(print_, sort_keys=True), "blocks": {}}
+             "fingerprint": json.dumps(print_, sort_keys=True), "device": _device_type(blocks), "blocks": {}}
     for block in blocks:
         stats = block.stats
         state["blocks"][block.index] = {
@@ -93,13 +94,31 @@ def stage_state(blocks: list[Block], rank: int, world: int, position: dict, prin
             "stats": {"loss_sum": torch.as_tensor(stats.loss_sum), "hits": torch.as_tensor(stats.hits),
                       "examples": stats.examples, "scored": stats.scored},
             "skipped": block.skipped,
+            "scaler": block.scaler.state_dict() if getattr(block, "scaler", None) is not None else None,  # fp16
         }
     return state
 
 
+def _device_type(blocks: list[Block]) -> str:
+    """cpu or cuda: where these blocks' generators draw (their states cannot move to the other kind)."""
+    return blocks[0].generator.device.type
+
+
+def _wrong_device(where: str, written: str, here: str) -> ConfigError:
+    return ConfigError(f"--resume: {where} was written on {written}, this run is on {here}: resume with --device {written}")
+
+
 def restore_stage(blocks: list[Block], state: dict) -> None:
+    """Put a stage's saved state (load_stage_checkpoint) back into its blocks. A state from the other device type is
+    refused: a CPU generator's state (5056 bytes) and a CUDA one's (16) cannot stand in for each other, and
+    checkpoints without a "device" field are told apart by that size."""
+    here, where = _device_type(blocks), state.get("path", "the checkpoint")
+    if state.get("device", here) != here:
+        raise _wrong_device(where, state["device"], here)
     for block in blocks:
         saved = state["blocks"][block.index]
+        if saved["generator"].numel() != block.generator.get_state().numel():
+            raise _wrong_device(where, "cuda" if here == "cpu" else "cpu", here)
         block.load_state_dict(saved["model"])
         block.optimizer.load_state_dict(saved["optimizer"])
         block.generator.set_state(saved["generator"].to("cpu"))
@@ -108,6 +127,8 @@ def restore_stage(blocks: list[Block], state: dict) -> None:
         block.stats.hits = stats["hits"].to(block.layer.weight.device)
         block.stats.examples, block.stats.scored = stats["examples"], stats["scored"]
         block.skipped = saved["skipped"]
+        if getattr(block, "scaler", None) is not None and saved.get("scaler"):
+            block.scaler.load_state_dict(saved["scaler"])
 
 
 def _folder(root: str, step: int) -> str:
@@ -129,13 +150,16 @@ def save_stage_checkpoint(root: str, state: dict) -> dict:
     path = os.path.join(folder, f"stage-{state['stage']}.pt")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
-    return {"stage": state["stage"], "file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    return {"stage": state["stage"], "file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": _sha256(path),
+            "device": state["device"]}
 
 
 def finish_checkpoint(root: str, position: dict, world: int, files: list[dict], print_: dict) -> str:
     """Mark a checkpoint complete with its manifest (atomically), then drop all but the newest few."""
     folder = _folder(root, position["step"])
-    manifest = {"format": CHECKPOINT_FORMAT, "position": position, "stages": world, "files": files, "fingerprint": print_}
+    devices = {entry.get("device") for entry in files}  # one kind: every stage has the run's --device
+    manifest = {"format": CHECKPOINT_FORMAT, "position": position, "stages": world, "files": files, "fingerprint": print_,
+                "device": devices.pop() if len(devices) == 1 else None}
     path = os.path.join(folder, MANIFEST)
     with open(path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=1)
@@ -165,6 +189,8 @@ def verify_checkpoint(root: str, cfg) -> tuple[str, dict]:
     if manifest["stages"] != cfg.pipeline.stages:
         raise ConfigError(f"--resume: {folder} was written by {manifest['stages']} stages, this run has "
                           f"{cfg.pipeline.stages}: use --stages {manifest['stages']}")
+    if manifest.get("device") not in (None, cfg.run.device):  # None: written before the field existed
+        raise _wrong_device(folder, manifest["device"], cfg.run.device)
     mine = fingerprint(cfg)
     differs = [key for key in mine if json.dumps(mine[key], sort_keys=True) != json.dumps(manifest["fingerprint"].get(key), sort_keys=True)]
     if differs:
@@ -187,4 +213,5 @@ def load_stage_checkpoint(folder: str, rank: int) -> dict:
         raise ConfigError(f"--resume: cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     if state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != rank:
         raise ConfigError(f"--resume: {path} is not stage {rank}'s checkpoint")
+    state["path"] = path  # for restore_stage's messages
     return state

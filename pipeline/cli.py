@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from pipeline.config import (DEVICES, LOSSES, MODELS, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
+from pipeline.config import (DEVICES, DIST_BACKENDS, LOSSES, MODELS, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
                              DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig)
 
 from pipeline.blocks import NonFiniteLoss
@@ -115,6 +115,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zmq-host", default=pi.zmq_host, help="interface zmq stages bind on across hosts")
     g.add_argument("--zmq-curve-keys", default=None, metavar="DIR", help="CURVE keys: encrypted zmq, only key holders join")
     g.add_argument("--master-port", type=int, default=pi.master_port, help="local launcher rendezvous port (0: any free)")
+    g.add_argument("--dist-backend", default=pi.dist_backend,
+                   help=f"{', '.join(DIST_BACKENDS)}: links of --transport dist (auto: NCCL iff every stage has a GPU of its own)")
     g.add_argument("--stall-timeout", type=float, default=pi.stall_timeout, metavar="S",
                    help="fail the run when a stage waits S seconds for a peer (default %(default)s)")
     g.add_argument("--dfa-sync", action="store_true", help="DFA: wait for batch t's error before forwarding t+1 (exact)")
@@ -129,6 +131,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--warmup-batches", type=int, default=r.warmup_batches, help="batches per epoch left out of samples/s")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip updates with a NaN/Inf loss instead of stopping")
+    g.add_argument("--precision", default=r.precision,
+                   help="fp32, bf16 or fp16: each block's forward under autocast, half-size activations (default %(default)s)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic cuDNN/cuBLAS, no TF32: bit-identical GPU runs")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-dir", default=None, help="folder of resumable checkpoints")
     g.add_argument("--checkpoint-every", type=_every, default=None, metavar="N|Ne",
@@ -168,9 +173,11 @@ def config_from_args(a: argparse.Namespace) -> Config:
         pipeline=PipelineConfig(stages=stages or 1, partition=a.partition, transport=a.transport,
                                 queue_depth=a.queue_depth, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync,
                                 dfa_max_delay=a.dfa_max_delay, stall_timeout=a.stall_timeout, master_port=a.master_port,
-                                zmq_curve_keys=a.zmq_curve_keys),
+                                zmq_curve_keys=a.zmq_curve_keys, dist_backend=a.dist_backend),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
                       progress=not a.no_progress, log_alignment=a.log_alignment, skip_nonfinite=a.skip_nonfinite,
+                      precision=a.precision,
+                      deterministic=a.deterministic,
                       checkpoint_dir=a.checkpoint_dir, resume=a.resume, warmup_batches=a.warmup_batches,
                       checkpoint_every=a.checkpoint_every[0] if a.checkpoint_every else None,
                       checkpoint_unit=a.checkpoint_every[1] if a.checkpoint_every else "batch",

@@ -16,6 +16,8 @@ OPTIMIZERS = ("adam", "amsgrad", "sgd")
 NONLINEARITIES = ("relu", "leakyrelu", "tanh")
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("dist", "zmq", "local")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 
 
 class ConfigError(ValueError):
@@ -208,6 +210,9 @@ class PipelineConfig:
     the client key can send to a stage."""
     master_port: int = 0
     """Port of the local launcher's rendezvous on 127.0.0.1; 0 picks a free one."""
+    dist_backend: str = "auto"
+    """torch.distributed backend of the dist transport's links: auto (NCCL when every stage is on a GPU of its own,
+    gloo otherwise; all ranks decide together on every rank's host and GPU), nccl or gloo."""
 
     def __post_init__(self) -> None:
         _require(self.stages >= 1, f"--stages must be >= 1, got {self.stages}")
@@ -216,6 +221,8 @@ class PipelineConfig:
         _require(self.dfa_max_delay is None or self.dfa_max_delay >= 0, f"--dfa-max-delay must be >= 0, got {self.dfa_max_delay}")
         _require(self.stall_timeout > 0, f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
         _require(0 <= self.master_port <= 65535, f"--master-port must be in [0, 65535], got {self.master_port}")
+        _choice(self.dist_backend, DIST_BACKENDS, "--dist-backend")
+        _require(self.dist_backend == "auto" or self.transport == "dist", f"--dist-backend {self.dist_backend} applies to --transport dist only")
         if self.zmq_curve_keys is not None:
             _require(self.transport == "zmq", "--zmq-curve-keys secures the zmq transport: add --transport zmq")
             missing = [n for n in ("server.key_secret", "client.key_secret", "authorized") if not os.path.exists(os.path.join(self.zmq_curve_keys, n))]
@@ -261,8 +268,14 @@ class RunConfig:
     """Training batches at the start of each epoch left out of the samples/s figures (at least one)."""
     skip_nonfinite: bool = False
     """Skip (and count) an update whose loss is NaN or infinite, instead of stopping the run there."""
+    precision: str = "fp32"
+    """fp32; bf16 or fp16: each block's forward under autocast, its output (what a stage sends) in that dtype,
+    losses and weights in fp32; fp16 adds a loss scaler per block (pipeline/precision.py)."""
     alignment_batches: int = 2
     """Held-out batches each alignment measurement averages over."""
+    deterministic: bool = False
+    """Deterministic cuDNN/cuBLAS algorithms and no TF32 (pipeline/determinism.py): on one GPU model, runs and
+    stage counts agree bit for bit; an op without a deterministic algorithm raises."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -271,6 +284,7 @@ class RunConfig:
         _require(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         _require(self.log_alignment is None or self.log_alignment >= 1, f"--log-alignment must be >= 1, got {self.log_alignment}")
         _require(self.alignment_batches >= 1, f"--align-batches must be >= 1, got {self.alignment_batches}")
+        _choice(self.precision, PRECISIONS, "--precision")
         _require(self.warmup_batches >= 1, f"--warmup-batches must be >= 1, got {self.warmup_batches}")
         _require(self.checkpoint_every is None or self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         _choice(self.checkpoint_unit, ("batch", "epoch"), "checkpoint unit")
@@ -301,12 +315,22 @@ class Config:
         _require(not (self.loss.loss in GLOBAL_LOSSES and stages > 1),
                  f"--loss {self.loss.loss} sends the error back through every layer, so it needs the whole network in one process: use --stages 1 (or --loss dfa)")
         _require(not (self.pipeline.dfa_sync and self.loss.loss != "dfa"), "--dfa-sync applies to --loss dfa only")
+        _require(not (self.run.precision == "fp16" and self.loss.loss in GLOBAL_LOSSES),
+                 f"--precision fp16 scales each block's own loss, but --loss {self.loss.loss} has one loss for all blocks: use --precision bf16")
         if self.model.nonlin is None:
             self.model.nonlin = "tanh" if self.loss.loss == "dfa" else "relu"
+        _require(not (self.pipeline.dist_backend == "nccl" and self.run.device != "cuda"), "--dist-backend nccl needs --device cuda")
         if self.run.device == "cuda":
             import torch
 
             _require(torch.cuda.is_available(), "--device cuda but no CUDA GPU is visible: use --device cpu")
+        if self.run.precision != "fp32":
+            import torch
+
+            from pipeline.precision import supported
+
+            _require(supported(self.run.precision, self.run.device),
+                     f"--precision {self.run.precision} is not supported on {self.run.device} by torch {torch.__version__}: use --precision fp32 or another device")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (the 'resolved config' of summary.json)."""

@@ -174,8 +174,15 @@ class BatchSource:
     def num_eval_batches(self) -> int:
         return self._count(len(self.test_set.labels), self.cfg.limit_eval_batches)
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on the run's device: on a GPU through pinned memory, copied without blocking on the
+        current stream (the caching host allocator keeps the pinned block until that copy is done)."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.device, torch.float32) * self._scale + self._shift
+        return self._to_device(images).to(torch.float32) * self._scale + self._shift
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Shuffled, augmented training batches of an epoch, from batch `start` on (same order for a given epoch)."""
@@ -193,14 +200,14 @@ class BatchSource:
             if self.cfg.augment and spec.hflip:
                 flip = torch.rand(len(picked), generator=aug) < 0.5
                 images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-            yield Batch(index, self._normalise(images), self.train_set.labels[picked].to(self.device))
+            yield Batch(index, self._normalise(images), self._to_device(self.train_set.labels[picked]))
 
     def eval_batches(self) -> Iterator[Batch]:
         """The test split in order, without augmentation."""
         size = self.cfg.batch_size
         for index in range(self.num_eval_batches):
             sl = slice(index * size, (index + 1) * size)
-            yield Batch(index, self._normalise(self.test_set.images[sl]), self.test_set.labels[sl].to(self.device))
+            yield Batch(index, self._normalise(self.test_set.images[sl]), self._to_device(self.test_set.labels[sl]))
 
 
 def check_available(cfg: DataConfig) -> None:

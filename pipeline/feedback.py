@@ -12,20 +12,27 @@ from torch import nn
 
 
 class _LinearFeedbackAlignment(torch.autograd.Function):
-    """y = x W^T + b forward; the input's gradient goes back through the fixed matrix B, not W."""
+    """y = x W^T + b forward; the input's gradient goes back through the fixed matrix B, not W.
+
+    Under autocast the forward's matmul runs in the autocast dtype (autocast reaches the ops inside a Function's
+    forward) and the bias is added in that dtype, as nn.Linear's addmm does; the backward, which runs without
+    autocast, computes in grad_out's dtype and autograd casts each gradient to its input's dtype. Under fp32
+    every cast below is the tensor itself.
+    """
 
     @staticmethod
     def forward(ctx, inputs, weight, feedback, bias):
         ctx.save_for_backward(inputs, feedback)
         ctx.has_bias = bias is not None
         out = inputs @ weight.t()  # (B, out)
-        return out + bias if bias is not None else out
+        return out + bias.to(out.dtype) if bias is not None else out
 
     @staticmethod
     def backward(ctx, grad_out):
         inputs, feedback = ctx.saved_tensors
-        grad_inputs = grad_out @ feedback if ctx.needs_input_grad[0] else None  # (B, in)
-        grad_weight = grad_out.t() @ inputs if ctx.needs_input_grad[1] else None  # (out, in)
+        dtype = grad_out.dtype
+        grad_inputs = grad_out @ feedback.to(dtype) if ctx.needs_input_grad[0] else None  # (B, in)
+        grad_weight = grad_out.t() @ inputs.to(dtype) if ctx.needs_input_grad[1] else None  # (out, in)
         grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_inputs, grad_weight, None, grad_bias
 
@@ -47,7 +54,8 @@ class LinearFA(nn.Linear):
 
 
 class _Conv2dFeedbackAlignment(torch.autograd.Function):
-    """conv2d forward; the input's gradient goes back through the fixed random kernel, not the weights."""
+    """conv2d forward; the input's gradient goes back through the fixed random kernel, not the weights.
+    (Mixed precision as in _LinearFeedbackAlignment: the backward computes in grad_out's dtype.)"""
 
     @staticmethod
     def forward(ctx, inputs, weight, feedback, bias, stride, padding):
@@ -60,10 +68,11 @@ class _Conv2dFeedbackAlignment(torch.autograd.Function):
     def backward(ctx, grad_out):
         inputs, feedback = ctx.saved_tensors
         grad_inputs = grad_weight = grad_bias = None
+        dtype = grad_out.dtype
         if ctx.needs_input_grad[0]:
-            grad_inputs = torch.nn.grad.conv2d_input(inputs.shape, feedback, grad_out, ctx.stride, ctx.padding)
+            grad_inputs = torch.nn.grad.conv2d_input(inputs.shape, feedback.to(dtype), grad_out, ctx.stride, ctx.padding)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.nn.grad.conv2d_weight(inputs, ctx.weight_shape, grad_out, ctx.stride, ctx.padding)
+            grad_weight = torch.nn.grad.conv2d_weight(inputs.to(dtype), ctx.weight_shape, grad_out, ctx.stride, ctx.padding)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.sum((0, 2, 3))
         return grad_inputs, grad_weight, None, grad_bias, None, None
@@ -82,8 +91,9 @@ class Conv2dFA(nn.Conv2d):
 
 
 def output_error(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The DFA error e = softmax(logits) - onehot(labels), (B, classes): the cross-entropy gradient per example."""
-    error = torch.softmax(logits.detach(), dim=1)
+    """The DFA error e = softmax(logits) - onehot(labels), (B, classes): the cross-entropy gradient per example,
+    in fp32 whatever the logits' dtype (pipeline/precision.py)."""
+    error = torch.softmax(logits.detach().float(), dim=1)
     error[torch.arange(len(labels), device=labels.device), labels] -= 1.0
     return error
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from pipeline import losses
 from pipeline.feedback import LinearFA
+from pipeline.precision import float32_math
 
 if TYPE_CHECKING:
     from pipeline.config import LossConfig
@@ -79,21 +80,29 @@ class LocalHeads(nn.Module):
         return losses.project_labels(labels, self.projection) if self.bio else labels
 
     def loss(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block's local loss on activation h and labels y (B,), and the pred head's logits if any."""
-        targets = self._label_targets(y)  # (B, classes) one-hot, or (B, P) projected
-        logits = pred = sim = None
+        """The block's local loss (fp32) on activation h and labels y (B,), and the pred head's logits (fp32) if any.
+
+        The heads' layers run under the caller's autocast; the loss math runs in fp32 on float copies of their
+        outputs (pipeline/precision.py says why). Under fp32 the copies are the tensors themselves.
+        """
+        logits = features = pred = sim = None
         if self.uses_pred:
             logits = self.decoder(self._pooled(h))
-            pred = losses.bio_pred_loss(logits, losses.bio_targets(targets)) if self.bio else losses.pred_loss(logits, y)
         if self.uses_sim:
             if self.bio:
                 features = self.pool(h) if self.pool is not None else h
             else:
                 features = self.sim_map(h)
-            target_similarity = losses.similarity_matrix(targets, self.similarity_std)
-            sim = losses.sim_loss(features, target_similarity, self.similarity_std)
-        if pred is not None and sim is not None:
-            return losses.predsim(pred, sim, self.beta), logits
+        with float32_math(h.device.type):
+            targets = self._label_targets(y)  # (B, classes) one-hot, or (B, P) projected
+            if logits is not None:
+                logits = logits.float()
+                pred = losses.bio_pred_loss(logits, losses.bio_targets(targets)) if self.bio else losses.pred_loss(logits, y)
+            if features is not None:
+                target_similarity = losses.similarity_matrix(targets, self.similarity_std)
+                sim = losses.sim_loss(features.float(), target_similarity, self.similarity_std)
+            if pred is not None and sim is not None:
+                return losses.predsim(pred, sim, self.beta), logits
         return (pred if pred is not None else sim), logits
 
     def classify(self, h: torch.Tensor) -> torch.Tensor | None:
@@ -106,8 +115,9 @@ class LocalHeads(nn.Module):
         """Class predictions from the pred head's logits.
 
         Under bio the head predicts the binarised label projection; the class chosen is the one whose code
-        has the lowest BCE, i.e. the largest sum of the logits where the code is 1.
+        has the lowest BCE, i.e. the largest sum of the logits where the code is 1 (summed in fp32).
         """
         if self.bio:
-            return (logits @ losses.bio_targets(self.projection).t()).argmax(1)
+            with float32_math(logits.device.type):
+                return (logits.float() @ losses.bio_targets(self.projection).t()).argmax(1)
         return logits.argmax(1)

@@ -63,6 +63,7 @@ class Message:
     tensors: list[torch.Tensor] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # small msgpack-able facts: eval hits, stage reports
     release: Callable[[], None] = field(default=lambda: None, repr=False)  # hands receive buffers back; never sent
+    ready: Any = field(default=None, repr=False)  # CUDA event: its tensors are ready (pipeline/cuda_streams.py); never sent
 
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec(t.dtype, tuple(t.shape)) for t in self.tensors]

@@ -12,6 +12,7 @@ from pipeline.blocks import Block, DFABlock, HiddenBlock, OutputBlock, make_opti
 from pipeline.feedback import Conv2dFA, LinearFA, feedback_matrix
 from pipeline.heads import LocalHeads
 from pipeline.losses import output_loss_scale
+from pipeline.precision import Precision
 from pipeline.seeding import generator, seeded_init
 
 if TYPE_CHECKING:
@@ -106,12 +107,14 @@ def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: in
     """
     plans = plan_blocks(cfg.model, input_shape, num_classes)
     chosen = range(len(plans)) if indices is None else list(indices)
+    precision = Precision(cfg.run.precision, torch.device(device).type)
     blocks = []
     for index in chosen:
         with seeded_init(cfg.run.seed, "block", index):
             block = _build(plans[index], index, cfg, num_classes)
         block.to(device)
         block.skip_nonfinite = cfg.run.skip_nonfinite
+        block.precision, block.scaler = precision, precision.scaler()
         block.attach(make_optimizer(block.parameters(), cfg.optim), generator(cfg.run.seed, "dropout", index, device=device))
         blocks.append(block)
     return blocks

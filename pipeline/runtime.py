@@ -24,13 +24,16 @@ from tqdm import tqdm
 from pipeline.blocks import NonFiniteLoss
 from pipeline.checkpoint import load_stage_checkpoint, restore_stage, verify_checkpoint
 from pipeline.config import Config, ConfigError
+from pipeline.control import agree_backend, device_facts
 from pipeline.data import DATASETS, BatchSource
+from pipeline.determinism import use_deterministic
 from pipeline.interrupt import StopRequest
 from pipeline.models import build_blocks, count_blocks
 from pipeline.partition import balanced_partition, resolve_partition, stage_ranges, stage_times
-from pipeline.profile import block_costs
+from pipeline.profile import block_costs, send_path
 from pipeline.stage import Stage, StallError
 from pipeline.transport import open_links
+from pipeline.transport.base import PeerGone
 
 
 
@@ -63,7 +66,10 @@ def stage_processes(parent: int) -> dict[int, int]:
 
 
 def stage_device(cfg: Config, local_rank: int) -> torch.device:
-    """cuda:<local rank> when there are enough GPUs, all stages on cuda:0 in the one-GPU emulation, else CPU."""
+    """cuda:<local rank> when there are enough GPUs, else the visible GPUs in turn (all stages on cuda:0 in the
+    one-GPU emulation), or the CPU. A process that sees one GPU (SLURM --gpus-per-task=1, or CUDA_VISIBLE_DEVICES
+    set per rank) uses it as cuda:0, whatever its local rank; whether stages share a GPU is judged on the GPUs'
+    UUIDs (pipeline/control.py), not on these indices."""
     if cfg.run.device == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -83,17 +89,11 @@ def pin_cores(local_rank: int, local_world: int) -> int:
     return max(1, per_stage)
 
 
-def data_backend(cfg: Config, local_world: int) -> str:
-    """NCCL when every stage of this host has a GPU of its own; gloo (through host memory) otherwise."""
-    if cfg.run.device == "cuda" and torch.cuda.device_count() >= local_world:
-        return "nccl"
-    return "gloo"
-
-
 def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: int, *,
               store: dist.Store | None = None, local_queues: dict | None = None) -> dict[str, Any] | None:
     """Set up and run stage `rank`; the last stage returns the run's summary."""
     name_process(rank)
+    use_deterministic(cfg.run.deterministic)  # before anything touches the GPU (see pipeline/determinism.py)
     stop = StopRequest(announce=rank == 0).install()  # stage 0 turns it into a checkpoint and END; the others wait
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a killed stage would leak it
     device = stage_device(cfg, local_rank)
@@ -107,7 +107,9 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     # collectives and gloo receives give up like the stages do, not after torch's 30-minute default
     timeout = datetime.timedelta(seconds=max(60.0, cfg.pipeline.stall_timeout))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    sizes, profile = agree_partition(cfg, rank, world, device)
+    # every rank takes part, and all decide on every rank's facts: the same backend everywhere, or the same error
+    backend = agree_backend(cfg.pipeline.dist_backend, device_facts(device)) if cfg.pipeline.transport == "dist" else None
+    sizes, profile = agree_partition(cfg, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
     ranges = stage_ranges(sizes)
     spec = DATASETS[cfg.data.shape_source]
     blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=ranges[rank], device=device)
@@ -118,12 +120,13 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
         start = manifest["position"]
     source = BatchSource(cfg.data, cfg.run.seed, device) if rank == 0 else None
     links = open_links(cfg.pipeline.transport, rank, world, device, feedback=cfg.loss.loss == "dfa",
-                       dist_backend=data_backend(cfg, local_world), zmq_host=cfg.pipeline.zmq_host,
-                       zmq_curve_keys=cfg.pipeline.zmq_curve_keys, local_queues=local_queues)
+                       dist_backend=backend or "gloo", zmq_host=cfg.pipeline.zmq_host,
+                       zmq_curve_keys=cfg.pipeline.zmq_curve_keys, local_queues=local_queues, timeout=timeout)
     stage = Stage(cfg, rank, world, blocks, links=links, source=source, device=device, host=socket.gethostname(),
                   start=start, stop=stop.event)
     if profile:
         stage.notes["partition_profile"] = profile
+    stage.notes.update(dist_backend=backend, deterministic=torch.are_deterministic_algorithms_enabled())
     summary = stage.run()
     dist.barrier()  # every stage has seen END: the links can close
     links.close()
@@ -131,7 +134,8 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     return summary
 
 
-def agree_partition(cfg: Config, rank: int, world: int, device: torch.device) -> tuple[tuple[int, ...], dict | None]:
+def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
+                    path: str = "host") -> tuple[tuple[int, ...], dict | None]:
     """Blocks per stage, the same on every rank. For "auto", stage 0 profiles the blocks and broadcasts its choice
     (timings differ between processes; the partition must not)."""
     blocks = count_blocks(cfg.model)
@@ -140,11 +144,11 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device) ->
     chosen = torch.zeros(world, dtype=torch.int64)
     profile = None
     if rank == 0:
-        compute, send = block_costs(cfg, device)
+        compute, send = block_costs(cfg, device, path=path)
         sizes = balanced_partition(compute, send, world)
         chosen = torch.tensor(sizes, dtype=torch.int64)
         even = tuple(len(r) for r in resolve_partition(blocks, world, None))
-        profile = {"compute_ms": [1e3 * c for c in compute], "send_ms": [1e3 * s for s in send], "chosen": list(sizes),
+        profile = {"send_path": path, "compute_ms": [1e3 * c for c in compute], "send_ms": [1e3 * s for s in send], "chosen": list(sizes),
                    "chosen_stage_ms": [1e3 * t for t in stage_times(compute, send, sizes)],
                    "even_stage_ms": [1e3 * t for t in stage_times(compute, send, even)]}
     dist.broadcast(chosen, src=0)
@@ -152,15 +156,27 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device) ->
 
 
 def guarded(rank: int, body) -> int:
-    """Run a stage body; on failure print the stage, host and traceback, and leave at once with exit 1 (2 for config)."""
+    """Run a stage body; on failure print the stage, host and traceback, and leave at once with exit 1 (2 for config).
+    A stage that used a GPU leaves at once on success too (see [Note: leaving a GPU stage])."""
     try:
         body()
-        return 0
+        if not torch.cuda.is_initialized():
+            return 0
+        # [Note: leaving a GPU stage] Everything is written and flushed; leave without the interpreter's teardown.
+        # Tensors whose use on another stream was recorded (Tensor.record_stream, see pipeline/cuda_streams.py)
+        # make the caching allocator record an event when they are freed; freed during interpreter shutdown,
+        # after the CUDA runtime began unloading, that raises "driver shutting down" in a destructor and the
+        # process aborts (seen on an H100 with K=4 over the local transport).
+        torch.cuda.synchronize()
+        code = 0
     except ConfigError as exc:
         print(f"error: stage {rank}: {exc}", file=sys.stderr, flush=True)
         code = 2
     except (NonFiniteLoss, StallError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    except PeerGone as exc:  # a consequence of another stage's failure, which the launcher reports
+        print(f"error: stage {rank}: {exc}", file=sys.stderr, flush=True)
         code = 1
     except KeyboardInterrupt:
         print(f"error: stage {rank} aborted by a repeated interrupt", file=sys.stderr, flush=True)
@@ -170,6 +186,7 @@ def guarded(rank: int, body) -> int:
         print(f"error: {where} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         code = 1
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)  # no collective teardown: peers may be gone or blocked
 
 

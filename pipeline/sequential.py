@@ -13,15 +13,17 @@ import torch
 from tqdm import tqdm
 
 from pipeline.alignment import AlignmentLog
-from pipeline.blocks import Block, NonFiniteLoss, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
+from pipeline.blocks import Block, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
 from pipeline.checkpoint import (fingerprint, finish_checkpoint, load_stage_checkpoint, restore_stage, save_stage_checkpoint,
                                  save_weights, stage_state, verify_checkpoint)
 from pipeline.config import Config, default_threads
 from pipeline.data import BatchSource
+from pipeline.determinism import use_deterministic
 from pipeline.feedback import output_error
 from pipeline.interrupt import StopRequest
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
 from pipeline.models import build_blocks
+from pipeline.nonfinite import NonFiniteWatch
 
 
 class SequentialTrainer:
@@ -29,10 +31,12 @@ class SequentialTrainer:
 
     def __init__(self, cfg: Config, source: BatchSource | None = None):
         self.cfg = cfg
+        use_deterministic(cfg.run.deterministic)  # before anything touches the GPU (see pipeline/determinism.py)
         self.device = torch.device(cfg.run.device)
         torch.set_num_threads(cfg.run.threads or default_threads(1))
         self.source = source or BatchSource(cfg.data, cfg.run.seed, self.device)
         self.blocks: list[Block] = build_blocks(cfg, self.source.input_shape, self.source.num_classes, device=self.device)
+        self.watch = NonFiniteWatch(device=self.device).attach(self.blocks)  # read before weights or stats are
         self.throughput = Throughput(cfg.run.warmup_batches)
         self.position = {"epoch": 1, "batch": 0, "step": 0}  # what comes next (see pipeline/checkpoint.py)
         if cfg.run.resume:
@@ -62,13 +66,14 @@ class SequentialTrainer:
         for block in hidden:
             _, x = block.forward_train(x)
         logits, _ = output.forward_train(x)
-        output.learn(logits, y)
+        bad = output.learn(logits, y)
         for block in hidden:
-            block.step()
+            block.step(bad)  # skipped with the output's update when its loss is not finite
 
     def checkpoint(self) -> None:
         """Save a resumable checkpoint at the current position (if the run has a checkpoint folder)."""
         root = self.cfg.run.checkpoint_dir
+        self.watch.check()
         if root:
             print_ = fingerprint(self.cfg)
             entry = save_stage_checkpoint(root, stage_state(self.blocks, 0, 1, self.position, print_))
@@ -87,14 +92,13 @@ class SequentialTrainer:
         every = self.cfg.run.checkpoint_every if self.cfg.run.checkpoint_unit == "batch" else None
         try:
             for batch in self.source.train_batches(epoch, start):
-                try:
-                    self.train_batch(batch.x, batch.y)
-                except NonFiniteLoss as exc:
-                    raise NonFiniteLoss(f"epoch {epoch} batch {batch.index}, {exc}") from None
+                self.watch.begin(epoch, batch.index)  # checks the flags of the batches before, every N batches
+                self.train_batch(batch.x, batch.y)
                 self.throughput.batch_done(len(batch.y))
                 self.steps += 1
                 self.position = {"epoch": epoch, "batch": batch.index + 1, "step": self.steps}
                 if self.alignment and self.steps % self.cfg.run.log_alignment == 0:
+                    self.watch.check()
                     self.alignment.measure(self.blocks, self.steps, epoch)
                 if (every and self.steps % every == 0) or (stop and stop.requested):
                     self.checkpoint()
@@ -103,6 +107,7 @@ class SequentialTrainer:
                 bar.update()
         finally:
             bar.close()
+        self.watch.check()  # the epoch's statistics and weights are read next
         return True
 
     def evaluate(self) -> tuple[list[int | None], int]:
@@ -152,6 +157,7 @@ class SequentialTrainer:
             "epochs": self.cfg.run.epochs,
             "config": self.cfg.to_dict(),
         }
+        self.watch.check()
         if self.cfg.run.out:
             save_weights(self.cfg.run.out, self.blocks, stage=0)
         writer.summary(summary)

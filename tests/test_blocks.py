@@ -95,3 +95,67 @@ def test_a_non_finite_loss_stops_or_is_skipped():
     h, _ = block.forward_train(torch.randn(8, 1, 28, 28))
     block.learn(h * float("inf"), torch.randint(0, 10, (8,)))
     assert block.skipped == 1 and torch.equal(block.layer.weight, before)
+
+
+@pytest.mark.parametrize("optim", ["adam", "amsgrad", "sgd"])
+@pytest.mark.parametrize("skipped_at", [0, 1])
+def test_a_skipped_update_leaves_the_block_as_if_it_had_not_been_made(optim, skipped_at):
+    # the skip happens on the device (found_inf of the fused optimizer), whatever the gradients hold: here the
+    # gradients are finite (a NaN added to the loss has none), so only the flag can stop the step; at batch 0
+    # it is the optimizer's first step, which fused SGD with momentum would otherwise botch (make_optimizer)
+    kw = dict(optim__optim=optim, optim__momentum=0.9 if optim == "sgd" else 0.0, optim__weight_decay=1e-4, model__dropout=0.0)
+    skipping, reference = _blocks(**kw)[0], _blocks(**kw)[0]
+    skipping.skip_nonfinite = True
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(3)]
+    real = skipping.heads.loss
+    for index, (x, y) in enumerate(batches):
+        skipping.heads.loss = (lambda h, y: (real(h, y)[0] + float("nan"), None)) if index == skipped_at else real
+        skipping.learn(skipping.forward_train(x)[0], y)
+        h, _ = reference.forward_train(x)  # the forward (batch norm statistics) happens either way
+        if index != skipped_at:
+            reference.learn(h, y)
+    assert skipping.skipped == 1
+    for (name, p), q in zip(skipping.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(p, q), name
+    mine, theirs = skipping.optimizer.state_dict()["state"], reference.optimizer.state_dict()["state"]
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert all(torch.equal(mine[key][k], theirs[key][k]) for k in theirs[key]), (key, mine[key].keys())
+    assert skipping.stats.summary() == reference.stats.summary()
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_a_finite_update_is_the_plain_optimizer_step(optim):
+    import copy
+
+    block = _blocks(optim__optim=optim, optim__momentum=0.9 if optim == "sgd" else 0.0, model__dropout=0.0)[0]
+    plain = copy.deepcopy(block)
+    plain.optimizer = (torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9, fused=True) if optim == "sgd"
+                       else torch.optim.Adam(plain.parameters(), lr=1e-3, fused=True))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        block.learn(block.forward_train(x)[0], y)
+        loss, _ = plain.heads.loss(plain.activation(x), y)  # the same function, stepped as any PyTorch code would
+        loss.backward()
+        plain.optimizer.step()
+        plain.optimizer.zero_grad()
+    for (name, p), q in zip(block.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_epoch_stats_leave_out_a_flagged_update_once_the_watch_reads_it():
+    from pipeline.nonfinite import NonFiniteWatch
+
+    block = _blocks()[0]
+    block.skip_nonfinite = True
+    watch = NonFiniteWatch(every=8).attach([block])
+    watch.begin(1, 0)
+    block.stats.add(torch.tensor(2.0), torch.tensor([1, 1]), torch.tensor([1, 0]), torch.tensor(False))
+    bad = torch.tensor(True)
+    block.stats.add(torch.tensor(float("nan")), torch.tensor([1, 1]), torch.tensor([1, 1]), bad)
+    watch.report(block, bad, 2)
+    assert block.skipped == 0  # nothing read yet
+    watch.check()
+    assert block.skipped == 1 and block.stats.summary() == {"loss": 2.0, "error": 50.0}

@@ -138,3 +138,28 @@ def test_resume_problems_exit_2_with_one_line(checkpointed, capsys):
     assert main(["train", "--dataset", "synthetic", "--resume"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and "another run (model differ)" in lines[0] and "--resume and --checkpoint-every need --checkpoint-dir" in lines[2]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("recorded", [True, False], ids=["device recorded", "older checkpoint: generator size"])
+def test_a_checkpoint_from_another_device_type_exits_2_with_one_line(checkpointed, recorded):
+    cfg, folder = checkpointed
+    path = folder / "stage-0.pt"
+    state = torch.load(path, weights_only=True)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if recorded:  # as written by a run on a GPU
+        manifest["device"] = manifest["files"][0]["device"] = state["device"] = "cuda"
+        where = folder
+    else:  # written before the device was recorded: only the generator states (a CUDA one has 16 bytes) tell
+        for record in (manifest, manifest["files"][0], state):
+            record.pop("device", None)
+        for block in state["blocks"].values():
+            block["generator"] = torch.zeros(16, dtype=torch.uint8)
+        where = path
+    torch.save(state, path)
+    manifest["files"][0].update(bytes=os.path.getsize(path), sha256=_sha256(str(path)))
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    resumed = subprocess.run([sys.executable, "-m", "pipeline", "train", *ARGS, "--checkpoint-dir", cfg.run.checkpoint_dir,
+                              "--resume"], capture_output=True, text=True, timeout=100)
+    assert resumed.returncode == 2, resumed.stderr
+    assert resumed.stderr.splitlines() == [f"error: --resume: {where} was written on cuda, this run is on cpu: resume with --device cuda"]

@@ -1,6 +1,7 @@
 """Partitions: contiguous, complete, as even as possible, explicit sizes honoured."""
 
 import pytest
+import torch
 
 from pipeline.partition import even_partition, resolve_partition, stage_ranges
 
@@ -55,3 +56,14 @@ def test_balanced_partition_agrees_with_exhaustive_search():
         best = min(max(stage_times(compute, send, c)) for c in (
             tuple(b - a for a, b in zip((0,) + cuts, cuts + (n,))) for cuts in itertools.combinations(range(1, n), k - 1)))
         assert max(stage_times(compute, send, balanced_partition(compute, send, k))) == pytest.approx(best)
+
+
+def test_the_send_is_priced_along_the_transports_path():
+    from pipeline.profile import send_path
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert send_path(cpu, "dist", "gloo") == "host" and send_path(cpu, "local", None) == "host"
+    assert send_path(gpu, "zmq", None) == "host"  # staged through pinned host memory
+    assert send_path(gpu, "dist", "gloo") == "host"  # the one-GPU emulation over gloo
+    assert send_path(gpu, "dist", "nccl") == "peer"
+    assert send_path(gpu, "local", None) == "ipc"

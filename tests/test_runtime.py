@@ -1,10 +1,12 @@
-"""Runtime placement: each stage's share of the CPU cores."""
+"""Runtime placement: each stage's share of the CPU cores, and its GPU."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from pipeline.runtime import pin_cores
+from pipeline.runtime import pin_cores, stage_device
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
 
@@ -45,3 +47,10 @@ def test_more_stages_than_cores_are_left_to_the_scheduler(restored_affinity):
         os.sched_setaffinity(0, cores)
         assert pin_cores(rank, 2 * len(cores) + 1) == 1
         assert os.sched_getaffinity(0) == set(cores)  # not narrowed to one core
+
+
+@pytest.mark.parametrize("visible,local_rank,index", [(4, 3, 3), (8, 2, 2), (1, 3, 0), (2, 3, 1)])
+def test_a_stage_takes_its_local_rank_gpu_or_the_one_it_sees(monkeypatch, visible, local_rank, index):
+    """(1, 3, 0): SLURM --gpus-per-task=1 shows each process its own GPU as cuda:0."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert stage_device(SimpleNamespace(run=SimpleNamespace(device="cuda")), local_rank) == torch.device("cuda", index)

@@ -86,7 +86,7 @@ def test_a_fast_stage_is_held_back_by_a_slow_one():
     threads, results, errors = _run_in_threads(s0, s1)
     lead = 0
     while any(t.is_alive() for t in threads):
-        lead = max(lead, s0._messages - s1._messages)
+        lead = max(lead, s0.io.messages - s1.io.messages)
         time.sleep(0.001)
     assert not errors
     # ahead by at most: its own batch, its send queue (D) and send thread, the link, the next stage's feed thread
@@ -114,3 +114,20 @@ def test_an_error_in_the_feed_thread_reaches_the_compute_thread():
     s1.inbox = s1.links.inbox = BrokenChannel()
     with pytest.raises(ConnectionError, match="link to stage 0 lost"):
         s1.run()
+
+
+@pytest.mark.timeout(120)
+def test_a_non_finite_loss_in_a_pipeline_stage_stops_the_run_naming_stage_batch_and_block(tmp_path):
+    """In a 2-stage run the first stage's block 0 diverges at batch 1 (lr 1e30): the run exits 1 and says where."""
+    import subprocess
+    import sys
+
+    small = ["--dataset", "synthetic", "--synthetic-train-size", "256", "--synthetic-test-size", "32", "--batch-size",
+             "32", "--num-hidden", "16", "--no-progress", "--threads", "1"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", *small, "--stages", "2", "--transport", "local",
+                           "--optim", "sgd", "--lr", "1e30", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 1, proc.stderr
+    assert "error: stage 0, epoch 1 batch 1, block 0: loss is not finite" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "summary.json").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 
 from pipeline.transport.base import Channel, Links
@@ -9,13 +11,13 @@ from pipeline.transport.base import Channel, Links
 
 def open_links(name: str, rank: int, world: int, device: torch.device, *, feedback: bool = False,
                dist_backend: str = "gloo", zmq_host: str = "127.0.0.1", zmq_curve_keys: str | None = None,
-               local_queues: dict | None = None) -> Links:
+               local_queues: dict | None = None, timeout: datetime.timedelta | None = None) -> Links:
     """The channels of stage `rank` over the named transport; with `feedback`, also the DFA error channels
-    from the last stage to every earlier one."""
+    from the last stage to every earlier one. `timeout`: how long a dist link may wait (the run's stall timeout)."""
     if name == "dist":
         from pipeline.transport.dist import open_dist
 
-        return open_dist(rank, world, device, dist_backend, feedback)
+        return open_dist(rank, world, device, dist_backend, feedback, timeout)
     if name == "zmq":
         from pipeline.transport.zmq import open_zmq
 

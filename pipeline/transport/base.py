@@ -12,6 +12,10 @@ import torch
 from pipeline.message import Message
 
 
+class PeerGone(ConnectionError):
+    """The stage at the other end of a channel went away while a message was in flight (it failed or was killed)."""
+
+
 class Channel(ABC):
     """One direction of the link between two neighbouring stages. Each channel is used by one thread only."""
 
@@ -66,3 +70,41 @@ class BufferPool:
         with self._lock:
             for t in tensors:
                 self._free[(tuple(t.shape), t.dtype, t.device)].append(t)
+
+
+# [Note: host staging]
+# gloo and zmq move bytes through host memory. For a stage on a GPU, its tensors are staged through *pinned*
+# host buffers, so that the copies are DMA transfers issued on the helper thread's own stream:
+# - sending: copy into pinned buffers without blocking, then wait for this thread's stream (not the device):
+#   the wire reads the host copies as soon as the send starts;
+# - receiving: receive into a fresh pinned buffer, then copy it to the GPU without blocking. No wait is needed
+#   before the buffer is dropped: pinned memory comes from PyTorch's caching host allocator, which records an
+#   event for every non-blocking copy that reads a block and does not hand that block out again until the copy
+#   has completed (CUDA semantics notes, "Use pinned memory buffers"; CachingHostAllocator's recordEvent).
+# On CPU both are identities, and receive buffers come from the transport's BufferPool as before.
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous host copies of a message's tensors for a host-staged transfer (CPU tensors as they are)."""
+    staged = []
+    for tensor in tensors:
+        tensor = tensor.detach()
+        if tensor.is_cuda:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            staged.append(host)
+        else:
+            staged.append(tensor.contiguous())
+    if any(t.is_cuda for t in tensors):
+        torch.cuda.current_stream(next(t.device for t in tensors if t.is_cuda)).synchronize()  # this stream only
+    return staged
+
+
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A receive buffer in host memory for a tensor bound for `device` (pinned when that is a GPU)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def to_device(buffers: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Received host buffers on `device`: non-blocking copies from pinned memory on this thread's stream."""
+    return [buffer.to(device, non_blocking=True) for buffer in buffers]

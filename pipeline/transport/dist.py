@@ -10,29 +10,37 @@ costs one rendezvous, as a bare send/recv does.
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
 from pipeline.message import MAX_HEADER_BYTES, Kind, Message, ProtocolError, decode_header, encode_header
-from pipeline.transport.base import BufferPool, Channel, Links
+from pipeline.transport.base import BufferPool, Channel, Links, host_buffer, to_device, to_host
 
 HEADER_FRAME_BYTES = 1024  # one frame holds the usual header; longer ones (end-of-run reports) add an overflow frame
 _LENGTH_BYTES = 4
 
 
 class DistChannel(Channel):
-    """Sends to or receives from `peer` over `group`; frames travel on comm_device (the GPU for NCCL, else CPU)."""
+    """Sends to or receives from `peer` over `group`; frames travel on comm_device (the GPU for NCCL, else CPU).
+
+    A channel is used by one helper thread of its stage, which issues everything on its own CUDA stream: with
+    NCCL, `Work.wait()` makes that stream (not the CPU, not the compute stream) wait for the transfer, so a
+    pending receive never holds up the stage's compute (see [Note: stage streams] in pipeline/cuda_streams.py).
+    """
 
     def __init__(self, peer: int, group, comm_device: torch.device, compute_device: torch.device):
         self.peer, self.group = peer, group
         self.comm_device, self.compute_device = comm_device, compute_device
-        self.pool = BufferPool()
-        self._header = torch.empty(HEADER_FRAME_BYTES, dtype=torch.uint8, device=comm_device)
+        self.pool = BufferPool()  # CPU receive buffers of a CPU stage; GPU and pinned ones come from torch's allocators
+        self._header: torch.Tensor | None = None  # made by the receiving thread, on its stream
         self._header_posted = None  # the next header's receive, posted as soon as the last message has arrived
 
     def send(self, msg: Message) -> None:
         """Every frame is posted at once and then awaited: the peer receives the header while the tensors are
-        already on their way (one gloo/NCCL round trip per message, not one per frame)."""
+        already on their way (one gloo/NCCL round trip per message, not one per frame). Returns once the
+        message has left, so the caller may free its tensors and the send thread gives backpressure."""
         payload = encode_header(msg)
         frame = bytearray(HEADER_FRAME_BYTES)
         frame[:_LENGTH_BYTES] = len(payload).to_bytes(_LENGTH_BYTES, "little")
@@ -41,19 +49,24 @@ class DistChannel(Channel):
             frames.append(torch.frombuffer(bytearray(payload), dtype=torch.uint8))  # an overflow frame
         else:
             frame[_LENGTH_BYTES:_LENGTH_BYTES + len(payload)] = payload
-        frames += [t.detach() for t in msg.tensors]
-        frames = [f.contiguous().to(self.comm_device) for f in frames]
+        if self.comm_device.type == "cuda":  # NCCL: every frame on the GPU, issued on this thread's stream
+            frames = [f.to(self.comm_device) for f in frames] + [t.detach().contiguous() for t in msg.tensors]
+        else:  # gloo: host memory (a GPU stage's tensors staged through pinned buffers, see [Note: host staging])
+            frames += to_host(msg.tensors)
         for work in [dist.isend(f, self.peer, group=self.group) for f in frames]:
             work.wait()
         if self.comm_device.type == "cuda":
-            torch.cuda.current_stream(self.comm_device).synchronize()  # the sender may reuse its tensors after this
+            # wait() made this thread's stream wait for NCCL; wait for that stream (only): the send is done
+            torch.cuda.current_stream(self.comm_device).synchronize()
 
     def _recv_header(self) -> bytes:
+        if self._header is None:
+            self._header = torch.empty(HEADER_FRAME_BYTES, dtype=torch.uint8, device=self.comm_device)
         if self._header_posted is None:
             self._header_posted = dist.irecv(self._header, self.peer, group=self.group)
         self._header_posted.wait()
         self._header_posted = None
-        frame = self._header.cpu().numpy().tobytes()
+        frame = self._header.cpu().numpy().tobytes()  # NCCL: blocks this thread (only) until the header is in
         length = int.from_bytes(frame[:_LENGTH_BYTES], "little")
         if length <= HEADER_FRAME_BYTES - _LENGTH_BYTES:
             return frame[_LENGTH_BYTES:_LENGTH_BYTES + length]
@@ -63,31 +76,65 @@ class DistChannel(Channel):
         dist.recv(overflow, self.peer, group=self.group)
         return overflow.cpu().numpy().tobytes()
 
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.comm_device.type == "cuda":  # made on this thread's stream; the consumer records its own use
+            return torch.empty(shape, dtype=dtype, device=self.comm_device)
+        if self.compute_device.type == "cuda":
+            return host_buffer(shape, dtype, self.compute_device)
+        return self.pool.take(shape, dtype, self.comm_device)
+
     def recv(self) -> Message:
         header = decode_header(self._recv_header())
-        frames = [self.pool.take(spec.shape, spec.dtype, self.comm_device) for spec in header.specs]
+        frames = [self._buffer(spec.shape, spec.dtype) for spec in header.specs]
         for frame in frames:
             dist.recv(frame, self.peer, group=self.group)
         if header.kind != Kind.END:  # the sender's next header goes out without waiting for us (nothing follows END)
             self._header_posted = dist.irecv(self._header, self.peer, group=self.group)
-        if self.comm_device == self.compute_device:
+        if self.compute_device.type == "cpu":
             return Message(header.kind, header.epoch, header.index, frames, header.meta, release=lambda: self.pool.give(frames))
-        tensors = [frame.to(self.compute_device) for frame in frames]  # gloo on a GPU run: staged through the host
-        self.pool.give(frames)
-        return Message(header.kind, header.epoch, header.index, tensors, header.meta)
+        if self.comm_device.type == "cuda":
+            return Message(header.kind, header.epoch, header.index, frames, header.meta)
+        return Message(header.kind, header.epoch, header.index, to_device(frames, self.compute_device), header.meta)
 
 
-def link_groups(world: int, backend: str, feedback: bool) -> tuple[list, list]:
+def link_groups(world: int, backend: str, feedback: bool, timeout: datetime.timedelta | None = None) -> tuple[list, list]:
     """One process group per link (k, k+1), and per DFA error link (K-1 -> k), created in the same order on every
-    rank, as torch requires; each is used by one thread on each side."""
-    forward = [dist.new_group([k, k + 1], backend=backend) for k in range(world - 1)]
-    errors = [dist.new_group([k, world - 1], backend=backend) for k in range(world - 1)] if feedback else []
+    rank, as torch requires; each is used by one thread on each side. `timeout` is the run's stall timeout: the
+    NCCL watchdog aborts an operation pending longer than its group's timeout, so it must not be shorter."""
+    options = {"backend": backend} if timeout is None else {"backend": backend, "timeout": timeout}
+    forward = [dist.new_group([k, k + 1], **options) for k in range(world - 1)]
+    errors = [dist.new_group([k, world - 1], **options) for k in range(world - 1)] if feedback else []
     return forward, errors
 
 
-def open_dist(rank: int, world: int, compute_device: torch.device, backend: str, feedback: bool = False) -> Links:
+def warm_up(rank: int, world: int, forward: list, errors: list, device: torch.device) -> None:
+    """Exchange one value over every link of this rank, in the main thread, before any helper thread starts.
+
+    NCCL connects a link's communicator lazily, at its first exchange; left to that, two helper threads would
+    connect two communicators at once while compute and other NCCL kernels run, and NCCL operations of several
+    communicators issued concurrently without a consistent order can deadlock (NCCL user guide, "Using multiple
+    NCCL communicators concurrently"). The links are
+    visited in one global order on every rank (forward links, then error links), and on each the lower rank
+    sends first: every rank's earlier links are done when it reaches a link, so both ends meet there.
+    """
+    links = [(k, k + 1, group) for k, group in enumerate(forward)] + [(k, world - 1, group) for k, group in enumerate(errors)]
+    token = torch.zeros(1, device=device)
+    for low, high, group in links:
+        if rank == low:
+            dist.send(token, high, group=group)
+            dist.recv(token, high, group=group)
+        elif rank == high:
+            dist.recv(token, low, group=group)
+            dist.send(token, low, group=group)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # start-up only
+
+
+def open_dist(rank: int, world: int, compute_device: torch.device, backend: str, feedback: bool = False,
+              timeout: datetime.timedelta | None = None) -> Links:
     comm_device = compute_device if backend == "nccl" else torch.device("cpu")
-    forward, errors = link_groups(world, backend, feedback)
+    forward, errors = link_groups(world, backend, feedback, timeout)
+    warm_up(rank, world, forward, errors, comm_device)
     last = world - 1
 
     def channel(peer: int, group) -> DistChannel:

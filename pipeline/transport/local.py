@@ -1,7 +1,7 @@
 """In-host transport: torch.multiprocessing queues made by the local launcher.
 
-CPU tensors travel through shared memory and CUDA tensors as CUDA IPC handles, so in the one-GPU emulation an
-activation never leaves the GPU. The header is the same checked msgpack header as on the wire.
+Tensors travel through host shared memory (a GPU stage's too: see [Note: local transport on a GPU]). The header
+is the same checked msgpack header as on the wire.
 """
 
 from __future__ import annotations
@@ -9,19 +9,24 @@ from __future__ import annotations
 import torch
 
 from pipeline.message import Message, decode_header, encode_header
-from pipeline.transport.base import Channel, Links
+from pipeline.transport.base import Channel, Links, PeerGone
 
 
 def _shareable(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy in shared memory (CPU) or the tensor itself (CUDA, sent as an IPC handle).
+    """The queue's own copy of a tensor, in shared host memory (whatever device the stage computes on).
 
-    torch would otherwise move the caller's storage into shared memory from the queue's feeder thread,
-    while the stage may still be reading that tensor (the labels, in its blocks' backward pass).
+    [Note: local transport on a GPU]
+    Pickling a tensor for the queue, which the queue's feeder thread does later, changes its storage in place
+    (a CPU storage moves into shared memory), while the stage may still be reading that tensor (the labels in its
+    blocks' backward pass): so the queue gets a copy that has no other user. GPU tensors are copied to host
+    shared memory too, not sent as CUDA IPC handles: over CUDA IPC, on an H100 with torch 2.11, the feeder thread
+    crashed the stage (SIGSEGV in `_share_cuda_`) in every vgg8b run of the one-GPU emulation, even when it
+    shared private copies, and torch refuses to share a received CUDA tensor again (a middle stage could not
+    pass the labels on). The copy to the host is synchronous on the send thread's stream, which has waited for
+    the compute that made the tensor; the receiver copies it to its GPU on its own stream.
     """
     tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        return tensor
-    return torch.empty_like(tensor).share_memory_().copy_(tensor)
+    return torch.empty(tensor.shape, dtype=tensor.dtype).share_memory_().copy_(tensor)
 
 
 class QueueChannel(Channel):
@@ -34,7 +39,10 @@ class QueueChannel(Channel):
         self.queue.put((encode_header(msg), [_shareable(t) for t in msg.tensors]))
 
     def recv(self) -> Message:
-        header_bytes, tensors = self.queue.get()
+        try:
+            header_bytes, tensors = self.queue.get()
+        except (EOFError, OSError) as exc:  # shared memory is handed over by the sender's process
+            raise PeerGone(f"the stage sending to it is gone ({type(exc).__name__}: {exc})") from None
         header = decode_header(header_bytes)
         tensors = [t if t.device == self.device else t.to(self.device) for t in tensors]
         return Message(header.kind, header.epoch, header.index, tensors, header.meta)

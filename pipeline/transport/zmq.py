@@ -7,6 +7,7 @@ read; a malformed or foreign message is logged and dropped, never unpickled (not
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -14,22 +15,22 @@ import sys
 import tempfile
 
 import torch
-import torch.distributed as dist
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from pipeline.config import ConfigError
+from pipeline.control import exchange_strings
 from pipeline.message import (MAX_HEADER_BYTES, MAX_TENSOR_BYTES, Message, ProtocolError, TensorSpec, decode_header,
                               encode_header)
-from pipeline.transport.base import BufferPool, Channel, Links
+from pipeline.transport.base import BufferPool, Channel, Links, host_buffer, to_device, to_host
 
-ADDRESS_BYTES = 512
 CLOSE_LINGER_MS = 10_000  # an END still queued in the sender is delivered, or given up after this
 LOGGED_REJECTIONS = 10  # malformed messages logged one by one; after that every thousandth
 
 
-def _as_frame(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
+def _as_frame(host: torch.Tensor) -> memoryview:
+    flat = host.reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())  # shares memory: zmq sends it without a copy
 
 
@@ -65,7 +66,7 @@ class ZmqSender(Channel):
         self.socket.connect(address)
 
     def send(self, msg: Message) -> None:
-        frames = [encode_header(msg)] + [_as_frame(t) for t in msg.tensors]
+        frames = [encode_header(msg)] + [_as_frame(t) for t in to_host(msg.tensors)]  # [Note: host staging]
         # zero-copy frames are read by zmq's I/O thread later: wait until it is done with them, so that the
         # caller may reuse the tensors (a received labels buffer goes back to its pool right after this)
         self.socket.send_multipart(frames, copy=False, track=True).wait()
@@ -126,7 +127,7 @@ class ZmqReceiver(Channel):
             for number, spec in enumerate(specs):
                 if not self._more():
                     raise ProtocolError(f"header announces {len(specs)} tensor frames, {number} arrived")
-                buffer = self.pool.take(spec.shape, spec.dtype, torch.device("cpu"))
+                buffer = self._buffer(spec)
                 buffers.append(buffer)
                 raw = buffer.reshape(-1).view(torch.uint8).numpy()
                 size = self.socket.recv_into(raw) if spec.nbytes else len(self.socket.recv())
@@ -135,9 +136,15 @@ class ZmqReceiver(Channel):
             if self._more():
                 raise ProtocolError(f"more frames than the {len(specs)} the header announces")
         except BaseException:
-            self.pool.give(buffers)
+            if self.device.type == "cpu":
+                self.pool.give(buffers)
             raise
         return buffers
+
+    def _buffer(self, spec: TensorSpec) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return self.pool.take(spec.shape, spec.dtype, self.device)
+        return host_buffer(spec.shape, spec.dtype, self.device)  # pinned; freed once its copy to the GPU is done
 
     def _discard_rest(self) -> None:
         while self._more():
@@ -158,9 +165,7 @@ class ZmqReceiver(Channel):
             if self.device.type == "cpu":
                 return Message(header.kind, header.epoch, header.index, buffers, header.meta,
                                release=lambda: self.pool.give(buffers))
-            tensors = [b.to(self.device) for b in buffers]
-            self.pool.give(buffers)
-            return Message(header.kind, header.epoch, header.index, tensors, header.meta)
+            return Message(header.kind, header.epoch, header.index, to_device(buffers, self.device), header.meta)
 
     def send(self, msg: Message) -> None:
         raise TypeError("a receiver does not send")
@@ -183,22 +188,29 @@ def advertised_host(bind_host: str) -> str:
         return probe.getsockname()[0]
 
 
-def exchange_strings(value: str) -> list[str]:
-    """Every rank's `value`, gathered over the default (control) process group as fixed-size byte tensors."""
-    data = value.encode()
-    if len(data) > ADDRESS_BYTES:
-        raise ValueError(f"'{value}' is longer than {ADDRESS_BYTES} bytes")
-    mine = torch.zeros(ADDRESS_BYTES, dtype=torch.uint8)
-    mine[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    return [bytes(t.tolist()).rstrip(b"\0").decode() for t in gathered]
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: an address that only this machine can reach."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind_host(bind_host: str, hosts: list[str]) -> None:
+    """Refuse a loopback --zmq-host when the stages run on several hosts: a stage bound on loopback could never be
+    reached by its upstream on another host, which would wait for it until the stall timeout. Every rank raises
+    the same error, since all of them see the same gathered host names."""
+    distinct = list(dict.fromkeys(hosts))
+    if len(distinct) > 1 and is_loopback(bind_host):
+        raise ConfigError(f"--zmq-host {bind_host} is loopback but the stages run on {len(distinct)} hosts "
+                          f"({', '.join(distinct)}): use --zmq-host 0.0.0.0 or this node's address")
 
 
 def open_zmq(rank: int, world: int, device: torch.device, bind_host: str, feedback: bool = False,
              curve_keys: str | None = None) -> Links:
     """Each stage binds its inbox (and its DFA error inbox), the addresses are gathered, then each connects."""
     hosts = exchange_strings(socket.gethostname())
+    check_bind_host(bind_host, hosts)
     last = world - 1
     keys = CurveKeys(curve_keys) if curve_keys else None
 

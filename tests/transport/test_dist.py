@@ -43,3 +43,46 @@ def test_messages_arrive_in_order_with_their_shapes_and_long_headers():
         assert kind == Kind.TRAIN and torch.equal(x, torch.full(shape, float(index))) and torch.equal(y, torch.arange(shape[0]))
     assert end[0] == Kind.END and end[3] == LONG_META
     assert allocated == 4  # one buffer per shape (activation and labels, full and last batch): reused, not reallocated
+
+
+def test_every_link_group_gets_the_stall_timeout(monkeypatch):
+    """NCCL's watchdog aborts an operation pending longer than its group's timeout: the link groups must be made
+    with the run's --stall-timeout, not torch's default."""
+    import datetime
+
+    from pipeline.transport import dist as dist_transport
+
+    made = []
+    monkeypatch.setattr(dist_transport.dist, "new_group", lambda ranks, **kw: made.append((ranks, kw)) or tuple(ranks))
+    timeout = datetime.timedelta(seconds=123)
+    forward, errors = dist_transport.link_groups(4, "nccl", feedback=True, timeout=timeout)
+    assert [ranks for ranks, _ in made] == [[0, 1], [1, 2], [2, 3], [0, 3], [1, 3], [2, 3]]
+    assert all(kw == {"backend": "nccl", "timeout": timeout} for _, kw in made)
+
+
+def _warm_up_order(rank, world, port, results):
+    """Three ranks, forward and error links: the main-thread warm-up must meet on every link without deadlock."""
+    init_gloo(rank, world, port)
+    from pipeline.transport import dist as dist_transport
+
+    forward, errors = dist_transport.link_groups(world, "gloo", feedback=True)
+    calls = []
+    send, recv = dist_transport.dist.send, dist_transport.dist.recv
+    dist_transport.dist.send = lambda t, peer, group: (calls.append(("send", peer)), send(t, peer, group=group))
+    dist_transport.dist.recv = lambda t, peer, group: (calls.append(("recv", peer)), recv(t, peer, group=group))
+    try:
+        dist_transport.warm_up(rank, world, forward, errors, torch.device("cpu"))
+    finally:
+        dist_transport.dist.send, dist_transport.dist.recv = send, recv
+    results.put((rank, calls))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_warm_up_touches_every_link_of_a_rank_once_from_the_main_thread():
+    calls = run_ranks(_warm_up_order, 3)
+    # links in global order: (0,1), (1,2), then error links (0,2), (1,2); the lower rank sends first
+    assert calls[0] == [("send", 1), ("recv", 1), ("send", 2), ("recv", 2)]
+    assert calls[1] == [("recv", 0), ("send", 0), ("send", 2), ("recv", 2), ("send", 2), ("recv", 2)]
+    assert calls[2] == [("recv", 1), ("send", 1), ("recv", 0), ("send", 0), ("recv", 1), ("send", 1)]

@@ -1,0 +1,127 @@
+"""The deferred non-finite guard: a bad update never reaches the weights, and the run names the first bad batch."""
+
+import pytest
+import torch
+
+from helpers import small_config
+from pipeline.nonfinite import NonFiniteLoss, NonFiniteWatch
+from pipeline.sequential import SequentialTrainer
+
+BAD_BATCH, EVERY = 5, 8
+
+
+def _trainer(**kw):
+    # 16 batches of 32; the flags are read every 8 batches, as on a GPU (the CPU default reads them every batch)
+    trainer = SequentialTrainer(small_config(data__synthetic_train_size=512, model__dropout=0.0, **kw))
+    trainer.watch = NonFiniteWatch(every=EVERY).attach(trainer.blocks)
+    return trainer
+
+
+def _at_bad_batch(trainer, block, poisoned, otherwise):
+    """Replace block.learn: `poisoned(h, y)` at BAD_BATCH of epoch 1, `otherwise(h, y)` elsewhere."""
+    def learn(h, y):
+        at = (trainer.watch.epoch, trainer.watch.batch) == (1, BAD_BATCH)
+        return (poisoned if at else otherwise)(h, y)
+    block.learn = learn
+
+
+def _poison_loss(block, make_bad):
+    """block.learn on a loss made non-finite by make_bad(loss)."""
+    real = block.heads.loss
+
+    def learn(h, y):
+        block.heads.loss = lambda h, y: (make_bad(real(h, y)[0]), None)
+        try:
+            return type(block).learn(block, h, y)
+        finally:
+            del block.heads.loss
+    return learn
+
+
+def _states(trainer):
+    return [(b.state_dict(), b.optimizer.state_dict()["state"]) for b in trainer.blocks]
+
+
+def _assert_same_states(a, b):
+    for index, ((weights, optim), (ref_weights, ref_optim)) in enumerate(zip(a, b)):
+        for name, value in weights.items():
+            assert torch.equal(value, ref_weights[name]), (index, name)
+        assert optim.keys() == ref_optim.keys()
+        for key, state in optim.items():
+            assert all(torch.equal(v, ref_optim[key][k]) for k, v in state.items()), (index, key)
+
+
+def test_a_nan_at_batch_5_stops_the_run_within_8_batches_naming_batch_5():
+    trainer = _trainer()
+    block = trainer.blocks[1]
+    # NaN times the loss: NaN gradients too, which would reach the weights if the step were not skipped
+    _at_bad_batch(trainer, block, _poison_loss(block, lambda loss: loss * float("nan")), block.learn)
+    with pytest.raises(NonFiniteLoss) as raised:
+        trainer.run()
+    assert str(raised.value) == ("epoch 1 batch 5, block 1: loss is not finite (use --skip-nonfinite to skip such updates)")
+    assert trainer.position == {"epoch": 1, "batch": EVERY, "step": EVERY}  # read at the start of batch 8, not before
+    for b in trainer.blocks:
+        assert all(torch.isfinite(p).all() for p in b.parameters()), b.index
+    assert block.optimizer.state[block.layer.weight]["step"] == EVERY - 1  # the bad step was rolled back
+
+
+def test_skipping_a_nan_at_batch_5_equals_a_run_without_that_update():
+    skipping = _trainer(run__skip_nonfinite=True, run__epochs=2)
+    reference = _trainer(run__epochs=2)
+    for trainer, poisoned in ((skipping, None), (reference, lambda h, y: None)):  # the reference makes no update at all
+        block = trainer.blocks[1]
+        # NaN plus the loss: its gradients stay finite, so only the device-side skip keeps the update out
+        _at_bad_batch(trainer, block, poisoned or _poison_loss(block, lambda loss: loss + float("nan")), block.learn)
+    summary, ref_summary = skipping.run(), reference.run()
+    assert summary["skipped_updates"] == {1: 1} and ref_summary["skipped_updates"] == {}
+    assert summary["layer_test_errors"] == ref_summary["layer_test_errors"]
+    _assert_same_states(_states(skipping), _states(reference))
+
+
+def test_skipped_updates_leave_the_epoch_statistics_exactly():
+    skipping, reference = _trainer(run__skip_nonfinite=True), _trainer()
+    for trainer, poisoned in ((skipping, None), (reference, lambda h, y: None)):
+        block = trainer.blocks[0]
+        _at_bad_batch(trainer, block, poisoned or _poison_loss(block, lambda loss: loss + float("inf")), block.learn)
+        trainer.train_epoch(1)
+    assert skipping.blocks[0].stats.examples == reference.blocks[0].stats.examples == 512 - 32
+    assert [b.stats.summary() for b in skipping.blocks] == [b.stats.summary() for b in reference.blocks]
+
+
+def test_a_dfa_error_that_is_not_finite_is_named_as_such():
+    trainer = _trainer(loss="dfa")
+    output = trainer.blocks[-1]
+    # the output's loss is fine, its error to the hidden blocks is not
+    real = output.forward_train
+
+    def forward_train(x):
+        logits, _ = real(x)
+        if trainer.watch.batch == BAD_BATCH:
+            logits = logits + torch.where(torch.arange(logits.shape[1]) == 0, float("nan"), 0.0).detach()
+        return logits, logits
+    output.forward_train = forward_train
+    output.learn = lambda logits, y: torch.tensor(False)  # only the DFA blocks see the NaN
+    with pytest.raises(NonFiniteLoss, match=r"^epoch 1 batch 5, block 0: the output error is not finite"):
+        trainer.run()
+
+
+def test_the_watch_reads_pending_flags_before_a_checkpoint(tmp_path):
+    trainer = _trainer(run__checkpoint_dir=str(tmp_path / "ckpt"), run__checkpoint_every=6)
+    block = trainer.blocks[0]
+    _at_bad_batch(trainer, block, _poison_loss(block, lambda loss: loss * float("nan")), block.learn)
+    with pytest.raises(NonFiniteLoss, match=r"^epoch 1 batch 5, block 0: loss is not finite"):
+        trainer.run()
+    assert trainer.position["batch"] == 6  # stopped at the checkpoint after batch 5, before writing it
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_a_late_update_is_named_by_its_own_batch():
+    # asynchronous DFA applies batch 3's error while batch 5 is under way
+    trainer = _trainer()
+    watch = trainer.watch
+    watch.begin(1, 5)
+    with watch.at(1, 3):
+        trainer.blocks[0].report(torch.tensor(True), 32)
+    assert (watch.epoch, watch.batch) == (1, 5)
+    with pytest.raises(NonFiniteLoss, match=r"^epoch 1 batch 3, block 0: loss is not finite"):
+        watch.check()

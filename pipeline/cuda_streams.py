@@ -59,9 +59,6 @@ class NoStreams:
     def accept(self, tensors: Iterable[torch.Tensor], ready: Any) -> None:
         """Make this thread's stream wait for `ready` and keep the tensors' memory until it is done with them."""
 
-    def finish(self) -> None:
-        """Block this thread until the work issued on its stream is done (a helper thread, before it lets go)."""
-
     def timer(self) -> "ComputeTimer":
         return ComputeTimer(None)
 
@@ -92,9 +89,6 @@ class CudaStreams(NoStreams):
         for tensor in tensors:
             if tensor.is_cuda:
                 tensor.record_stream(stream)
-
-    def finish(self) -> None:
-        torch.cuda.current_stream(self.device).synchronize()  # this stream only, not the device
 
     def timer(self) -> "ComputeTimer":
         return ComputeTimer(self.device)

@@ -2,5 +2,6 @@
 
 from pipeline.config import Config, ConfigError
 from pipeline.sequential import SequentialTrainer
+from pipeline.trained import TrainedNetwork, load
 
-__all__ = ["Config", "ConfigError", "SequentialTrainer"]
+__all__ = ["Config", "ConfigError", "SequentialTrainer", "TrainedNetwork", "load"]

@@ -9,13 +9,27 @@ import argparse
 import os
 import sys
 import traceback
+from typing import Any
 
 from pipeline.config import (DEVICES, DIST_BACKENDS, LOSSES, MODELS, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
-                             DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig)
+                             DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig, RULE_DEFAULTS, rule_defaults)
 
 from pipeline.blocks import NonFiniteLoss
+from pipeline.config_file import config_path, file_values, read, to_flags
+from pipeline.config_file import write as write_config
+from pipeline.resources import check_resources
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Unset:
+    """The parsed default of an option whose default depends on the learning rule (RULE_DEFAULTS): 'not given'."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+UNSET = _Unset()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,6 +37,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise ConfigError(message)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows every option's default (rule-dependent ones spell theirs out in the help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default %(default)s)".lstrip()
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -53,17 +77,46 @@ def _optional_int(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got '{text}'") from None
 
 
+def _rule_help(name: str) -> str:
+    """'(default X; under --loss dfa: Y)' for an option whose default depends on the learning rule."""
+    def show(value) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    base = rule_defaults("predsim")[name]
+    rules = "".join(f"; under --loss {rule}: {show(values[name])}" for rule, values in RULE_DEFAULTS.items() if name in values)
+    return f"(default {show(base)}{rules})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipeline", description="Model-parallel pipeline trainer for local learning.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = commands.add_parser("train", help="train a network (sequentially, or as concurrent stages)")
+    train = commands.add_parser("train", help="train a network (sequentially, or as concurrent stages)", formatter_class=_Formatter)
     add_train_arguments(train)
-    align = commands.add_parser("align", help="angles between each layer's update and the backprop gradient")
+    align = commands.add_parser("align", help="angles between each layer's update and the backprop gradient", formatter_class=_Formatter)
     add_train_arguments(align)
     g = align.add_argument_group("alignment")
     g.add_argument("--align-every", type=int, default=50, metavar="N", help="measure every N training steps")
     g.add_argument("--align-batches", type=int, default=4, metavar="M", help="held-out batches per measurement")
     g.add_argument("--load", default=None, metavar="RUN_DIR", help="measure a finished run (its --out) instead of training")
+    ev = commands.add_parser("evaluate", help="test error of every layer of a finished run (its --out), and early exit",
+                             formatter_class=_Formatter)
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a run's --out: summary.json and weights-stage*.pt")
+    ev.add_argument("--device", default="cpu", help=f"{', '.join(DEVICES)}, whatever the run trained on")
+    ev.add_argument("--data-dir", default=None, help="root of the torchvision datasets (default: the run's)")
+    ev.add_argument("--no-download", action="store_true", help="never download a missing dataset")
+    ev.add_argument("--batch-size", type=int, default=None, help="test batch size (default: the run's)")
+    ev.add_argument("--limit-eval-batches", type=int, default=None, help="test batches at most")
+    ev.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
+    ev.add_argument("--exit-threshold", type=float, nargs="+", default=[], metavar="T",
+                    help="early exit: each example is answered by the first layer whose classifier is at least T "
+                         "confident (softmax); prints accuracy and average depth for each T")
+    plot = commands.add_parser("plot", help="PNGs of runs: per-layer test error, per-block loss, stage time fractions",
+                               formatter_class=_Formatter)
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs' --out folders, overlaid")
+    plot.add_argument("--out", required=True, help="folder for the PNGs")
+    plot.add_argument("--labels", nargs="+", default=None, help="legend names of the runs (default: folder, rule, K)")
     keys = commands.add_parser("keys", help="make ZeroMQ CURVE keys for --zmq-curve-keys")
     keys.add_argument("folder", help="where to write server.key*, client.key* and authorized/")
     return parser
@@ -77,9 +130,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-hidden", type=int, default=m.num_hidden, help="units per hidden fully connected layer")
     g.add_argument("--hidden-sizes", type=_int_list, default=None, help="width of each hidden layer, e.g. 800,8,800")
     g.add_argument("--feat-mult", type=float, default=m.feat_mult, help="multiplier on vgg feature maps")
-    g.add_argument("--nonlin", default=None, help=f"{', '.join(NONLINEARITIES)} (default tanh for dfa, else relu)")
+    g.add_argument("--nonlin", default=UNSET, help=f"{', '.join(NONLINEARITIES)} {_rule_help('nonlin')}")
     g.add_argument("--dropout", type=float, default=m.dropout, help="dropout after each nonlinearity")
-    g.add_argument("--no-batch-norm", action="store_true", help="no batch norm before the nonlinearities")
+    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=UNSET,
+                   help=f"batch norm before the nonlinearities {_rule_help('batch_norm')}")
     g = p.add_argument_group("learning rule")
     g.add_argument("--loss", default=lo.loss, help=f"{', '.join(LOSSES)} (default {lo.loss})")
     g.add_argument("--bio", action="store_true", help="backprop-free heads: feedback alignment and projected labels")
@@ -90,20 +144,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-feedback-normalization", action="store_true", help="DFA feedback matrices N(0,1), not scaled")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optim", default=o.optim, help=f"{', '.join(OPTIMIZERS)}")
-    g.add_argument("--lr", type=float, default=o.lr, help="initial learning rate")
+    g.add_argument("--lr", type=float, default=UNSET, help=f"initial learning rate {_rule_help('lr')}")
     g.add_argument("--momentum", type=float, default=o.momentum, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=o.weight_decay)
-    g.add_argument("--lr-decay-milestones", type=int, nargs="+", default=list(o.lr_decay_milestones), help="epochs")
-    g.add_argument("--lr-decay-fact", type=float, default=o.lr_decay_fact)
+    g.add_argument("--weight-decay", type=float, default=o.weight_decay, help="L2 weight decay")
+    g.add_argument("--lr-decay-milestones", type=int, nargs="+", default=UNSET,
+                   help=f"epochs after which the learning rate is multiplied by --lr-decay-fact {_rule_help('lr_decay_milestones')}")
+    g.add_argument("--lr-decay-fact", type=float, default=UNSET, help=f"learning rate factor {_rule_help('lr_decay_fact')}")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, help="mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, stl10, synthetic")
     g.add_argument("--data-dir", default=d.data_dir, help="root of the torchvision datasets")
     g.add_argument("--no-download", action="store_true", help="never download a missing dataset")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--no-augment", action="store_true", help="no training augmentation")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="training and test batch size")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=UNSET,
+                   help=f"the reference's training augmentation {_rule_help('augment')}")
     g.add_argument("--synthetic-like", default=d.synthetic_like, help="dataset whose shape synthetic data copies")
-    g.add_argument("--synthetic-train-size", type=int, default=d.synthetic_train_size)
-    g.add_argument("--synthetic-test-size", type=int, default=d.synthetic_test_size)
+    g.add_argument("--synthetic-train-size", type=int, default=d.synthetic_train_size, help="synthetic training examples")
+    g.add_argument("--synthetic-test-size", type=int, default=d.synthetic_test_size, help="synthetic test examples")
     g.add_argument("--limit-train-batches", type=int, default=None, help="train batches per epoch at most")
     g.add_argument("--limit-eval-batches", type=int, default=None, help="test batches per evaluation at most")
     g = p.add_argument_group("pipeline")
@@ -120,15 +176,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stall-timeout", type=float, default=pi.stall_timeout, metavar="S",
                    help="fail the run when a stage waits S seconds for a peer (default %(default)s)")
     g.add_argument("--dfa-sync", action="store_true", help="DFA: wait for batch t's error before forwarding t+1 (exact)")
-    g.add_argument("--dfa-max-delay", type=_optional_int, default=pi.dfa_max_delay, metavar="N",
-                   help="DFA: forward at most N batches past an awaited error (default %(default)s; 'none': unbounded)")
+    g.add_argument("--dfa-max-delay", type=_optional_int, default=UNSET, metavar="N",
+                   help=f"DFA: forward at most N batches past an awaited error ('none': unbounded) {_rule_help('dfa_max_delay')}")
     g = p.add_argument_group("run")
-    g.add_argument("--epochs", type=int, default=r.epochs)
-    g.add_argument("--seed", type=int, default=r.seed)
+    g.add_argument("--epochs", type=int, default=r.epochs, help="passes over the training set")
+    g.add_argument("--seed", type=int, default=r.seed, help="seed of every random generator")
     g.add_argument("--device", default=r.device, help=f"{', '.join(DEVICES)}")
     g.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per process")
-    g.add_argument("--out", default=None, help="folder for summary.json, metrics.jsonl and weights")
+    g.add_argument("--out", default=None, help="folder for summary.json, metrics.jsonl, weights and config.toml")
+    g.add_argument("--config", default=None, metavar="FILE.toml",
+                   help="train options from a TOML file, keys named like the flags (num-hidden = 800); flags given here win")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write TensorBoard event files into DIR (optional extra: pip install -e '.[tensorboard]')")
     g.add_argument("--warmup-batches", type=int, default=r.warmup_batches, help="batches per epoch left out of samples/s")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip updates with a NaN/Inf loss instead of stopping")
     g.add_argument("--precision", default=r.precision,
@@ -153,6 +213,12 @@ def torchrun_world() -> tuple[int, int] | None:
 def config_from_args(a: argparse.Namespace) -> Config:
     world = torchrun_world()
     stages = a.stages
+    rule = rule_defaults(a.loss)  # what the learning rule picks for the options left unset
+
+    def chosen(name: str):
+        value = getattr(a, name)
+        return rule[name] if value is UNSET else value
+
     if world is not None:
         if stages is not None and stages != world[1]:
             raise ConfigError(f"--stages {stages} but torchrun started {world[1]} processes: drop --stages or match them")
@@ -160,22 +226,22 @@ def config_from_args(a: argparse.Namespace) -> Config:
     return Config(
         model=ModelConfig(name=a.model, num_layers=a.num_layers, num_hidden=a.num_hidden, hidden_sizes=a.hidden_sizes,
                           feat_mult=a.feat_mult,
-                          nonlin=a.nonlin, dropout=a.dropout, batch_norm=not a.no_batch_norm),
+                          nonlin=chosen("nonlin"), dropout=a.dropout, batch_norm=chosen("batch_norm")),
         loss=LossConfig(loss=a.loss, bio=a.bio, beta=a.beta, dim_in_decoder=a.dim_in_decoder,
                         target_proj_size=a.target_proj_size, similarity_std=not a.no_similarity_std,
                         feedback_normalization=not a.no_feedback_normalization),
-        optim=OptimConfig(optim=a.optim, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-                          lr_decay_milestones=tuple(a.lr_decay_milestones), lr_decay_fact=a.lr_decay_fact),
+        optim=OptimConfig(optim=a.optim, lr=chosen("lr"), momentum=a.momentum, weight_decay=a.weight_decay,
+                          lr_decay_milestones=tuple(chosen("lr_decay_milestones")), lr_decay_fact=chosen("lr_decay_fact")),
         data=DataConfig(dataset=a.dataset, data_dir=a.data_dir, download=not a.no_download, batch_size=a.batch_size,
-                        augment=not a.no_augment, synthetic_like=a.synthetic_like,
+                        augment=chosen("augment"), synthetic_like=a.synthetic_like,
                         synthetic_train_size=a.synthetic_train_size, synthetic_test_size=a.synthetic_test_size,
                         limit_train_batches=a.limit_train_batches, limit_eval_batches=a.limit_eval_batches),
-        pipeline=PipelineConfig(stages=stages or 1, partition=a.partition, transport=a.transport,
+        pipeline=PipelineConfig(stages=1 if stages is None else stages, partition=a.partition, transport=a.transport,
                                 queue_depth=a.queue_depth, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync,
-                                dfa_max_delay=a.dfa_max_delay, stall_timeout=a.stall_timeout, master_port=a.master_port,
+                                dfa_max_delay=chosen("dfa_max_delay"), stall_timeout=a.stall_timeout, master_port=a.master_port,
                                 zmq_curve_keys=a.zmq_curve_keys, dist_backend=a.dist_backend),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
-                      progress=not a.no_progress, log_alignment=a.log_alignment, skip_nonfinite=a.skip_nonfinite,
+                      progress=not a.no_progress, tensorboard=a.tensorboard, log_alignment=a.log_alignment, skip_nonfinite=a.skip_nonfinite,
                       precision=a.precision,
                       deterministic=a.deterministic,
                       checkpoint_dir=a.checkpoint_dir, resume=a.resume, warmup_batches=a.warmup_batches,
@@ -203,16 +269,65 @@ def run_train(cfg: Config) -> int:
     return EXIT_OK
 
 
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The sub-parser of one command (train, align, keys)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[command]
+
+
+def resolved_options(cfg: Config) -> dict[str, Any]:
+    """Option values (by argparse dest) that the config resolved: the learning rule's defaults, the stage count."""
+    return {"nonlin": cfg.model.nonlin, "batch_norm": cfg.model.batch_norm, "augment": cfg.data.augment,
+            "lr": cfg.optim.lr, "lr_decay_milestones": cfg.optim.lr_decay_milestones,
+            "lr_decay_fact": cfg.optim.lr_decay_fact, "dfa_max_delay": cfg.pipeline.dfa_max_delay,
+            "stages": cfg.pipeline.stages}
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """`evaluate RUN_DIR`: rebuild a finished run's network and print each layer's test error (and early exit)."""
+    import torch
+
+    from pipeline.config import default_threads
+    from pipeline.trained import evaluate, report
+
+    for t in args.exit_threshold:
+        if not 0.0 <= t <= 1.0:
+            raise ConfigError(f"--exit-threshold takes softmax confidences in [0, 1], got {t}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads or default_threads(1))
+    data = dict(data_dir=args.data_dir, batch_size=args.batch_size, limit_eval_batches=args.limit_eval_batches,
+                download=False if args.no_download else None)
+    print(report(evaluate(args.run_dir, args.device, args.exit_threshold, **data)))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        parser = build_parser()
+        path = config_path(argv)
+        if path is not None and argv and argv[0] in ("train", "align"):  # the file's options first: flags win
+            argv = [argv[0], *to_flags(read(path), command_parser(parser, argv[0]), path), *argv[1:]]
+        args = parser.parse_args(argv)
         if args.command == "keys":
             from pipeline.transport.zmq import CurveKeys
 
             CurveKeys.create(args.folder)
             print(f"wrote CURVE keys to {args.folder}: give every stage --zmq-curve-keys {args.folder} (keep it private)")
             return EXIT_OK
+        if args.command == "evaluate":
+            return run_evaluate(args)
+        if args.command == "plot":
+            from pipeline.plots import plot_runs
+
+            for path in plot_runs(args.run_dirs, args.out, args.labels):
+                print(f"wrote {path}")
+            return EXIT_OK
         cfg = config_from_args(args)
+        check_resources(cfg)  # output folders, batch size, memory: judged before any process starts
+        if args.command == "train" and cfg.run.out:
+            write_config(cfg.run.out, file_values(args, command_parser(parser, "train"), resolved_options(cfg)))
         if args.command == "align":
             if args.align_every < 1:
                 raise ConfigError(f"--align-every must be >= 1, got {args.align_every}")

@@ -26,16 +26,17 @@ class DatasetSpec:
     std: tuple[float, ...]
     crop_padding: int = 0  # random crop of `size` after zero padding; 0 = no crop
     hflip: bool = False  # random horizontal flips
+    train_examples: int = 0  # size of the training split (judged against --batch-size before a run)
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(1, 28, 10, (0.1307,), (0.3081,), crop_padding=2),
-    "fashion-mnist": DatasetSpec(1, 28, 10, (0.286,), (0.353,), crop_padding=2, hflip=True),
-    "kmnist": DatasetSpec(1, 28, 10, (0.1904,), (0.3475,)),
-    "cifar10": DatasetSpec(3, 32, 10, (0.424, 0.415, 0.384), (0.283, 0.278, 0.284), crop_padding=4, hflip=True),
-    "cifar100": DatasetSpec(3, 32, 100, (0.438, 0.418, 0.377), (0.300, 0.287, 0.294), crop_padding=4, hflip=True),
-    "svhn": DatasetSpec(3, 32, 10, (0.431, 0.430, 0.446), (0.197, 0.198, 0.199)),
-    "stl10": DatasetSpec(3, 96, 10, (0.447, 0.440, 0.407), (0.260, 0.257, 0.271)),
+    "mnist": DatasetSpec(1, 28, 10, (0.1307,), (0.3081,), crop_padding=2, train_examples=60_000),
+    "fashion-mnist": DatasetSpec(1, 28, 10, (0.286,), (0.353,), crop_padding=2, hflip=True, train_examples=60_000),
+    "kmnist": DatasetSpec(1, 28, 10, (0.1904,), (0.3475,), train_examples=60_000),
+    "cifar10": DatasetSpec(3, 32, 10, (0.424, 0.415, 0.384), (0.283, 0.278, 0.284), crop_padding=4, hflip=True, train_examples=50_000),
+    "cifar100": DatasetSpec(3, 32, 100, (0.438, 0.418, 0.377), (0.300, 0.287, 0.294), crop_padding=4, hflip=True, train_examples=50_000),
+    "svhn": DatasetSpec(3, 32, 10, (0.431, 0.430, 0.446), (0.197, 0.198, 0.199), train_examples=73_257),
+    "stl10": DatasetSpec(3, 96, 10, (0.447, 0.440, 0.407), (0.260, 0.257, 0.271), train_examples=5_000),
 }
 
 

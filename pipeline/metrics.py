@@ -66,21 +66,31 @@ def layer_errors(hits: list[int | None], examples: int) -> list[float | None]:
 
 
 class MetricsWriter:
-    """Writes metrics.jsonl (one line per epoch) and summary.json into the run's --out folder, if any."""
+    """Writes metrics.jsonl (one line per epoch) and summary.json into the run's --out folder, if any, and the same
+    scalars as TensorBoard events into `tensorboard`, if given."""
 
-    def __init__(self, out_dir: str | None, append: bool = False):
+    def __init__(self, out_dir: str | None, append: bool = False, tensorboard: str | None = None):
         self.out_dir = out_dir
+        self.tensorboard = None
+        if tensorboard:
+            from pipeline.tensorboard_log import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(tensorboard)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             if not append:  # a resumed run adds to the epochs already recorded
                 open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
 
     def epoch(self, record: dict[str, Any]) -> None:
+        if self.tensorboard:
+            self.tensorboard.epoch(record)
         if self.out_dir:
             with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def summary(self, summary: dict[str, Any]) -> None:
+        if self.tensorboard:
+            self.tensorboard.summary(summary)
         if self.out_dir:
             path = os.path.join(self.out_dir, "summary.json")
             with open(path + ".tmp", "w") as f:

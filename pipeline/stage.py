@@ -35,6 +35,7 @@ from pipeline.message_stream import data_messages
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
 from pipeline.models import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
+from pipeline.progress import LineProgress, progress_bar
 from pipeline.stage_io import StageIO, StallError, release_after
 from pipeline.transport import Links
 
@@ -80,8 +81,8 @@ class Stage:
         self._fail_at = _injected_fault(rank)
         # the last stage keeps the run's metrics
         self.throughput = Throughput(cfg.run.warmup_batches)
-        self.writer = MetricsWriter(cfg.run.out, append=cfg.run.resume) if self.is_last else None
-        self._bar: tqdm | None = None
+        self.writer = MetricsWriter(cfg.run.out, append=cfg.run.resume, tensorboard=cfg.run.tensorboard) if self.is_last else None
+        self._bar: tqdm | LineProgress | None = None
         self._record: dict[str, Any] = {}
         self.notes: dict[str, Any] = {}  # extra facts for this stage's report (e.g. the auto partition's profile)
         self._alignment: AlignmentLog | None = None
@@ -106,8 +107,7 @@ class Stage:
                 block.stats.reset()
         if self.is_last:
             self.throughput.start_epoch()
-            self._bar = tqdm(total=msg.meta.get("batches"), initial=msg.index, desc=f"epoch {msg.epoch}", unit="batch",
-                             leave=False, disable=not self.cfg.run.progress, dynamic_ncols=True)
+            self._bar = progress_bar(msg.meta.get("batches"), msg.index, f"epoch {msg.epoch}", self.cfg.run.progress)
 
     def _train(self, msg: Message) -> None:
         if msg.epoch != self._epoch:

@@ -50,6 +50,11 @@ BAD_INPUT = [
     (["--master-port", "70000"], "--master-port must be in [0, 65535]"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--synthetic-like", "imagenet"], "unknown --synthetic-like"),
+    (["--stages", "0"], "--stages must be >= 1, got 0"),
+    (["--stages", "-3"], "--stages must be >= 1, got -3"),
+    (["--batch-size", "65"], "--batch-size 65 is larger than the 64 examples of the synthetic training set"),
+    (["--out", "/proc/nope"], "--out /proc/nope cannot be written"),
+    (["--checkpoint-dir", "/proc/nope", "--checkpoint-every", "5"], "--checkpoint-dir /proc/nope cannot be written"),
 ]
 
 
@@ -116,3 +121,105 @@ def test_a_zmq_host_that_is_not_this_machine_exits_2(capsys):
     assert main(["train", *SMALL, "--stages", "2", "--transport", "zmq", "--zmq-host", "192.0.2.77"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--zmq-host 192.0.2.77 cannot be bound on this machine" in err
+
+
+def test_an_out_under_a_file_exits_2_before_training(tmp_path, capsys, monkeypatch):
+    import pipeline.sequential
+
+    monkeypatch.setattr(pipeline.sequential.SequentialTrainer, "run", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["train", *SMALL, "--out", str(tmp_path / "file" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be written" in err
+
+
+def test_a_batch_larger_than_mnist_exits_2_before_any_process_starts(tmp_path):
+    # judged from the dataset's known size: no data is read (the folder does not even exist), no stage starts
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
+                           "--no-download", "--batch-size", "100000", "--stages", "2", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--batch-size 100000 is larger than the 60000 examples of the mnist training set" in proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_batch_whose_similarity_matrices_do_not_fit_exits_2(monkeypatch, capsys):
+    import launch.local
+    import pipeline.resources
+
+    monkeypatch.setattr(pipeline.resources, "device_memory", lambda device: (16 * 2 ** 30, "this host (RAM)"))
+    monkeypatch.setattr(launch.local, "launch", lambda cfg: pytest.fail("stages started"))
+    args = ["--dataset", "mnist", "--data-dir", "none", "--no-download", "--no-progress", "--stages", "2"]
+    assert main(["train", *args, "--batch-size", "60000"]) == 2  # one 60000x60000 fp32 matrix alone is 14.4 GB
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch-size 60000 needs about" in err and "16.0 GiB" in err
+    # the estimate grows with B^2 and sums the stages that share the host; a reasonable batch passes
+    from helpers import small_config
+
+    small, large = (pipeline.resources.stage_bytes(small_config(data__batch_size=b, stages=2)) for b in (32, 3200))
+    assert len(small) == 2 and large[0] > pipeline.resources.SIM_COPIES * 4 * 3200 ** 2 > 100 * small[0]
+    pipeline.resources.check_memory(small_config(data__batch_size=128, data__synthetic_train_size=128))
+
+
+def test_progress_in_a_log_is_a_few_lines_without_carriage_returns(capsys):
+    args = [a for a in SMALL if a != "--no-progress"]
+    args[args.index("--synthetic-train-size") + 1] = "640"  # 20 batches of 32
+    assert main(["train", *args, "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    progress = [line for line in err.splitlines() if "batches" in line]
+    assert "\r" not in err and len(progress) == 20, err  # one line per tenth of each epoch
+    assert progress[0].startswith("epoch 1: 2/20 batches (10%)") and progress[-1].startswith("epoch 2: 20/20 batches (100%)")
+
+
+def test_line_progress_without_a_known_length_writes_once_a_minute():
+    import io
+
+    from pipeline.progress import LineProgress
+
+    log = io.StringIO()
+    bar = LineProgress(None, desc="epoch 1", file=log, every_s=3600)
+    for _ in range(1000):
+        bar.update()
+    assert log.getvalue() == ""
+    bar.every_s = 0
+    bar.update()
+    assert log.getvalue().startswith("epoch 1: 1001 batches,")
+
+
+def test_dfa_left_at_its_defaults_gets_the_measured_recipe():
+    from pipeline.cli import build_parser, config_from_args
+
+    def config(*flags):
+        return config_from_args(build_parser().parse_args(["train", *SMALL, *flags]))
+
+    dfa = config("--loss", "dfa")
+    assert (dfa.model.nonlin, dfa.model.batch_norm, dfa.data.augment) == ("tanh", False, False)
+    assert (dfa.optim.lr, dfa.optim.lr_decay_milestones, dfa.optim.lr_decay_fact) == (1e-3, (4, 7), 0.3)
+    local = config()
+    assert (local.model.nonlin, local.model.batch_norm, local.data.augment, local.optim.lr) == ("relu", True, True, 5e-4)
+    assert local.optim.lr_decay_milestones == (200, 300, 350, 375)
+    # what the user sets wins, in both directions
+    chosen = config("--loss", "dfa", "--batch-norm", "--augment", "--lr", "2e-4", "--nonlin", "relu", "--lr-decay-fact", "0.5")
+    assert (chosen.model.batch_norm, chosen.data.augment, chosen.optim.lr, chosen.model.nonlin) == (True, True, 2e-4, "relu")
+    assert chosen.optim.lr_decay_fact == 0.5 and chosen.optim.lr_decay_milestones == (4, 7)
+    assert config("--no-batch-norm", "--no-augment").model.batch_norm is False
+    # in a pipeline DFA errors are applied in step unless asynchronous updates are asked for
+    assert dfa.pipeline.dfa_max_delay == 0 and local.pipeline.dfa_max_delay == 2
+    assert config("--loss", "dfa", "--dfa-max-delay", "none").pipeline.dfa_max_delay is None
+    assert config("--loss", "dfa", "--dfa-max-delay", "3").pipeline.dfa_max_delay == 3
+
+
+def test_help_shows_every_resolved_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("initial learning rate (default 0.0005; under --loss dfa: 0.001)", "(default on; under --loss dfa: off)",
+                  "(default 200 300 350 375; under --loss dfa: 4 7)", "(default relu; under --loss dfa: tanh)",
+                  "training and test batch size (default 128)", "passes over the training set (default 1)"):
+        assert shown in text, shown
+
+
+def test_the_saved_config_holds_the_resolved_dfa_defaults(tmp_path):
+    assert main(["train", *SMALL, "--loss", "dfa", "--out", str(tmp_path)]) == 0
+    config = json.loads((tmp_path / "summary.json").read_text())["config"]
+    assert config["optim"]["lr"] == 1e-3 and config["model"]["batch_norm"] is False and config["data"]["augment"] is False

@@ -1,0 +1,158 @@
+"""Config files: a TOML file of train options (keys named like the flags) in, the config.toml that reproduces a run out.
+
+`--config run.toml` turns the file into the flags it stands for, put before the command line's own, so that
+flags given on the command line win. Every run writes `config.toml` into --out with every option's resolved
+value (the learning rule's defaults included), and `train --config RUN/config.toml` reruns it.
+
+The file is read with the standard library's tomllib (Python >= 3.11; the tomli backport below that). It is
+written by `dumps` below rather than by tomli-w: the file is flat `key = value` lines of strings, numbers,
+booleans and arrays of numbers, which takes twenty lines, and the tests read every written value back with tomllib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any
+
+from pipeline.config import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the backport, where the standard library lacks it
+    import tomli as tomllib
+
+NOT_IN_FILES = {"help", "config"}  # options a config file cannot hold
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The FILE of `--config FILE` (or `--config=FILE`) in a command line, if any."""
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The parser's options by their file key: the long flag without its dashes (num-hidden, no-progress, ...)."""
+    keys = {}
+    for action in parser._actions:  # argparse has no public list of a parser's actions
+        for flag in action.option_strings:
+            if flag.startswith("--") and action.dest not in NOT_IN_FILES:
+                keys[flag[2:]] = action
+    return keys
+
+
+def read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {path} cannot be read ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
+
+
+def _kind(action: argparse.Action) -> str:
+    """What a key's value must be: bool, int, float, str, ints (an array of integers) or any (the flag's own parser)."""
+    if action.nargs == 0:
+        return "bool"
+    if action.nargs == "+":
+        return "ints"
+    return {int: "int", float: "float", None: "str"}.get(action.type, "any")
+
+
+def _matches(kind: str, value: Any) -> bool:
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    ints = isinstance(value, list) and all(integer(v) for v in value)
+    return {"bool": isinstance(value, bool), "int": integer(value), "str": isinstance(value, str),
+            "float": integer(value) or isinstance(value, float), "ints": ints,
+            "any": isinstance(value, str) or integer(value) or ints}[kind]
+
+
+KIND_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+              "ints": "an array of integers", "any": "a string, an integer or an array of integers"}
+
+
+def to_flags(values: dict[str, Any], parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """The command-line tokens a config file stands for; unknown keys and wrong types are a ConfigError."""
+    known = options(parser)
+    tokens: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"--config {path}: [{key}] is a table, but the file is flat: write its keys at the top, e.g. num-hidden = 800")
+        action = known.get(key)
+        if action is None:
+            hint = f" (did you mean {key.replace('_', '-')}?)" if key.replace("_", "-") in known else ""
+            raise ConfigError(f"--config {path}: unknown key '{key}'{hint}; keys are the train flags without --, e.g. num-hidden")
+        kind = _kind(action)
+        if not _matches(kind, value):
+            raise ConfigError(f"--config {path}: {key} must be {KIND_NAMES[kind]}, got {type(value).__name__} {value!r}")
+        if kind == "bool":
+            if isinstance(action, argparse.BooleanOptionalAction):
+                positive = key if not key.startswith("no-") or f"--{key}" == action.option_strings[0] else key[3:]
+                tokens.append(f"--{positive}" if value == (positive == key) else f"--no-{positive}")
+            elif value:  # store_true: false is the default, which is what leaving it out means
+                tokens.append(f"--{key}")
+        elif kind == "ints":
+            tokens += [f"--{key}", *map(str, value)]
+        elif isinstance(value, list):
+            tokens += [f"--{key}", ",".join(map(str, value))]
+        else:
+            tokens += [f"--{key}", repr(value) if isinstance(value, float) else str(value)]
+    return tokens
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+    if isinstance(value, str):  # json escapes every control character and DEL as TOML's basic strings need
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def dumps(values: dict[str, Any], header: str = "") -> str:
+    """Flat TOML: one `key = value` line each; None values are left out (their option's default is None)."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines += [f"{key} = {_value(value)}" for key, value in values.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def file_values(args: argparse.Namespace, parser: argparse.ArgumentParser, resolved: dict[str, Any]) -> dict[str, Any]:
+    """Every option of a parsed command line as a config-file key, with `resolved` (dest -> value) taking precedence."""
+    values: dict[str, Any] = {}
+    for key, action in options(parser).items():
+        if key != action.option_strings[0][2:]:
+            continue  # --no-batch-norm: the key is batch-norm
+        value = resolved.get(action.dest, getattr(args, action.dest))
+        if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction) and not value:
+            continue  # an unset store_true flag
+        if action.dest == "checkpoint_every" and value is not None:
+            value = f"{value[0]}e" if value[1] == "epoch" else value[0]
+        if action.dest == "dfa_max_delay" and value is None:
+            value = "none"
+        values[key] = list(value) if isinstance(value, tuple) else value
+    return values
+
+
+def write(folder: str, values: dict[str, Any]) -> str:
+    """Write FOLDER/config.toml (temp file + rename: under torchrun every rank of a node writes the same file)."""
+    path = os.path.join(folder, "config.toml")
+    header = f"Reproduces this run: python -m pipeline train --config {path}\nKeys are the train flags without --; flags given on the command line win."
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+        f.write(dumps(values, header))
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    return path

@@ -11,6 +11,7 @@ from typing import Iterator
 
 from pipeline.config import Config
 from pipeline.data import BatchSource
+from pipeline.interrupt import injected_stop_at
 from pipeline.message import Kind, Message
 
 
@@ -35,6 +36,8 @@ def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
     for epoch in range(start["epoch"], run.epochs + 1):
         batches = source.num_train_batches
         for batch in source.train_batches(epoch, start["batch"] if epoch == start["epoch"] else 0):
+            if stop is not None and injected_stop_at(epoch, batch.index):
+                stop.set()
             if stop is not None and stop.is_set():
                 if run.checkpoint_dir:
                     yield checkpoint(epoch, batch.index, stopping=True)

@@ -20,10 +20,11 @@ from pipeline.config import Config, default_threads
 from pipeline.data import BatchSource
 from pipeline.determinism import use_deterministic
 from pipeline.feedback import output_error
-from pipeline.interrupt import StopRequest
+from pipeline.interrupt import StopRequest, injected_stop_at
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
 from pipeline.models import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
+from pipeline.progress import progress_bar
 
 
 class SequentialTrainer:
@@ -87,8 +88,7 @@ class SequentialTrainer:
             if start == 0:
                 block.stats.reset()
         self.throughput.start_epoch()
-        bar = tqdm(total=self.source.num_train_batches, initial=start, desc=f"epoch {epoch}", unit="batch", leave=False,
-                   disable=not self.cfg.run.progress, dynamic_ncols=True)
+        bar = progress_bar(self.source.num_train_batches, start, f"epoch {epoch}", self.cfg.run.progress)
         every = self.cfg.run.checkpoint_every if self.cfg.run.checkpoint_unit == "batch" else None
         try:
             for batch in self.source.train_batches(epoch, start):
@@ -100,6 +100,8 @@ class SequentialTrainer:
                 if self.alignment and self.steps % self.cfg.run.log_alignment == 0:
                     self.watch.check()
                     self.alignment.measure(self.blocks, self.steps, epoch)
+                if stop and injected_stop_at(epoch, batch.index + 1):  # as if a signal came during this batch
+                    stop.event.set()
                 if (every and self.steps % every == 0) or (stop and stop.requested):
                     self.checkpoint()
                 if stop and stop.requested:
@@ -123,7 +125,7 @@ class SequentialTrainer:
     def run(self, stop: StopRequest | None = None) -> dict[str, Any]:
         """Train for cfg.run.epochs, evaluating after each; write metrics and weights; return the summary.
         With `stop`, a signal ends the run at the next batch boundary, after a checkpoint."""
-        writer = MetricsWriter(self.cfg.run.out, append=self.cfg.run.resume)
+        writer = MetricsWriter(self.cfg.run.out, append=self.cfg.run.resume, tensorboard=self.cfg.run.tensorboard)
         started = time.perf_counter()
         record: dict[str, Any] = {}
         stopped = None

@@ -85,3 +85,58 @@ def malformed_messages() -> dict[str, list[bytes]]:
         "pickle instead of msgpack": [b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."],
         "empty message": [b""],
     }
+
+
+class ProcessGroup:
+    """A command run in a process group of its own; leaving the `with` block kills the whole group (launcher, stages,
+    torchrun's workers), so a failing test never leaves a run behind."""
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        import os
+        import subprocess
+
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def __enter__(self):
+        return self.proc
+
+    def __exit__(self, *exc) -> None:
+        import os
+        import signal
+
+        victims = _descendants(self.proc.pid)  # torchrun starts its workers in sessions of their own
+        for kill, target in [(os.killpg, self.proc.pid)] + [(os.kill, pid) for pid in victims]:
+            try:
+                kill(target, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already gone
+        self.proc.communicate()
+
+
+def _descendants(root: int) -> list[int]:
+    """Every living process below `root`, from /proc."""
+    import glob
+
+    children: dict[int, list[int]] = {}
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            ppid = int(open(path).read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(path.split("/")[2]))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def run_group(args: list[str], timeout: float, env: dict | None = None):
+    """subprocess.run(args) in a process group of its own that is killed on the way out (on a timeout, too)."""
+    import subprocess
+
+    with ProcessGroup(args, env) as proc:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)

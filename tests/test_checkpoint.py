@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -11,10 +10,11 @@ import time
 import pytest
 import torch
 
-from helpers import small_config
+from helpers import ProcessGroup, run_group, small_config
 from pipeline.checkpoint import MANIFEST, _sha256, load_stage_checkpoint, load_weights, verify_checkpoint
 from pipeline.cli import main
 from pipeline.config import ConfigError
+from pipeline.interrupt import STOP_ENV
 from pipeline.sequential import SequentialTrainer
 
 ARGS = ["--dataset", "synthetic", "--num-layers", "2", "--num-hidden", "128", "--batch-size", "32", "--dropout", "0.1",
@@ -39,36 +39,92 @@ def _same_weights(a, b):
     return sorted(a) == sorted(b) and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
 
 
+STOP = "2:150"  # PIPELINE_STOP_AT: as if a signal came just before epoch 2's batch 150 (of 200): step 350
+BEFORE_STOP = "2:149"  # a resumed run that trained any batch before the checkpoint's would pass here and stop
+
+
+def _dfa(args):
+    return args + ["--loss", "dfa", "--nonlin", "tanh", "--dfa-sync"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_dfa(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted-dfa")
+    assert main(["train", *_dfa(ARGS), "--out", str(out)]) == 0
+    return load_weights(str(out)), (out / "metrics.jsonl").read_text().splitlines()
+
+
+def _strip(lines):
+    return [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "train_samples_per_s")} for l in lines]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stages,transport,torchrun,every,dfa", [
+    (1, None, False, "20", False), (2, "dist", False, "20", False), (3, "zmq", False, "20", False),
+    (2, "local", False, "20", False), (3, "zmq", True, "20", False), (2, "local", False, "1e", False),
+    (1, None, False, "1e", True), (2, "local", False, "20", True)],
+    ids=["sequential", "dist", "zmq", "local", "zmq-torchrun", "local-epochs", "sequential-dfa", "local-dfa"])
+def test_a_run_stopped_at_a_batch_resumes_there_and_ends_bit_identical(uninterrupted, uninterrupted_dfa, tmp_path,
+                                                                        stages, transport, torchrun, every, dfa):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    launcher = [sys.executable, "-m", "pipeline", "train"]
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(stages),
+                    "-m", "pipeline", "train"]
+    args = launcher + [*ARGS, "--checkpoint-dir", str(ckpt), "--checkpoint-every", every, "--out", str(out)]
+    if stages > 1:
+        args += ["--stages", str(stages), "--transport", transport]
+    if dfa:
+        args = _dfa(args)
+    stopped = run_group(args, timeout=180, env={STOP_ENV: STOP})
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped at epoch 2 batch 150" in stopped.stdout + stopped.stderr, stopped.stdout + stopped.stderr
+    assert json.loads((out / "summary.json").read_text())["stopped_at"] == {"epoch": 2, "batch": 150, "step": 350}
+    # only complete checkpoints count and the newest two are kept: every 20 batches -> steps 340 and 350 (the
+    # stop); every epoch -> the end of epoch 1 (step 200) and the stop
+    kept = sorted(p.parent.name for p in ckpt.glob(f"step-*/{MANIFEST}"))
+    assert kept == (["step-000000340", "step-000000350"] if every == "20" else ["step-000000200", "step-000000350"])
+    assert sorted(p.name for p in ckpt.iterdir()) == kept
+    newest = json.loads((ckpt / kept[-1] / MANIFEST).read_text())
+    assert newest["position"] == {"epoch": 2, "batch": 150, "step": 350}
+
+    # the resumed run starts at batch 150: told to stop just before it, it never gets there
+    resumed = run_group(args + ["--resume"], timeout=180, env={STOP_ENV: BEFORE_STOP})
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["stopped_at"] is None, "the resumed run trained batch 149 again"
+    weights, metrics = uninterrupted_dfa if dfa else uninterrupted
+    assert _same_weights(load_weights(str(out)), weights)
+    assert _strip((out / "metrics.jsonl").read_text().splitlines()) == _strip(metrics)
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("stages,transport,torchrun", [(1, None, False), (2, "dist", False), (3, "zmq", False),
-                                                     (3, "zmq", True)])
-def test_an_interrupted_run_resumes_bit_identical(uninterrupted, tmp_path, stages, transport, torchrun):
+@pytest.mark.parametrize("stages,transport,torchrun", [(3, "zmq", False), (3, "zmq", True)])
+def test_a_signal_makes_the_run_checkpoint_and_stop(uninterrupted, tmp_path, stages, transport, torchrun):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     launcher = [sys.executable, "-m", "pipeline", "train"]
     if torchrun:  # torchrun's agent passes the SIGTERM on to every stage
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(stages),
                     "-m", "pipeline", "train"]
-    args = launcher + [*ARGS, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "20", "--out", str(out)]
-    if stages > 1:
-        args += ["--stages", str(stages), "--transport", transport]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(ckpt.glob(f"step-*/{MANIFEST}")):  # training is under way
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else ""
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.5))  # somewhere in the middle, at a random batch
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
+    args = launcher + [*ARGS, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "20", "--out", str(out),
+                       "--stages", str(stages), "--transport", transport]
+    with ProcessGroup(args) as proc:
+        deadline = time.monotonic() + 120
+        while not list(ckpt.glob(f"step-*/{MANIFEST}")):  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0 or torchrun, stderr  # torchrun's agent reports the signal it got as a failure
     assert "stopped at epoch" in stdout + stderr, stdout + stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["stopped_at"] is not None
-    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=180)
+    stopped_at = json.loads((out / "summary.json").read_text())["stopped_at"]
+    assert stopped_at is not None
+    newest = max(ckpt.glob(f"step-*/{MANIFEST}"))
+    assert json.loads(newest.read_text())["position"] == stopped_at  # the stop was checkpointed
+    resumed = run_group(args + ["--resume"], timeout=180)
     assert resumed.returncode == 0, resumed.stderr
     weights, metrics = uninterrupted
     assert _same_weights(load_weights(str(out)), weights)
-    strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("wall_s", "train_samples_per_s")}
-    assert [strip(l) for l in (out / "metrics.jsonl").read_text().splitlines()] == [strip(l) for l in metrics]
+    assert _strip((out / "metrics.jsonl").read_text().splitlines()) == _strip(metrics)
 
 
 @pytest.fixture

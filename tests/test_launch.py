@@ -12,6 +12,10 @@ import uuid
 
 import pytest
 
+import torch
+
+from helpers import ProcessGroup
+from pipeline.checkpoint import load_weights
 from pipeline.runtime import stage_processes
 
 RUN = [sys.executable, "-m", "pipeline", "train", "--dataset", "synthetic", "--num-layers", "3", "--num-hidden", "32",
@@ -35,10 +39,12 @@ def _run(args, env=None, timeout=120):
     token = uuid.uuid4().hex
     env = {**os.environ, "PIPELINE_TEST_TOKEN": token, **(env or {})}
     started = time.monotonic()
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
-    elapsed = time.monotonic() - started
-    time.sleep(0.5)
-    return proc, elapsed, _leftovers(token)
+    with ProcessGroup(args, env) as popen:  # a failing test kills what is left of the run
+        stdout, stderr = popen.communicate(timeout=timeout)
+        elapsed = time.monotonic() - started
+        time.sleep(0.5)
+        left = _leftovers(token)  # before the group is killed: the launcher itself must have cleaned up
+    return subprocess.CompletedProcess(args, popen.returncode, stdout, stderr), elapsed, left
 
 
 @pytest.mark.timeout(180)
@@ -82,6 +88,10 @@ def test_torchrun_gives_the_same_run_as_the_local_launcher(tmp_path):
     b = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
     assert a["stages"] == b["stages"] == 3
     assert a["test_error"] == b["test_error"] and a["layer_test_errors"] == b["layer_test_errors"]
+    mine, theirs = load_weights(str(tmp_path / "local")), load_weights(str(tmp_path / "torchrun"))
+    assert sorted(mine) == sorted(theirs) == [0, 1, 2, 3]  # every block, bit for bit
+    assert all(sorted(mine[i]) == sorted(theirs[i]) and all(torch.equal(mine[i][k], theirs[i][k]) for k in mine[i])
+               for i in mine)
     assert left == []
 
 
@@ -94,18 +104,19 @@ def test_stages_must_match_torchrun_world(tmp_path):
 def _kill_mid_run(args, victim, stages=3):
     token = uuid.uuid4().hex
     env = {**os.environ, "PIPELINE_TEST_TOKEN": token}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 90
-    while len(pids := stage_processes(proc.pid)) < stages:
-        assert proc.poll() is None and time.monotonic() < deadline, "the stages did not start"
-        time.sleep(0.2)
-    time.sleep(4)  # well into training
-    os.kill(pids[victim], signal.SIGKILL)
-    killed = time.monotonic()
-    _, err = proc.communicate(timeout=60)
-    elapsed = time.monotonic() - killed
-    time.sleep(0.5)
-    return proc.returncode, err, elapsed, pids[victim], _leftovers(token)
+    with ProcessGroup(args, env) as proc:  # a failing test kills what is left of the run
+        deadline = time.monotonic() + 90
+        while len(pids := stage_processes(proc.pid)) < stages:
+            assert proc.poll() is None and time.monotonic() < deadline, "the stages did not start"
+            time.sleep(0.2)
+        time.sleep(4)  # well into training
+        os.kill(pids[victim], signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - killed
+        time.sleep(0.5)
+        left = _leftovers(token)  # before the group is killed: the launcher itself must have cleaned up
+    return proc.returncode, err, elapsed, pids[victim], left
 
 
 LONG_RUN = ["--synthetic-train-size", "20000", "--epochs", "50"]

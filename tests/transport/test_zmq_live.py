@@ -2,16 +2,16 @@
 
 import glob
 import json
-import os
-import subprocess
+import shutil
 import sys
+import tempfile
 import time
 
 import pytest
 import torch
 import zmq
 
-from helpers import malformed_messages, small_config
+from helpers import ProcessGroup, malformed_messages, small_config
 from pipeline.checkpoint import load_weights
 from pipeline.sequential import SequentialTrainer
 
@@ -44,29 +44,31 @@ def test_a_flood_of_malformed_messages_is_rejected_and_changes_nothing(tmp_path)
     SequentialTrainer(small_config(model__num_layers=2, model__num_hidden=256, data__synthetic_train_size=9600,
                                    data__synthetic_test_size=200, run__epochs=2, run__out=str(reference))).run()
     out = tmp_path / "run"
-    started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *ARGS, "--stages", "2", "--transport", "zmq",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 90
-    while True:  # stage 1's inbox: the ipc socket this run created
-        sockets = [p for p in glob.glob("/tmp/localpipe-*/inbox") if os.stat(p).st_mtime >= started - 1]
-        victim = _child(proc.pid, "stage-1")
-        if sockets and victim:
-            break
-        assert proc.poll() is None and time.monotonic() < deadline, "the stages did not start"
-        time.sleep(0.1)
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 2000)
-    push.connect(f"ipc://{sockets[0]}")
-    before = _rss_kib(victim)
-    messages = malformed_messages()
-    for _ in range(ROUNDS):
-        for frames in messages.values():
-            push.send_multipart(frames)
-    time.sleep(1.0)
-    after = _rss_kib(victim)
-    push.close()
-    stdout, stderr = proc.communicate(timeout=180)
+    private_tmp = tempfile.mkdtemp(prefix="zlive-")  # the run makes its ipc sockets here: only this run's are found
+    with ProcessGroup([sys.executable, "-m", "pipeline", "train", *ARGS, "--stages", "2", "--transport", "zmq",
+                       "--out", str(out)], env={"TMPDIR": private_tmp}) as proc:
+        deadline = time.monotonic() + 90
+        while True:  # stage 1's inbox: the ipc socket this run created
+            sockets = glob.glob(f"{private_tmp}/localpipe-*/inbox")
+            victim = _child(proc.pid, "stage-1")
+            if sockets and victim:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "the stages did not start"
+            time.sleep(0.1)
+        assert len(sockets) == 1, sockets
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 2000)
+        push.connect(f"ipc://{sockets[0]}")
+        before = _rss_kib(victim)
+        messages = malformed_messages()
+        for _ in range(ROUNDS):
+            for frames in messages.values():
+                push.send_multipart(frames)
+        time.sleep(1.0)
+        after = _rss_kib(victim)
+        push.close()
+        stdout, stderr = proc.communicate(timeout=180)
+    shutil.rmtree(private_tmp, ignore_errors=True)
     assert proc.returncode == 0, stderr[-3000:]
     rejected = ROUNDS * len(messages)
     assert "rejected message 1 on" in stderr and f"rejected message {rejected // 1000 * 1000} on" in stderr

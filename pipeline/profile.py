@@ -24,11 +24,11 @@ def _timed(step, device: torch.device) -> float:
 
 
 def send_path(device: torch.device, transport: str, backend: str | None) -> str:
-    """How a stage's output travels: "host" (through host memory: CPU stages, gloo, zmq), "peer" (NCCL, GPU to
-    GPU) or "ipc" (the local transport on a GPU: the receiver copies it out of the sender's memory)."""
-    if device.type != "cuda" or transport == "zmq" or (transport == "dist" and backend != "nccl"):
-        return "host"
-    return "peer" if transport == "dist" else "ipc"
+    """How a stage's output travels: "host" (through host memory: CPU stages, gloo, zmq, the local transport's
+    shared memory) or "peer" (NCCL, GPU to GPU)."""
+    if device.type == "cuda" and transport == "dist" and backend == "nccl":
+        return "peer"
+    return "host"
 
 
 def _send_cost(out: torch.Tensor, path: str, device: torch.device) -> float:
@@ -36,8 +36,7 @@ def _send_cost(out: torch.Tensor, path: str, device: torch.device) -> float:
     - host: on CPU two copies (serialisation and the receiver's copy); on a GPU, the copy into pinned host memory
       and the receiver's copy back to its GPU (pipeline/transport/base.py, [Note: host staging]);
     - peer: a copy to another GPU of this host when there is one (NVLink or PCIe, as NCCL would use), else a
-      copy within this GPU -- a lower bound for GPUs on other nodes, whose network this profile cannot see;
-    - ipc: the receiver's copy within the one GPU.
+      copy within this GPU -- a lower bound for GPUs on other nodes, whose network this profile cannot see.
     """
     if path == "host" and device.type != "cuda":
         return 2 * _timed(lambda: out.clone(), device)

@@ -66,4 +66,4 @@ def test_the_send_is_priced_along_the_transports_path():
     assert send_path(gpu, "zmq", None) == "host"  # staged through pinned host memory
     assert send_path(gpu, "dist", "gloo") == "host"  # the one-GPU emulation over gloo
     assert send_path(gpu, "dist", "nccl") == "peer"
-    assert send_path(gpu, "local", None) == "ipc"
+    assert send_path(gpu, "local", None) == "host"  # the local transport stages through shared memory

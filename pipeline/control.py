@@ -19,6 +19,14 @@ import torch.distributed as dist
 from pipeline.config import ConfigError
 
 STRING_BYTES = 512
+HOST_ENV = "PIPELINE_HOST_NAME"
+
+
+def host_name() -> str:
+    """The name by which the ranks tell machines apart (zmq links within a host use ipc://, across hosts tcp://;
+    NCCL needs distinct GPUs per host): $PIPELINE_HOST_NAME if set, else the hostname. Set it where hostnames are
+    not unique (containers on several machines that share one), or to emulate several nodes on one machine."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
 def exchange_strings(value: str) -> list[str]:
@@ -42,12 +50,12 @@ def physical_gpu(device: torch.device) -> str:
     if len(raw) == 16 and any(raw):
         return f"GPU-{uuid.UUID(bytes=raw)}"
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    return f"{socket.gethostname()}/gpu{visible[index] if index < len(visible) else index}"
+    return f"{host_name()}/gpu{visible[index] if index < len(visible) else index}"
 
 
 def device_facts(device: torch.device) -> dict:
     """What the data backend depends on about this rank: host, device type and, on CUDA, the physical GPU."""
-    facts = {"host": socket.gethostname(), "device": device.type}
+    facts = {"host": host_name(), "device": device.type}
     if device.type == "cuda":
         facts["gpu"] = physical_gpu(device)
     return facts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -78,6 +79,9 @@ def _torchvision_split(name: str, root: str, train: bool, download: bool) -> Ima
         ds = cls(root=root, train=train, download=download)
         return ImageSet(_as_nchw(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64))
     if name == "svhn":  # the reference trains on train + extra
+        if importlib.util.find_spec("scipy") is None:
+            raise ConfigError("--dataset svhn: torchvision reads SVHN's MATLAB files with scipy, which is not "
+                              "installed: pip install scipy (or the extra: pip install -e '.[svhn]')")
         splits = ("train", "extra") if train else ("test",)
         parts = [datasets.SVHN(root=root, split=s, download=download) for s in splits]
         images = torch.cat([_as_nchw(p.data) for p in parts])

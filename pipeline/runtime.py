@@ -128,7 +128,10 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
         stage.notes["partition_profile"] = profile
     stage.notes.update(dist_backend=backend, deterministic=torch.are_deterministic_algorithms_enabled())
     summary = stage.run()
-    dist.barrier()  # every stage has seen END: the links can close
+    try:
+        dist.barrier()  # every stage has seen END: the links can close
+    except RuntimeError as exc:  # gloo: "Connection closed by peer"; a peer failed after this stage was done
+        raise PeerGone(f"a peer left before the end of the run ({type(exc).__name__} in the final barrier)") from None
     links.close()
     dist.destroy_process_group()
     return summary

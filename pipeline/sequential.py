@@ -20,6 +20,7 @@ from pipeline.config import Config, default_threads
 from pipeline.data import BatchSource
 from pipeline.determinism import use_deterministic
 from pipeline.feedback import output_error
+from pipeline.faults import InjectedFault
 from pipeline.interrupt import StopRequest, injected_stop_at
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
 from pipeline.models import build_blocks
@@ -45,6 +46,7 @@ class SequentialTrainer:
             restore_stage(self.blocks, load_stage_checkpoint(folder, 0))
             self.position = dict(manifest["position"])
         self.steps = self.position["step"]
+        self.fault = InjectedFault(0)  # none unless a fault test asks for one (pipeline/faults.py)
         self.alignment: AlignmentLog | None = None
         if cfg.run.log_alignment:
             heldout = [(b.x, b.y) for b in itertools.islice(self.source.eval_batches(), cfg.run.alignment_batches)]
@@ -93,7 +95,8 @@ class SequentialTrainer:
         try:
             for batch in self.source.train_batches(epoch, start):
                 self.watch.begin(epoch, batch.index)  # checks the flags of the batches before, every N batches
-                self.train_batch(batch.x, batch.y)
+                with self.fault.around(batch.index, self.blocks):
+                    self.train_batch(batch.x, batch.y)
                 self.throughput.batch_done(len(batch.y))
                 self.steps += 1
                 self.position = {"epoch": epoch, "batch": batch.index + 1, "step": self.steps}

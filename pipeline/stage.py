@@ -30,6 +30,7 @@ from pipeline.config import Config
 from pipeline.cuda_streams import NoStreams, stage_streams
 from pipeline.data import BatchSource
 from pipeline.dfa_stage import ErrorFeedback
+from pipeline.faults import InjectedFault
 from pipeline.message import Kind, Message
 from pipeline.message_stream import data_messages
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
@@ -39,17 +40,7 @@ from pipeline.progress import LineProgress, progress_bar
 from pipeline.stage_io import StageIO, StallError, release_after
 from pipeline.transport import Links
 
-FAULT_ENV = "PIPELINE_FAIL_AT"  # "STAGE:BATCH[:hang]": that stage raises (or hangs) at that batch (fault tests)
-
 __all__ = ["Stage", "StallError", "data_messages", "release_after"]
-
-
-def _injected_fault(rank: int) -> tuple[int, str] | None:
-    """(training batch, "raise" or "hang") at which this stage must fail, when a fault test asks for it."""
-    parts = os.environ.get(FAULT_ENV, "").split(":")
-    if len(parts) < 2 or int(parts[0]) != rank:
-        return None
-    return int(parts[1]), parts[2] if len(parts) > 2 else "raise"
 
 
 class Stage:
@@ -78,7 +69,7 @@ class Stage:
         self._eval_examples = 0
         self.timer = self.streams.timer()  # compute seconds (GPU time from CUDA events on a GPU)
         self._started = time.perf_counter()
-        self._fail_at = _injected_fault(rank)
+        self.fault = InjectedFault(rank)  # none unless a fault test asks for one (pipeline/faults.py)
         # the last stage keeps the run's metrics
         self.throughput = Throughput(cfg.run.warmup_batches)
         self.writer = MetricsWriter(cfg.run.out, append=cfg.run.resume, tensorboard=cfg.run.tensorboard) if self.is_last else None
@@ -114,15 +105,12 @@ class Stage:
             self._begin_epoch(msg)
         elif self.is_last and self._bar is None:  # resumed in the middle of this epoch
             self._begin_epoch(msg, reset=False)
-        if self._fail_at and msg.index == self._fail_at[0]:
-            if self._fail_at[1] == "hang":
-                time.sleep(10 ** 6)  # a stuck stage: its neighbours must notice (--stall-timeout)
-            raise RuntimeError(f"injected failure at batch {msg.index} ({FAULT_ENV})")
         io = self.io
         blocked, waited = io.blocked_s, io.error_wait_s
         self.watch.begin(msg.epoch, msg.index)  # the flags of earlier batches are read here every few batches
         self.timer.start()
-        self._train_step(msg)
+        with self.fault.around(msg.index, self.blocks):
+            self._train_step(msg)
         self.timer.stop(excluded_s=(io.blocked_s - blocked) + (io.error_wait_s - waited))
         io.raise_helper_failure()
         if self.is_last:
@@ -235,11 +223,15 @@ class Stage:
             "messages": io.messages,
             "sent_messages": io.sent_messages,
             "bytes_per_message": io.sent_bytes / io.sent_messages if io.sent_messages else None,
+            "inbox": getattr(inbox, "address", None),  # zmq: the ipc:// or tcp:// address this stage received on
             "receive_buffers": getattr(getattr(inbox, "pool", None), "allocated", None),
+            "receive_buffer_bytes": getattr(getattr(inbox, "pool", None), "allocated_bytes", None),
             "rejected_messages": getattr(inbox, "rejected", None),
             **(self.dfa.report() if self.dfa is not None else {"dfa_delay_mean": None, "dfa_delay_max": None}),
             "error_wait_s": io.error_wait_s,
-            "skipped_updates": {b.index: b.skipped for b in self.blocks if b.skipped},
+            # keyed by the block index as a string, as in summary.json: the report travels on in END's msgpack
+            # header, whose maps take string keys only (pipeline/message.py)
+            "skipped_updates": {str(b.index): b.skipped for b in self.blocks if b.skipped},
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mib": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None,
             **self.notes,

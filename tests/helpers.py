@@ -140,3 +140,55 @@ def run_group(args: list[str], timeout: float, env: dict | None = None):
     with ProcessGroup(args, env) as proc:
         stdout, stderr = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+class OutputWatch:
+    """Read a running process's stdout and stderr on threads, so a test can wait for a line (a progress report, a
+    checkpoint) instead of sleeping, and still read everything the process wrote once it has ended."""
+
+    def __init__(self, proc):
+        import threading
+
+        self.proc = proc
+        self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._changed = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(getattr(proc, name), name), daemon=True)
+                         for name in self.lines]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream, name: str) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines[name].append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        """The first line of either stream that contains `text`; fails if the process ends or `timeout` passes first."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines["stderr"] + self.lines["stdout"]:
+                    if text in line:
+                        return line
+                assert self.proc.poll() is None, f"the run ended before printing {text!r}:\n{self.stderr[-3000:]}"
+                left = deadline - time.monotonic()
+                assert left > 0, f"no {text!r} within {timeout} s:\n{self.stderr[-3000:]}"
+                self._changed.wait(min(left, 0.2))
+
+    def finish(self, timeout: float) -> tuple[str, str]:
+        """Wait for the process to end; (stdout, stderr)."""
+        self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return self.stdout, self.stderr
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.lines["stdout"])
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines["stderr"])

@@ -62,9 +62,12 @@ def _assert_same(run, reference):
             assert torch.equal(weights[index][name], tensor), f"block {index} {name} differs"
 
 
+# K=1 opens no channel, so it runs once (over dist); every K > 1 runs over every transport
+SPLITS = [(1, "dist")] + [(stages, transport) for stages in (2, 3, 4) for transport in TRANSPORTS]
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("stages", [1, 2, 3, 4])
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("stages,transport", SPLITS, ids=[f"{t}-{k}" for k, t in SPLITS])
 @pytest.mark.parametrize("model", ["mlp", "vgg8b"])
 def test_pipeline_equals_sequential(references, tmp_path, model, transport, stages):
     cfg = MODELS[model](pipeline__stages=stages, pipeline__transport=transport, run__out=str(tmp_path))
@@ -78,18 +81,22 @@ def _dfa(**kw):
     return _mlp(loss="dfa", model__nonlin="tanh", **kw)
 
 
+@pytest.fixture(scope="module")
+def dfa_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequential-dfa")
+    SequentialTrainer(_dfa(run__out=str(out))).run()
+    return _results(out)
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_synchronous_dfa_pipeline_equals_the_dfa_trainer(tmp_path_factory, tmp_path, transport, stages):
-    reference = tmp_path_factory.mktemp("sequential-dfa")
-    if not (reference / "summary.json").exists():
-        SequentialTrainer(_dfa(run__out=str(reference))).run()
+def test_synchronous_dfa_pipeline_equals_the_dfa_trainer(dfa_reference, tmp_path, transport, stages):
     cfg = _dfa(pipeline__stages=stages, pipeline__transport=transport, pipeline__dfa_sync=True, run__out=str(tmp_path))
     assert launch(cfg) == 0
     run = _results(tmp_path)
-    assert all(s["dfa_delay_max"] == 0 for s in run[0]["stage_stats"])
-    _assert_same(run, _results(reference))
+    assert all(s["dfa_delay_max"] == 0 and s["dfa_delay_mean"] == 0 for s in run[0]["stage_stats"])
+    _assert_same(run, dfa_reference)
 
 
 @pytest.mark.timeout(180)
@@ -114,6 +121,7 @@ def test_asynchronous_dfa_pipeline_learns_with_a_bounded_delay(tmp_path, max_del
     summary, epochs, _ = _results(tmp_path)
     first, *_, last = summary["stage_stats"]
     assert first["dfa_delay_max"] > 0 and last["dfa_delay_max"] == 0
+    assert 0 < first["dfa_delay_mean"] <= first["dfa_delay_max"] and last["dfa_delay_mean"] == 0
     if max_delay is not None:  # unbounded, the delay also counts the error's trip back, which the scheduler sets
         assert first["dfa_delay_max"] <= max_delay
     assert summary["test_error"] < 20.0  # chance is 90%; the sequential DFA trainer reaches 1% here

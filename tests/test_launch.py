@@ -14,7 +14,7 @@ import pytest
 
 import torch
 
-from helpers import ProcessGroup
+from helpers import OutputWatch, ProcessGroup
 from pipeline.checkpoint import load_weights
 from pipeline.runtime import stage_processes
 
@@ -105,14 +105,14 @@ def _kill_mid_run(args, victim, stages=3):
     token = uuid.uuid4().hex
     env = {**os.environ, "PIPELINE_TEST_TOKEN": token}
     with ProcessGroup(args, env) as proc:  # a failing test kills what is left of the run
-        deadline = time.monotonic() + 90
-        while len(pids := stage_processes(proc.pid)) < stages:
-            assert proc.poll() is None and time.monotonic() < deadline, "the stages did not start"
-            time.sleep(0.2)
-        time.sleep(4)  # well into training
+        output = OutputWatch(proc)
+        # the last stage reports each tenth of an epoch to a non-terminal: at the first report every stage is training
+        output.wait_for("epoch 1: ", timeout=90)
+        pids = stage_processes(proc.pid)
+        assert len(pids) == stages, pids
         os.kill(pids[victim], signal.SIGKILL)
         killed = time.monotonic()
-        _, err = proc.communicate(timeout=60)
+        _, err = output.finish(timeout=60)
         elapsed = time.monotonic() - killed
         time.sleep(0.5)
         left = _leftovers(token)  # before the group is killed: the launcher itself must have cleaned up
@@ -120,7 +120,8 @@ def _kill_mid_run(args, victim, stages=3):
 
 
 LONG_RUN = ["--synthetic-train-size", "20000", "--epochs", "50"]
-LONG = RUN + ["--stages", "3"] + LONG_RUN
+# with progress lines (stderr is a pipe, so one line per tenth of an epoch), to tell when training is under way
+LONG = [arg for arg in RUN if arg != "--no-progress"] + ["--stages", "3"] + LONG_RUN
 
 
 @pytest.mark.timeout(180)
@@ -139,7 +140,7 @@ def test_killing_a_stage_under_torchrun_ends_every_process_within_seconds(victim
     # torchrun SIGTERMs the survivors and SIGKILLs them 30 s later; they must not wait for a checkpoint that the
     # dead stage can never complete
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
-    code, err, elapsed, pid, left = _kill_mid_run(torchrun + RUN[1:] + LONG_RUN + ["--transport", "zmq"], victim=victim)
+    code, err, elapsed, pid, left = _kill_mid_run(torchrun + LONG[1:] + ["--transport", "zmq"], victim=victim)
     assert code != 0 and elapsed < 10, (code, elapsed, err[-2000:])
     assert "Signal 9 (SIGKILL)" in err or "SIGKILL" in err
     assert left == []
@@ -152,4 +153,20 @@ def test_a_stuck_stage_is_detected_by_the_stall_timeout(transport):
                                       "--stall-timeout", "3"], env={"PIPELINE_FAIL_AT": "1:10:hang"})
     assert proc.returncode == 1
     assert "waited 3 s for a batch from stage 1 (--stall-timeout)" in proc.stderr
+    assert elapsed < 40 and left == []
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("waiting_for,args,message", [
+    # stage 1 takes no more batches: stage 0's queue and link fill up, then its compute thread cannot hand one on
+    ("room to send", ["--queue-depth", "1"], "stage 0 waited 3 s for stage 1 to take a batch (--stall-timeout)"),
+    # stage 1 (the last) never sends batch 10's error back
+    ("a DFA error", ["--loss", "dfa", "--dfa-sync"],
+     "stage 0 waited 3 s for the error of batch 10 from the last stage (--stall-timeout)")], ids=lambda v: v if " " in v else None)
+def test_a_stall_while_sending_or_awaiting_an_error_is_detected(waiting_for, args, message):
+    proc, elapsed, left = _run(RUN + ["--stages", "2", "--transport", "zmq", "--synthetic-train-size", "20000",
+                                      "--stall-timeout", "3", *args], env={"PIPELINE_FAIL_AT": "1:10:hang"})
+    assert proc.returncode == 1, proc.stderr
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr  # a stall is one line
     assert elapsed < 40 and left == []

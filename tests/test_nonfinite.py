@@ -125,3 +125,46 @@ def test_a_late_update_is_named_by_its_own_batch():
     assert (watch.epoch, watch.batch) == (1, 5)
     with pytest.raises(NonFiniteLoss, match=r"^epoch 1 batch 3, block 0: loss is not finite"):
         watch.check()
+
+
+# a non-finite loss inside a pipeline stage (PIPELINE_FAIL_AT=STAGE:BATCH:nan poisons the loss of that stage's first
+# block at that batch; pipeline/faults.py)
+PIPELINE_RUN = ["--dataset", "synthetic", "--num-layers", "2", "--num-hidden", "32", "--batch-size", "32",
+                "--synthetic-train-size", "640", "--synthetic-test-size", "64", "--epochs", "1", "--threads", "1",
+                "--no-progress", "--lr", "1e-3", "--seed", "3"]
+
+
+def _train(args, fault, out=None):
+    import sys
+
+    from helpers import run_group
+
+    command = [sys.executable, "-m", "pipeline", "train", *PIPELINE_RUN, *args] + (["--out", str(out)] if out else [])
+    return run_group(command, timeout=120, env={"PIPELINE_FAIL_AT": fault})
+
+
+@pytest.mark.timeout(180)
+def test_a_nan_in_a_pipeline_stage_stops_the_run_naming_stage_batch_and_block():
+    proc = _train(["--stages", "3", "--transport", "zmq"], "1:7:nan")  # stage 1 holds block 1
+    assert proc.returncode == 1
+    assert ("error: stage 1, epoch 1 batch 7, block 1: loss is not finite (use --skip-nonfinite to skip such updates)"
+            in proc.stderr.splitlines()), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_a_pipeline_skips_a_nan_update_exactly_as_the_sequential_trainer_does(tmp_path):
+    import json
+
+    from pipeline.checkpoint import load_weights
+
+    runs = {}
+    for name, args in (("sequential", []), ("pipeline", ["--stages", "3", "--transport", "zmq"])):
+        proc = _train(args + ["--skip-nonfinite"], "0:7:nan", tmp_path / name)  # block 0's update at batch 7
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text()), load_weights(str(tmp_path / name))
+    (sequential, ref_weights), (pipeline, weights) = runs["sequential"], runs["pipeline"]
+    assert sequential["skipped_updates"] == {"0": 1}
+    assert [s["skipped_updates"] for s in pipeline["stage_stats"]] == [{"0": 1}, {}, {}]
+    assert pipeline["layer_test_errors"] == sequential["layer_test_errors"]
+    assert all(torch.equal(weights[i][k], ref_weights[i][k]) for i in ref_weights for k in ref_weights[i])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -56,7 +57,8 @@ class BufferPool:
     def __init__(self) -> None:
         self._free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Lock()
-        self.allocated = 0
+        self.allocated = 0  # buffers allocated so far
+        self.allocated_bytes = 0  # and their size: all a stream of messages (or malformed ones) made this pool hold
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (shape, dtype, device)
@@ -64,6 +66,7 @@ class BufferPool:
             if self._free[key]:
                 return self._free[key].pop()
             self.allocated += 1
+            self.allocated_bytes += math.prod(shape) * dtype.itemsize
         return torch.empty(shape, dtype=dtype, device=device)
 
     def give(self, tensors: list[torch.Tensor]) -> None:

@@ -20,7 +20,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from pipeline.config import ConfigError
-from pipeline.control import exchange_strings
+from pipeline.control import exchange_strings, host_name
 from pipeline.message import (MAX_HEADER_BYTES, MAX_TENSOR_BYTES, Message, ProtocolError, TensorSpec, decode_header,
                               encode_header)
 from pipeline.transport.base import BufferPool, Channel, Links, host_buffer, to_device, to_host
@@ -209,7 +209,7 @@ def check_bind_host(bind_host: str, hosts: list[str]) -> None:
 def open_zmq(rank: int, world: int, device: torch.device, bind_host: str, feedback: bool = False,
              curve_keys: str | None = None) -> Links:
     """Each stage binds its inbox (and its DFA error inbox), the addresses are gathered, then each connects."""
-    hosts = exchange_strings(socket.gethostname())
+    hosts = exchange_strings(host_name())
     check_bind_host(bind_host, hosts)
     last = world - 1
     keys = CurveKeys(curve_keys) if curve_keys else None

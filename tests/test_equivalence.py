@@ -134,3 +134,20 @@ def test_explicit_uneven_partition_equals_sequential(references, tmp_path):
     run = _results(tmp_path)
     assert run[0]["partition"] == [3, 1]
     _assert_same(run, references["mlp"])
+
+
+@pytest.mark.timeout(180)
+def test_auto_partition_runs_the_split_its_profile_picks_and_equals_sequential(references, tmp_path):
+    from pipeline.partition import balanced_partition, stage_times
+
+    cfg = _mlp(pipeline__stages=3, pipeline__partition="auto", run__out=str(tmp_path))
+    assert launch(cfg) == 0
+    run = _results(tmp_path)
+    profile = run[0]["stage_stats"][0]["partition_profile"]  # stage 0 timed each block's step and send
+    compute, send = [ms / 1e3 for ms in profile["compute_ms"]], [ms / 1e3 for ms in profile["send_ms"]]
+    assert len(compute) == 4 and all(c > 0 for c in compute)
+    picked = list(balanced_partition(compute, send, 3))
+    assert run[0]["partition"] == profile["chosen"] == picked  # what every stage ran is what the profile picked
+    assert [len(s["blocks"]) for s in run[0]["stage_stats"]] == picked
+    assert max(stage_times(compute, send, picked)) <= max(stage_times(compute, send, (2, 1, 1)))  # the even split
+    _assert_same(run, references["mlp"])

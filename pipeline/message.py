@@ -81,13 +81,20 @@ class Header:
 
 
 def encode_header(msg: Message) -> bytes:
+    """The message's header, checked as its receiver will check it: a message the receiver would drop as
+    malformed (too large, a map with non-string keys, ...) fails loudly here, at the sender, instead."""
     tensors = []
     for t in msg.tensors:
         if t.dtype not in DTYPE_NAMES:
             raise ProtocolError(f"dtype {t.dtype} cannot be sent")
         tensors.append([DTYPE_NAMES[t.dtype], list(t.shape)])
-    return msgpack.packb({"v": PROTOCOL_VERSION, "kind": int(msg.kind), "epoch": msg.epoch, "index": msg.index,
+    data = msgpack.packb({"v": PROTOCOL_VERSION, "kind": int(msg.kind), "epoch": msg.epoch, "index": msg.index,
                           "tensors": tensors, "meta": msg.meta}, use_bin_type=True)
+    try:
+        decode_header(data)  # a few microseconds against a transfer: the two ends can never disagree on a message
+    except ProtocolError as exc:
+        raise ProtocolError(f"{msg.kind.name} message of batch {msg.index} cannot be sent: {exc}") from None
+    return data
 
 
 def _int(value: Any, what: str, low: int = 0, high: int = 1 << 62) -> int:

@@ -54,3 +54,13 @@ def test_size_limit_is_configurable():
     assert decode_header(data, max_tensor_bytes=4096).specs[0].nbytes == 4096
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         decode_header(data, max_tensor_bytes=4095)
+
+
+@pytest.mark.parametrize("msg,reason", [
+    (Message(Kind.END, meta={"stages": [{"skipped_updates": {0: 1}}]}), "header is not msgpack"),  # int map keys
+    (Message(Kind.TRAIN, 1, 4, [torch.empty(1 << 30, 4, device="meta")]), "tensor of 17179869184 bytes exceeds the limit"),
+    (Message(Kind.EVAL, meta={"text": "x" * (1 << 17)}), "header is not msgpack"),
+], ids=["non-string keys", "tensor over the limit", "string over the limit"])
+def test_a_message_its_receiver_would_drop_is_refused_by_the_sender(msg, reason):
+    with pytest.raises(ProtocolError, match=f"cannot be sent: {reason}"):
+        encode_header(msg)

@@ -40,3 +40,39 @@ def _open_on_two_hosts(rank, world, port, results):
 @pytest.mark.timeout(120)
 def test_every_rank_refuses_a_loopback_zmq_host_across_hosts():
     assert run_ranks(_open_on_two_hosts, 2, timeout=90) == [LOOPBACK_ACROSS_HOSTS] * 2
+
+
+ARGS = ["-m", "pipeline", "train", "--dataset", "synthetic", "--num-layers", "2", "--num-hidden", "32",
+        "--batch-size", "32", "--synthetic-train-size", "640", "--synthetic-test-size", "64", "--threads", "1",
+        "--no-progress", "--seed", "3"]
+
+
+@pytest.mark.timeout(240)
+def test_stages_on_two_nodes_talk_over_tcp_and_train_as_the_sequential_trainer(tmp_path):
+    import json
+    import socket
+    import sys
+
+    import torch
+
+    from helpers import ProcessGroup, run_group
+    from pipeline.checkpoint import load_weights
+
+    reference = run_group([sys.executable, *ARGS, "--out", str(tmp_path / "sequential")], timeout=120)
+    assert reference.returncode == 0, reference.stderr
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # two torchrun agents, one stage each, as on two machines: PIPELINE_HOST_NAME tells them apart
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tcp-test"]
+    command = torchrun + ARGS + ["--stages", "2", "--transport", "zmq", "--zmq-host", "0.0.0.0",
+                                     "--out", str(tmp_path / "nodes")]
+    with ProcessGroup(command, {"PIPELINE_HOST_NAME": "node-a"}) as a, ProcessGroup(command, {"PIPELINE_HOST_NAME": "node-b"}) as b:
+        outputs = [a.communicate(timeout=150), b.communicate(timeout=150)]
+    assert a.returncode == b.returncode == 0, outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    summary = json.loads((tmp_path / "nodes" / "summary.json").read_text())
+    assert summary["stage_stats"][1]["inbox"].startswith("tcp://"), summary["stage_stats"][1]["inbox"]
+    mine, theirs = load_weights(str(tmp_path / "nodes")), load_weights(str(tmp_path / "sequential"))
+    assert sorted(mine) == sorted(theirs) == [0, 1, 2]
+    assert all(torch.equal(mine[i][k], theirs[i][k]) for i in theirs for k in theirs[i])

@@ -127,8 +127,8 @@ def test_a_late_update_is_named_by_its_own_batch():
         watch.check()
 
 
-# a non-finite loss inside a pipeline stage (PIPELINE_FAIL_AT=STAGE:BATCH:nan poisons the loss of that stage's first
-# block at that batch; pipeline/faults.py)
+# A non-finite loss inside a pipeline stage, skipped (tests/test_stage.py has one that stops the run).
+# PIPELINE_FAIL_AT=STAGE:BATCH:nan poisons the loss of that stage's first block at that batch (pipeline/faults.py).
 PIPELINE_RUN = ["--dataset", "synthetic", "--num-layers", "2", "--num-hidden", "32", "--batch-size", "32",
                 "--synthetic-train-size", "640", "--synthetic-test-size", "64", "--epochs", "1", "--threads", "1",
                 "--no-progress", "--lr", "1e-3", "--seed", "3"]
@@ -141,15 +141,6 @@ def _train(args, fault, out=None):
 
     command = [sys.executable, "-m", "pipeline", "train", *PIPELINE_RUN, *args] + (["--out", str(out)] if out else [])
     return run_group(command, timeout=120, env={"PIPELINE_FAIL_AT": fault})
-
-
-@pytest.mark.timeout(180)
-def test_a_nan_in_a_pipeline_stage_stops_the_run_naming_stage_batch_and_block():
-    proc = _train(["--stages", "3", "--transport", "zmq"], "1:7:nan")  # stage 1 holds block 1
-    assert proc.returncode == 1
-    assert ("error: stage 1, epoch 1 batch 7, block 1: loss is not finite (use --skip-nonfinite to skip such updates)"
-            in proc.stderr.splitlines()), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.timeout(180)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import zmq
 
-from helpers import ProcessGroup, malformed_messages, small_config
+from helpers import OutputWatch, ProcessGroup, malformed_messages, small_config
 from pipeline.checkpoint import load_weights
 from pipeline.sequential import SequentialTrainer
 
@@ -55,14 +55,17 @@ def test_a_flood_of_malformed_messages_is_rejected_and_changes_nothing(tmp_path)
         push.setsockopt(zmq.LINGER, 2000)
         push.connect(f"ipc://{sockets[0]}")
         messages = malformed_messages()
+        output = OutputWatch(proc)
         for _ in range(ROUNDS):
             for frames in messages.values():
                 push.send_multipart(frames)
+        rejected = ROUNDS * len(messages)
+        # every malformed message reached the stage (the socket stays open until then: closing it drops the queue)
+        output.wait_for(f"rejected message {rejected // 1000 * 1000} on", timeout=120)
         push.close()
-        stdout, stderr = proc.communicate(timeout=180)
+        _, stderr = output.finish(timeout=180)
     shutil.rmtree(private_tmp, ignore_errors=True)
     assert proc.returncode == 0, stderr[-3000:]
-    rejected = ROUNDS * len(messages)
     assert "rejected message 1 on" in stderr and f"rejected message {rejected // 1000 * 1000} on" in stderr
     # what the receive pool allocated, not RSS (an untouched torch.empty of 4 GiB adds nothing to RSS): the real
     # stream's buffers only (activations of 32 KiB), nothing for the flood's declared sizes (up to 4 GiB)

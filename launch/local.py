@@ -22,6 +22,7 @@ import zmq
 from pipeline.checkpoint import verify_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.data import check_available
+from pipeline.network import check_network
 from pipeline.interrupt import ABORT_AFTER_S
 from pipeline.runtime import guarded, run_stage
 from pipeline.transport.local import make_queues
@@ -90,6 +91,7 @@ def supervise(processes: list, device: str = "cpu") -> int:
 
 def preflight(cfg: Config) -> None:
     """Everything about a run that can be judged before its processes start; a ConfigError otherwise."""
+    check_network(cfg)  # the factory imports and builds a network that fits the stages
     check_available(cfg.data)  # a missing dataset is reported here, once
     if cfg.run.resume:
         verify_checkpoint(cfg.run.checkpoint_dir, cfg)

@@ -1,7 +1,15 @@
-"""A model-parallel pipeline trainer for local learning: every block trains on its own, concurrently."""
+"""A model-parallel pipeline trainer for local learning: every block trains on its own, concurrently.
+
+The public API: configure a run (Config), define a network (Network of BlockSpec / OutputSpec, each block with a
+learning rule or a LocalHead of your own), train it (train: sequentially or as K stages), load it back (load).
+"""
 
 from pipeline.config import Config, ConfigError
+from pipeline.network import BlockSpec, Network, NetworkContext, OutputSpec
+from pipeline.rules import DFA, LearningRule, LocalHead, Pred, PredSim, Sim
 from pipeline.sequential import SequentialTrainer
 from pipeline.trained import TrainedNetwork, load
+from pipeline.training import train
 
-__all__ = ["Config", "ConfigError", "SequentialTrainer", "TrainedNetwork", "load"]
+__all__ = ["BlockSpec", "Config", "ConfigError", "DFA", "LearningRule", "LocalHead", "Network", "NetworkContext",
+           "OutputSpec", "Pred", "PredSim", "SequentialTrainer", "Sim", "TrainedNetwork", "load", "train"]

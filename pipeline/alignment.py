@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.blocks import Block, DFABlock, HiddenBlock
+from pipeline.blocks import Block, FeedbackTrained, HiddenBlock, head_loss
 from pipeline.feedback import Conv2dFA, LinearFA, direct_feedback, output_error
 from pipeline.precision import Precision
 
@@ -37,6 +37,9 @@ def measurement_copy(blocks: list[Block]) -> list[Block]:
             block.optimizer, block.generator, block.scaler, block.watch = kept
         if isinstance(twin, HiddenBlock):
             twin.dropout = 0.0
+        for module in twin.modules():  # a user's layers' dropout, too
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0
         twin.precision = Precision()
         twin.train()
         copies.append(twin)
@@ -56,8 +59,8 @@ def _plain_layers(blocks: list[Block]) -> None:
 def _weight_grads(blocks: list[Block]) -> list[torch.Tensor]:
     grads = []
     for block in blocks:
-        grad = block.layer.weight.grad
-        grads.append(torch.zeros_like(block.layer.weight) if grad is None else grad.detach().clone())
+        weights = block.alignment_weights()  # the layer's weight (its whole layer for a user's block)
+        grads.append(torch.cat([(torch.zeros_like(w) if w.grad is None else w.grad.detach()).flatten() for w in weights]))
     return grads
 
 
@@ -88,12 +91,12 @@ def rule_gradients(blocks: list[Block], x: torch.Tensor, y: torch.Tensor, rule: 
             x = out.detach()
         error = output_error(output(x), y)
         for block, out in zip(hidden, states):
-            assert isinstance(block, DFABlock)
+            assert isinstance(block, FeedbackTrained)
             out.backward(direct_feedback(error, block.feedback, out.shape))
     else:  # a local loss: each block's own heads
         for block in hidden:
             h = block.activation(x)
-            loss, _ = block.heads.loss(h, y)
+            loss, _ = head_loss(block.heads, h, y)
             loss.backward()
             x = block.emit(h).detach()
     return _weight_grads(hidden)

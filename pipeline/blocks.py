@@ -1,5 +1,8 @@
 """Blocks: a layer with its local heads, optimizer, random generator and statistics, trainable on its own.
 
+A user's hidden block is a LocalBlock (layer -> h, heads on h, after -> output); the reference's conv/linear
+layer block is a HiddenBlock; a DFA-trained block of either kind learns from the output error instead.
+
 Every block offers the same three steps, used alike by the sequential trainer and by a pipeline stage:
 
     h, out = block.forward_train(x)   # out is what the next block receives (detach it for local learning)
@@ -13,7 +16,8 @@ and is reported to the process's watch (pipeline/nonfinite.py), which is read wi
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING
+import contextlib
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +105,30 @@ class Block(nn.Module):
         self.watch: NonFiniteWatch | None = None  # shared by the blocks of a process; None: each update checked at once
         self.precision = Precision()  # autocast dtype of the forward (pipeline/precision.py)
         self.scaler: torch.amp.GradScaler | None = None  # fp16 only; its state_dict() belongs in a checkpoint
+        self.optim_config: OptimConfig | None = None  # its optimizer settings (the run's, or its spec's overrides)
+
+    @contextlib.contextmanager
+    def own_randomness(self) -> Iterator[None]:
+        """Let the modules of this block draw from its own generator where they use the default one (nn.Dropout in
+        a user's layer): the same numbers in any process, whatever else that process draws.
+
+        The default generator of the block's device takes the block generator's state for the duration and hands
+        the advanced state back, so it is as if the modules had been given the block's generator.
+        """
+        generator = self.generator
+        if generator is None:
+            yield
+            return
+        device = generator.device
+        default = torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()]
+        saved = default.get_state()
+        default.set_state(generator.get_state())
+        try:
+            yield
+        finally:
+            generator.set_state(default.get_state())
+            default.set_state(saved)
 
     def report(self, bad: torch.Tensor, examples: int, what: str = "loss") -> None:
         """Hand an update's device-side non-finite flag to the watch (a block on its own is checked at once)."""
@@ -166,12 +194,76 @@ def _nonlinearity(name: str) -> nn.Module:
     return nn.LeakyReLU(0.01, inplace=True) if name == "leakyrelu" else nn.ReLU(inplace=True)
 
 
-class HiddenBlock(Block):
+def head_loss(heads: nn.Module, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, class scores or None) of a block's heads: the built-in ones or a user's (pipeline/rules.py)."""
+    out = heads(h, y)
+    loss, scores = out if isinstance(out, tuple) else (out, None)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"a local head must return a scalar loss (or (loss, scores)), got {type(loss).__name__}"
+                        + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+    return loss.float().reshape(()), scores
+
+
+class LocalBlock(Block):
+    """A hidden block of a user's network: layer(x) = h, where its heads take their loss; after(h) goes on."""
+
+    def __init__(self, index: int, layer: nn.Module, heads: nn.Module | None, after: nn.Module | None = None):
+        super().__init__(index)
+        self.layer = layer
+        self.heads = heads
+        self.after = after
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """h: the block's activation, where its local loss is taken; in the compute dtype."""
+        with self.precision.autocast(), self.own_randomness():
+            h = self.layer(x)
+        return h.to(self.precision.dtype) if isinstance(h, torch.Tensor) else h
+
+    def emit(self, h: torch.Tensor) -> torch.Tensor:
+        """What goes on to the next block."""
+        if self.after is None:
+            return h
+        with self.precision.autocast(), self.own_randomness():
+            return self.after(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.emit(self.activation(x))
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.train()
+        h = self.activation(x)
+        return h, self.emit(h)
+
+    def learn(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.precision.autocast():  # the heads' forward; the built-in heads' loss math is fp32 (LocalHeads.loss)
+            loss, scores = head_loss(self.heads, h, y)
+        predictions = None
+        if scores is not None:
+            predict = getattr(self.heads, "predictions", None)
+            predictions = predict(scores.detach()) if predict is not None else scores.detach().argmax(1)
+        return self.update(loss, y, predictions)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.eval()
+        h = self.activation(x)
+        classify = getattr(self.heads, "classify", None)
+        with self.precision.autocast():
+            predictions = classify(h) if classify is not None else None
+        hits = None if predictions is None else (predictions == y).sum()
+        return self.emit(h), hits
+
+    def alignment_weights(self) -> list[torch.Tensor]:
+        """The weights whose update direction the alignment angles measure: the layer's."""
+        return [p for p in self.layer.parameters() if p.requires_grad]
+
+
+class HiddenBlock(LocalBlock):
     """layer -> [batch norm] -> nonlinearity = h; local heads learn from h; dropout [-> max pool] of h goes on."""
 
     def __init__(self, index: int, layer: nn.Module, *, batch_norm: bool, nonlin: str, dropout: float,
                  pool: nn.Module | None, heads: LocalHeads | None, flatten_input: bool):
-        super().__init__(index)
+        Block.__init__(self, index)  # the attributes in the order they always had (parameter and state order)
         conv = isinstance(layer, nn.Conv2d)
         self.layer = layer
         self.norm = (nn.BatchNorm2d(layer.out_channels) if conv else nn.BatchNorm1d(layer.out_features)) if batch_norm else None
@@ -181,6 +273,7 @@ class HiddenBlock(Block):
         self.pool = pool
         self.heads = heads
         self.flatten_input = flatten_input
+        self.after = None
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         """h: the block's activation before dropout, where its local loss is taken; in the compute dtype."""
@@ -203,36 +296,13 @@ class HiddenBlock(Block):
             h = h * mask.to(h.dtype).mul_(1.0 / keep)
         return self.pool(h) if self.pool is not None else h
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.emit(self.activation(x))
-
-    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.train()
-        h = self.activation(x)
-        return h, self.emit(h)
-
-    def learn(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.precision.autocast():  # the heads' forward; their loss math is fp32 (LocalHeads.loss)
-            loss, logits = self.heads.loss(h, y)
-        return self.update(loss, y, None if logits is None else self.heads.predictions(logits.detach()))
-
-    @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.eval()
-        h = self.activation(x)
-        with self.precision.autocast():
-            predictions = self.heads.classify(h) if self.heads is not None else None
-        hits = None if predictions is None else (predictions == y).sum()
-        return self.emit(h), hits
+    def alignment_weights(self) -> list[torch.Tensor]:
+        return [self.layer.weight]
 
 
-class DFABlock(HiddenBlock):
+class FeedbackTrained:
     """A hidden block trained by direct feedback alignment: the output error e, through this block's fixed random
     matrix B, is the gradient at its output; so its update is (B e) * f'(a) with its own input (Launay et al.)."""
-
-    def __init__(self, index: int, layer: nn.Module, feedback: torch.Tensor, **kwargs):
-        super().__init__(index, layer, heads=None, **kwargs)
-        self.register_buffer("feedback", feedback)  # (classes, output features): fixed, saved, never trained
 
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.train()
@@ -251,20 +321,34 @@ class DFABlock(HiddenBlock):
         return bad
 
 
-class OutputBlock(Block):
-    """The network's last layer: a linear classifier trained with (scaled) cross-entropy."""
+class DFABlock(FeedbackTrained, HiddenBlock):
+    """The reference's layer block, trained by DFA."""
 
-    def __init__(self, index: int, in_features: int, num_classes: int, *, loss_scale: float, zero_init: bool,
-                 feedback_alignment: bool = False):
+    def __init__(self, index: int, layer: nn.Module, feedback: torch.Tensor, **kwargs):
+        HiddenBlock.__init__(self, index, layer, heads=None, **kwargs)
+        self.register_buffer("feedback", feedback)  # (classes, output features): fixed, saved, never trained
+
+
+class LocalDFABlock(FeedbackTrained, LocalBlock):
+    """A user's block, trained by DFA."""
+
+    def __init__(self, index: int, layer: nn.Module, feedback: torch.Tensor, after: nn.Module | None = None):
+        LocalBlock.__init__(self, index, layer, None, after)
+        self.register_buffer("feedback", feedback)
+
+
+class OutputBlock(Block):
+    """The network's last layer: a classifier (x -> logits) trained with (scaled) cross-entropy."""
+
+    def __init__(self, index: int, layer: nn.Module, *, loss_scale: float, flatten: bool = True):
         super().__init__(index)
-        self.layer = (LinearFA if feedback_alignment else nn.Linear)(in_features, num_classes)
-        if zero_init:
-            nn.init.zeros_(self.layer.weight)
+        self.layer = layer
         self.loss_scale = loss_scale
+        self.flatten = flatten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.precision.autocast():
-            return self.layer(x.flatten(1))
+        with self.precision.autocast(), self.own_randomness():
+            return self.layer(x.flatten(1) if self.flatten else x)
 
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.train()

@@ -71,13 +71,15 @@ KEEP_CHECKPOINTS = 2
 
 
 def fingerprint(cfg) -> dict:
+    from pipeline.network import fingerprint as network_fingerprint  # a user's factory may have changed its network
+
     """What a resumed run must share with the run that wrote the checkpoint (epochs may grow, paths may move)."""
     values = cfg.to_dict()
     data = {k: v for k, v in values["data"].items() if k not in ("data_dir", "download")}
     return {"model": values["model"], "loss": values["loss"], "optim": values["optim"], "data": data,
             "seed": values["run"]["seed"], "stages": values["pipeline"]["stages"],
             "partition": values["pipeline"]["partition"], "dfa_max_delay": values["pipeline"]["dfa_max_delay"],
-            "precision": values["run"]["precision"]}
+            "precision": values["run"]["precision"], "network": network_fingerprint(cfg)}
 
 
 def stage_state(blocks: list[Block], rank: int, world: int, position: dict, print_: dict) -> dict:
@@ -123,8 +125,9 @@ def restore_stage(blocks: list[Block], state: dict) -> None:
         block.optimizer.load_state_dict(saved["optimizer"])
         block.generator.set_state(saved["generator"].to("cpu"))
         stats = saved["stats"]
-        block.stats.loss_sum = stats["loss_sum"].to(block.layer.weight.device)
-        block.stats.hits = stats["hits"].to(block.layer.weight.device)
+        device = next(block.parameters()).device
+        block.stats.loss_sum = stats["loss_sum"].to(device)
+        block.stats.hits = stats["hits"].to(device)
         block.stats.examples, block.stats.scored = stats["examples"], stats["scored"]
         block.skipped = saved["skipped"]
         if getattr(block, "scaler", None) is not None and saved.get("scaler"):

@@ -11,12 +11,13 @@ import sys
 import traceback
 from typing import Any
 
-from pipeline.config import (DEVICES, DIST_BACKENDS, LOSSES, MODELS, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
+from pipeline.config import (DEVICES, DIST_BACKENDS, LOSSES, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
                              DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig, RULE_DEFAULTS, rule_defaults)
 
 from pipeline.blocks import NonFiniteLoss
 from pipeline.config_file import config_path, file_values, read, to_flags
 from pipeline.config_file import write as write_config
+from pipeline.network import check_network
 from pipeline.resources import check_resources
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -122,10 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_names() -> str:
+    from pipeline.models import MODELS
+
+    names = list(MODELS)
+    return ", ".join(n for n in names if not n.startswith(("vgg", "resnet", "wresnet"))) + ", vgg6a ... vgg19, resnet18 ... resnet152, wresnet10-8 ... wresnet40-10a"
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m, lo, o, d, pi, r = ModelConfig(), LossConfig(), OptimConfig(), DataConfig(), PipelineConfig(), RunConfig()
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=m.name, help=f"{', '.join(MODELS)} (default {m.name})")
+    g.add_argument("--model", default=m.name, help=f"a built-in network ({_model_names()}), or your own: "
+                   f"package.module:function or path/to/file.py:function (default {m.name})")
     g.add_argument("--num-layers", type=int, default=m.num_layers, help="hidden fully connected layers")
     g.add_argument("--num-hidden", type=int, default=m.num_hidden, help="units per hidden fully connected layer")
     g.add_argument("--hidden-sizes", type=_int_list, default=None, help="width of each hidden layer, e.g. 800,8,800")
@@ -325,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {path}")
             return EXIT_OK
         cfg = config_from_args(args)
+        check_network(cfg)  # the factory imports, its blocks fit together, the stages fit its blocks
         check_resources(cfg)  # output folders, batch size, memory: judged before any process starts
         if args.command == "train" and cfg.run.out:
             write_config(cfg.run.out, file_values(args, command_parser(parser, "train"), resolved_options(cfg)))

@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-MODELS = ("mlp", "vgg8b", "vgg11b")
+from pipeline.errors import ConfigError
+
 LOCAL_LOSSES = ("predsim", "pred", "sim")
 GLOBAL_LOSSES = ("backprop", "fa")  # one loss at the output, its error sent back through every layer
 LOSSES = LOCAL_LOSSES + GLOBAL_LOSSES + ("dfa",)
@@ -20,10 +21,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 
 
-class ConfigError(ValueError):
-    """Bad user input: reported as one line, exit code 2, before any process starts."""
-
-
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -33,26 +30,21 @@ def _choice(value: str, options: tuple[str, ...], flag: str) -> None:
     _require(value in options, f"unknown {flag} '{value}': choose one of {', '.join(options)}")
 
 
-def _vgg_widths(name: str) -> list[int]:
-    from pipeline.models import VGG_LAYOUTS
-
-    return [item for item in VGG_LAYOUTS[name] if isinstance(item, int)]
-
-
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     """The network: which architecture and how wide, deep and regularised it is."""
 
     name: str = "mlp"
-    """mlp, vgg8b or vgg11b (the reference's networks)."""
+    """A built-in network (mlp, vgg6a ... vgg19, resnet18 ... resnet152, wresnet10-8 ... wresnet40-10a; see
+    pipeline/models.py) or a user's factory, package.module:function or path/to/file.py:function (pipeline/network.py)."""
     num_layers: int = 1
-    """Hidden fully connected layers (the whole mlp; the classifier part of a vgg)."""
+    """Hidden fully connected layers (the whole mlp, at least 1; the classifier part of a vgg)."""
     num_hidden: int = 1024
     """Units in each hidden fully connected layer."""
     hidden_sizes: tuple[int, ...] | None = None
     """Width of each hidden fully connected layer (e.g. 800,8,800 for a bottleneck); overrides num_layers/num_hidden."""
     feat_mult: float = 1.0
-    """Multiplier on the number of feature maps of the vgg convolutions."""
+    """Multiplier on the number of feature maps of the convolutions (vgg, resnet)."""
     nonlin: str | None = None
     """relu, leakyrelu (slope 0.01) or tanh; default tanh under --loss dfa, else relu."""
     dropout: float = 0.0
@@ -61,18 +53,14 @@ class ModelConfig:
     """Batch norm between each layer and its nonlinearity."""
 
     def __post_init__(self) -> None:
-        _choice(self.name, MODELS, "--model")
+        _require(isinstance(self.name, str) and self.name.strip() != "", "--model needs a network name or a factory path")
         if self.nonlin is not None:
             _choice(self.nonlin, NONLINEARITIES, "--nonlin")
         if self.hidden_sizes is not None:
             self.hidden_sizes = tuple(int(w) for w in self.hidden_sizes)
             _require(all(w >= 1 for w in self.hidden_sizes), f"--hidden-sizes must be widths >= 1, got {','.join(map(str, self.hidden_sizes))}")
             self.num_layers = len(self.hidden_sizes)
-        if self.name != "mlp":
-            narrowest = min(w for w in _vgg_widths(self.name))
-            _require(int(narrowest * self.feat_mult) >= 1, f"--feat-mult {self.feat_mult} leaves a {self.name} layer with no feature maps: use at least {1 / narrowest:g}")
-        minimum_layers = 1 if self.name == "mlp" else 0
-        _require(self.num_layers >= minimum_layers, f"--num-layers must be >= {minimum_layers} for {self.name}, got {self.num_layers}")
+        _require(self.num_layers >= 0, f"--num-layers must be >= 0, got {self.num_layers}")
         _require(self.num_hidden >= 1, f"--num-hidden must be >= 1, got {self.num_hidden}")
         _require(self.feat_mult > 0 and math.isfinite(self.feat_mult), f"--feat-mult must be > 0, got {self.feat_mult}")
         _require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
@@ -310,14 +298,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        from pipeline.models import count_blocks
-
-        blocks = count_blocks(self.model)
+        # what depends on the network itself (its block count against --stages and --partition, whether its blocks
+        # fit together) is judged by pipeline.network.check_network, which builds nothing but knows the factories
         stages = self.pipeline.stages
-        _require(stages <= blocks, f"--stages {stages} is more than the {blocks} blocks of {self.model.name} (output classifier included): use at most {blocks}")
-        if isinstance(self.pipeline.partition, tuple):
-            total = sum(self.pipeline.partition)
-            _require(total == blocks, f"--partition sums to {total} but {self.model.name} has {blocks} blocks")
         _require(not (self.loss.loss in GLOBAL_LOSSES and stages > 1),
                  f"--loss {self.loss.loss} sends the error back through every layer, so it needs the whole network in one process: use --stages 1 (or --loss dfa)")
         _require(not (self.pipeline.dfa_sync and self.loss.loss != "dfa"), "--dfa-sync applies to --loss dfa only")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.seeding import generator
 
 if TYPE_CHECKING:

@@ -104,7 +104,7 @@ def feedback_matrix(classes: int, features: int, generator: torch.Generator, nor
     Normalised as in Launay et al. (principled DFA training): entries of variance 1 / (features * classes),
     so that B e has the same scale whatever the layer's width; otherwise standard normal.
     """
-    matrix = torch.randn(classes, features, generator=generator)
+    matrix = torch.randn(classes, features, generator=generator, device=generator.device)  # also under a meta default
     return matrix / math.sqrt(features * classes) if normalized else matrix
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from pipeline import losses
 from pipeline.feedback import LinearFA
 from pipeline.precision import float32_math
+from pipeline.rules import LocalHead
 
 if TYPE_CHECKING:
     from pipeline.config import LossConfig
@@ -37,7 +38,7 @@ def decoder_pool(channels: int, size: int, limit: int) -> tuple[tuple[int, int],
     return (kernel_h, kernel_w), (pad_h, pad_w), channels * pooled_h * pooled_w
 
 
-class LocalHeads(nn.Module):
+class LocalHeads(LocalHead):
     """The heads of one hidden block and its local loss.
 
     features: the block's activation h before dropout, (B, C, H, W) for conv blocks, (B, F) for linear ones.
@@ -105,11 +106,20 @@ class LocalHeads(nn.Module):
                 return losses.predsim(pred, sim, self.beta), logits
         return (pred if pred is not None else sim), logits
 
-    def classify(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Class predictions (B,) of the local classifier on activation h, or None without a pred head."""
-        if not self.uses_pred:
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.loss(h, y)
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The pred head's logits on activation h, or None without a pred head."""
+        return self.decoder(self._pooled(h)) if self.uses_pred else None
+
+    def class_scores(self, h: torch.Tensor) -> torch.Tensor | None:
+        """fp32 scores whose argmax is the prediction (under bio: each class code's summed logits)."""
+        logits = self.scores(h)
+        if logits is None:
             return None
-        return self.predictions(self.decoder(self._pooled(h)))
+        logits = logits.float()
+        return logits @ losses.bio_targets(self.projection).t() if self.bio else logits
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         """Class predictions from the pred head's logits.

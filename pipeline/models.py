@@ -1,120 +1,154 @@
-"""Models as plain lists of blocks (mlp, vgg8b, vgg11b as in the reference), ready to be cut into stages."""
+"""The built-in networks (the reference's mlp, VGG layouts and ResNets), written with the public network API.
+
+Each is a factory `build(ctx) -> Network` registered under its --model name in MODELS, exactly like a user's
+network given as --model path/to/file.py:build. The mlp and VGG blocks are the reference's layer blocks
+(StandardBlock: conv or linear -> batch norm -> nonlinearity, dropout and max pooling after the local loss);
+the ResNets' blocks are whole residual units (pipeline/resnet.py).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-import torch
 from torch import nn
 
-from pipeline.blocks import Block, DFABlock, HiddenBlock, OutputBlock, make_optimizer
-from pipeline.feedback import Conv2dFA, LinearFA, feedback_matrix
-from pipeline.heads import LocalHeads
-from pipeline.losses import output_loss_scale
-from pipeline.precision import Precision
-from pipeline.seeding import generator, seeded_init
+from pipeline.errors import ConfigError
+from pipeline.network import BlockContext, Network, NetworkContext, build_blocks, count_blocks  # noqa: F401 (re-exported)
+from pipeline.rules import LearningRule, rule_named
 
-if TYPE_CHECKING:
-    from pipeline.config import Config, ModelConfig
-
-# Convolution widths; "M" is a 2x2 max pool, folded into the preceding block's output.
+# Convolution widths; "M" is a 2x2 max pool, folded into the preceding block's output (anokland/local-loss).
 VGG_LAYOUTS: dict[str, list[int | str]] = {
+    "vgg6a": [128, "M", 256, "M", 512, "M", 512],
+    "vgg6b": [128, "M", 256, "M", 512, "M", 512, "M"],
+    "vgg8": [64, "M", 128, "M", 256, "M", 512, "M", 512, "M"],
+    "vgg8a": [128, 256, "M", 256, 512, "M", 512, "M", 512],
     "vgg8b": [128, 256, "M", 256, 512, "M", 512, "M", 512, "M"],
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg11b": [128, 128, 128, 256, "M", 256, 512, "M", 512, 512, "M", 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 
 
-@dataclass(frozen=True, slots=True)
-class BlockPlan:
-    """Shape of one block before it is built: conv (size set) or linear (size None), or the output classifier."""
+@dataclass
+class StandardBlock:
+    """The reference's layer block: [flatten] -> conv (kernel, stride, padding kernel // 2) or linear -> [batch
+    norm] -> nonlinearity = h, where the local loss is taken; then dropout (whole feature maps for a conv) and an
+    optional 2x2 max pool. Batch norm, nonlinearity and dropout follow the run's --batch-norm, --nonlin, --dropout;
+    its rule is the run's --loss unless `rule` is given; --loss fa uses feedback-alignment layers."""
 
-    kind: str  # "conv", "linear" or "output"
-    inputs: int  # input channels or features
-    outputs: int  # output channels, features or classes
-    size: int | None = None  # conv: spatial size of the block's activation (before pooling)
+    kind: str  # "conv" or "linear"
+    inputs: int
+    outputs: int
     kernel: int = 3
     stride: int = 1
     pool: bool = False
     flatten_input: bool = False
+    rule: LearningRule | None = None
+    optim: dict[str, Any] = field(default_factory=dict)
 
-    def output_features(self) -> int:
-        """Features a block hands on: what the next block reads, and the width of a DFA feedback matrix."""
-        if self.kind != "conv":
-            return self.outputs
-        side = self.size // 2 if self.pool else self.size
-        return self.outputs * side * side
+    def build(self, ctx: BlockContext):
+        from pipeline.blocks import DFABlock, HiddenBlock
+        from pipeline.feedback import Conv2dFA, LinearFA, feedback_matrix
+        from pipeline.seeding import generator
+
+        cfg = ctx.network.config
+        fa = cfg.loss.loss == "fa"
+        if self.kind == "conv":
+            layer = (Conv2dFA if fa else nn.Conv2d)(self.inputs, self.outputs, self.kernel, stride=self.stride,
+                                                    padding=self.kernel // 2)
+        else:
+            layer = (LinearFA if fa else nn.Linear)(self.inputs, self.outputs)
+        common = dict(batch_norm=cfg.model.batch_norm, nonlin=cfg.model.nonlin, dropout=cfg.model.dropout,
+                      pool=nn.MaxPool2d(2, 2) if self.pool else None, flatten_input=self.flatten_input)
+        rule = self.rule or rule_named(cfg.loss.loss)
+        if ctx.shaped and rule is not None and rule.name == "dfa":
+            features = 1
+            for size in ctx.output_shape:
+                features *= size
+            feedback = feedback_matrix(ctx.network.num_classes, features, generator(cfg.run.seed, "feedback", ctx.index),
+                                       cfg.loss.feedback_normalization)
+            return DFABlock(ctx.index, layer, feedback, **common)
+        heads = rule.heads(ctx.activation_shape, ctx.network.num_classes, cfg.loss) if ctx.shaped and rule else None
+        return HiddenBlock(ctx.index, layer, heads=heads, **common)
 
 
-def plan_blocks(model: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> list[BlockPlan]:
-    """The block list of a model for inputs (C, H, W): hidden blocks in order, then the output classifier."""
-    channels, size, _ = input_shape
-    plans: list[BlockPlan] = []
-    if model.name in VGG_LAYOUTS:
-        for item in VGG_LAYOUTS[model.name]:
+@dataclass
+class StandardOutput:
+    """The reference's output classifier: flatten -> linear (zero-initialised under a local rule, as the
+    reference; feedback alignment under --loss fa)."""
+
+    inputs: int
+    optim: dict[str, Any] = field(default_factory=dict)
+    is_output = True
+
+    def build(self, ctx: BlockContext):
+        from pipeline.blocks import OutputBlock
+        from pipeline.feedback import LinearFA
+        from pipeline.losses import output_loss_scale
+
+        loss = ctx.network.config.loss
+        layer = (LinearFA if loss.loss == "fa" else nn.Linear)(self.inputs, ctx.network.num_classes)
+        if loss.local:
+            nn.init.zeros_(layer.weight)
+        return OutputBlock(ctx.index, layer, loss_scale=output_loss_scale(loss.loss, loss.beta), flatten=True)
+
+
+def _classifier_layers(ctx: NetworkContext, features: int, first: bool) -> list:
+    """The fully connected part: hidden linear blocks of the run's widths, then the output classifier."""
+    model = ctx.model
+    blocks: list = []
+    for width in model.hidden_sizes or (model.num_hidden,) * model.num_layers:
+        blocks.append(StandardBlock("linear", features, width, flatten_input=first and not blocks))
+        features = width
+    return blocks + [StandardOutput(features)]
+
+
+def mlp(ctx: NetworkContext) -> Network:
+    """--num-layers hidden linear blocks of --num-hidden units (or --hidden-sizes), then the classifier."""
+    channels, height, width = ctx.input_shape
+    if ctx.model.num_layers < 1:
+        raise ConfigError(f"--num-layers must be >= 1 for mlp, got {ctx.model.num_layers}")
+    return Network(_classifier_layers(ctx, channels * height * width, first=True))
+
+
+def vgg(name: str) -> Callable[[NetworkContext], Network]:
+    """A VGG layout of the reference: conv blocks (widths times --feat-mult), then --num-layers linear blocks."""
+
+    def build(ctx: NetworkContext) -> Network:
+        channels, size, _ = ctx.input_shape
+        narrowest = min(item for item in VGG_LAYOUTS[name] if isinstance(item, int))
+        if int(narrowest * ctx.model.feat_mult) < 1:
+            raise ConfigError(f"--feat-mult {ctx.model.feat_mult} leaves a {name} layer with no feature maps: use "
+                              f"at least {1 / narrowest:g}")
+        blocks: list[StandardBlock] = []
+        for item in VGG_LAYOUTS[name]:
             if item == "M":
-                last = plans[-1]
-                plans[-1] = BlockPlan(last.kind, last.inputs, last.outputs, last.size, last.kernel, last.stride, pool=True)
+                blocks[-1].pool = True
                 size //= 2
                 continue
-            width = int(item * model.feat_mult)
-            if not plans and size > 64:  # large inputs (STL-10): a 7x7 stride-2 first convolution
+            width = int(item * ctx.model.feat_mult)
+            if not blocks and size > 64:  # large inputs (STL-10): a 7x7 stride-2 first convolution
                 size //= 2
-                plans.append(BlockPlan("conv", channels, width, size, kernel=7, stride=2))
+                blocks.append(StandardBlock("conv", channels, width, kernel=7, stride=2))
             else:
-                plans.append(BlockPlan("conv", channels, width, size))
+                blocks.append(StandardBlock("conv", channels, width))
             channels = width
-    features = channels * size * size
-    widths = model.hidden_sizes or (model.num_hidden,) * model.num_layers
-    for layer, width in enumerate(widths):
-        plans.append(BlockPlan("linear", features, width, flatten_input=layer == 0))
-        features = width
-    plans.append(BlockPlan("output", features, num_classes, flatten_input=True))
-    return plans
+        return Network(blocks + _classifier_layers(ctx, channels * size * size, first=True))
+
+    build.__doc__ = f"{name}: {VGG_LAYOUTS[name]} (the reference's layout) then the classifier."
+    return build
 
 
-def count_blocks(model: ModelConfig) -> int:
-    """Blocks of a model, the output classifier included (independent of the input shape)."""
-    convs = sum(isinstance(item, int) for item in VGG_LAYOUTS.get(model.name, []))
-    return convs + model.num_layers + 1
+def _registry() -> dict[str, Callable[[NetworkContext], Network]]:
+    from pipeline import resnet
+
+    models: dict[str, Callable[[NetworkContext], Network]] = {"mlp": mlp}
+    models.update({name: vgg(name) for name in VGG_LAYOUTS})
+    models.update(resnet.MODELS)
+    return models
 
 
-def _build(plan: BlockPlan, index: int, cfg: Config, num_classes: int) -> Block:
-    rule = cfg.loss.loss
-    fa = rule == "fa"
-    if plan.kind == "output":
-        return OutputBlock(index, plan.inputs, plan.outputs, loss_scale=output_loss_scale(rule, cfg.loss.beta),
-                           zero_init=cfg.loss.local, feedback_alignment=fa)
-    if plan.kind == "conv":
-        layer = (Conv2dFA if fa else nn.Conv2d)(plan.inputs, plan.outputs, plan.kernel, stride=plan.stride, padding=plan.kernel // 2)
-    else:
-        layer = (LinearFA if fa else nn.Linear)(plan.inputs, plan.outputs)
-    common = dict(batch_norm=cfg.model.batch_norm, nonlin=cfg.model.nonlin, dropout=cfg.model.dropout,
-                  pool=nn.MaxPool2d(2, 2) if plan.pool else None, flatten_input=plan.flatten_input)
-    if rule == "dfa":
-        feedback = feedback_matrix(num_classes, plan.output_features(), generator(cfg.run.seed, "feedback", index),
-                                   cfg.loss.feedback_normalization)
-        return DFABlock(index, layer, feedback, **common)
-    heads = LocalHeads(cfg.loss, num_classes, plan.outputs, plan.size) if cfg.loss.local else None
-    return HiddenBlock(index, layer, heads=heads, **common)
-
-
-def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
-                 indices: Iterable[int] | None = None, device: str | torch.device = "cpu") -> list[Block]:
-    """Build blocks (all, or those at `indices`), each from its own seed so any process builds the same block.
-
-    Parameters are drawn on the CPU and then moved, so a block's initial weights do not depend on the device.
-    """
-    plans = plan_blocks(cfg.model, input_shape, num_classes)
-    chosen = range(len(plans)) if indices is None else list(indices)
-    precision = Precision(cfg.run.precision, torch.device(device).type)
-    blocks = []
-    for index in chosen:
-        with seeded_init(cfg.run.seed, "block", index):
-            block = _build(plans[index], index, cfg, num_classes)
-        block.to(device)
-        block.skip_nonfinite = cfg.run.skip_nonfinite
-        block.precision, block.scaler = precision, precision.scaler()
-        block.attach(make_optimizer(block.parameters(), cfg.optim), generator(cfg.run.seed, "dropout", index, device=device))
-        blocks.append(block)
-    return blocks
+MODELS = _registry()

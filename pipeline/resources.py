@@ -12,6 +12,7 @@ meant to refuse what cannot fit, not to promise that the rest does.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -57,25 +58,14 @@ def check_batch_size(cfg: Config) -> None:
 
 def block_bytes(cfg: Config) -> list[tuple[int, int]]:
     """(transient bytes at batch B, resident bytes) of each block, in order; see [Note: memory estimate]."""
-    from pipeline.data import BatchSource
-    from pipeline.models import plan_blocks
+    from pipeline.network import resolve
 
-    (channels, size, _), classes = BatchSource.shape_of(cfg.data)
     batch = cfg.data.batch_size
-    uses_sim = cfg.loss.loss in ("sim", "predsim")
-    features_in = channels * size * size
     result = []
-    for plan in plan_blocks(cfg.model, (channels, size, size), classes):
-        kernel = plan.kernel ** 2 if plan.kind == "conv" else 1
-        activation = plan.outputs * (plan.size ** 2 if plan.kind == "conv" else 1)
-        weights = plan.inputs * plan.outputs * kernel
-        similarity = 0
-        if uses_sim and plan.kind != "output":
-            similarity = SIM_COPIES * batch * batch
-            weights += plan.outputs * plan.outputs * kernel  # the sim head's map
-        transient = FP32 * (batch * (features_in + ACTIVATION_COPIES * activation) + similarity)
-        result.append((transient, 4 * FP32 * weights))  # weights, gradients, two Adam moments
-        features_in = plan.output_features()
+    for block in resolve(cfg)[2].blocks:  # shapes and parameter counts from the network's dry run
+        similarity = SIM_COPIES * batch * batch if block.similarity else 0
+        transient = FP32 * (batch * (math.prod(block.input) + ACTIVATION_COPIES * math.prod(block.activation)) + similarity)
+        result.append((transient, 4 * FP32 * block.parameters))  # weights, gradients, two Adam moments
     return result
 
 

@@ -24,11 +24,11 @@ from tqdm import tqdm
 from pipeline.blocks import NonFiniteLoss
 from pipeline.checkpoint import load_stage_checkpoint, restore_stage, verify_checkpoint
 from pipeline.config import Config, ConfigError
-from pipeline.control import agree_backend, device_facts
+from pipeline.control import agree_backend, device_facts, exchange_strings
 from pipeline.data import DATASETS, BatchSource
 from pipeline.determinism import use_deterministic
 from pipeline.interrupt import StopRequest
-from pipeline.models import build_blocks, count_blocks
+from pipeline.network import build_blocks, count_blocks, fingerprint
 from pipeline.partition import balanced_partition, resolve_partition, stage_ranges, stage_times
 from pipeline.profile import block_costs, send_path
 from pipeline.stage import Stage, StallError
@@ -109,6 +109,7 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     # every rank takes part, and all decide on every rank's facts: the same backend everywhere, or the same error
     backend = agree_backend(cfg.pipeline.dist_backend, device_facts(device)) if cfg.pipeline.transport == "dist" else None
+    agree_network(cfg, rank)
     sizes, profile = agree_partition(cfg, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
     ranges = stage_ranges(sizes)
     spec = DATASETS[cfg.data.shape_source]
@@ -137,11 +138,21 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     return summary
 
 
+def agree_network(cfg: Config, rank: int) -> None:
+    """Every rank's factory built the same network (collective): a factory that reads something that differs between
+    ranks (an environment variable, a file that changed on one node) is refused by every rank alike."""
+    prints = exchange_strings(fingerprint(cfg))
+    if len(set(prints)) > 1:
+        odd = next(r for r, p in enumerate(prints) if p != prints[0])
+        raise ConfigError(f"--model {cfg.model.name} built different networks on different ranks (stage 0 and "
+                          f"stage {odd} differ): the factory must depend on its context only")
+
+
 def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
                     path: str = "host") -> tuple[tuple[int, ...], dict | None]:
     """Blocks per stage, the same on every rank. For "auto", stage 0 profiles the blocks and broadcasts its choice
     (timings differ between processes; the partition must not)."""
-    blocks = count_blocks(cfg.model)
+    blocks = count_blocks(cfg)
     if cfg.pipeline.partition != "auto":
         return tuple(len(r) for r in resolve_partition(blocks, world, cfg.pipeline.partition)), None
     chosen = torch.zeros(world, dtype=torch.int64)

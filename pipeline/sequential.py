@@ -23,7 +23,7 @@ from pipeline.feedback import output_error
 from pipeline.faults import InjectedFault
 from pipeline.interrupt import StopRequest, injected_stop_at
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
-from pipeline.models import build_blocks
+from pipeline.network import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import progress_bar
 
@@ -84,9 +84,8 @@ class SequentialTrainer:
 
     def train_epoch(self, epoch: int, start: int = 0, stop: StopRequest | None = None) -> bool:
         """Train on an epoch's batches from `start`; False when a stop request ended it early (after a checkpoint)."""
-        lr = learning_rate(self.cfg.optim, epoch)
         for block in self.blocks:
-            block.set_learning_rate(lr)
+            block.set_learning_rate(learning_rate(block.optim_config, epoch))
             if start == 0:
                 block.stats.reset()
         self.throughput.start_epoch()

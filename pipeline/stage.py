@@ -34,7 +34,7 @@ from pipeline.faults import InjectedFault
 from pipeline.message import Kind, Message
 from pipeline.message_stream import data_messages
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
-from pipeline.models import build_blocks
+from pipeline.network import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import LineProgress, progress_bar
 from pipeline.stage_io import StageIO, StallError, release_after
@@ -91,9 +91,8 @@ class Stage:
 
     def _begin_epoch(self, msg: Message, reset: bool = True) -> None:
         self._epoch = msg.epoch
-        lr = learning_rate(self.cfg.optim, msg.epoch)
         for block in self.blocks:
-            block.set_learning_rate(lr)
+            block.set_learning_rate(learning_rate(block.optim_config, msg.epoch))
             if reset:
                 block.stats.reset()
         if self.is_last:

@@ -16,12 +16,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from pipeline import losses
-from pipeline.blocks import Block, HiddenBlock, evaluate_blocks
+from pipeline.blocks import Block, LocalBlock, evaluate_blocks
 from pipeline.config import Config, ConfigError
 from pipeline.data import BatchSource
 from pipeline.metrics import layer_errors
-from pipeline.models import build_blocks
+from pipeline.network import build_blocks
 
 
 class TrainedNetwork(nn.Module):
@@ -48,7 +47,7 @@ class TrainedNetwork(nn.Module):
         """Class scores (B, classes) of each block's local classifier, the output's logits last."""
         scores: list[torch.Tensor | None] = []
         for block in self.blocks:
-            if isinstance(block, HiddenBlock):
+            if isinstance(block, LocalBlock):
                 h = block.activation(x)
                 scores.append(_class_scores(block, h))
                 x = block.emit(h)
@@ -58,14 +57,13 @@ class TrainedNetwork(nn.Module):
         return scores
 
 
-def _class_scores(block: HiddenBlock, h: torch.Tensor) -> torch.Tensor | None:
-    """The scores whose argmax is the block's prediction (LocalHeads.classify), or None without a pred head."""
-    heads = block.heads
-    if heads is None or not heads.uses_pred:
+def _class_scores(block: LocalBlock, h: torch.Tensor) -> torch.Tensor | None:
+    """The fp32 scores whose argmax is the block's prediction, or None for a block whose heads do not classify."""
+    scores = getattr(block.heads, "class_scores", None)
+    if scores is None:
         return None
     with block.precision.autocast():
-        logits = heads.decoder(heads._pooled(h)).float()
-    return logits @ losses.bio_targets(heads.projection).t() if heads.bio else logits
+        return scores(h)
 
 
 def _fail(run_dir: str, why: str) -> ConfigError:

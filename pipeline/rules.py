@@ -1,0 +1,115 @@
+"""Learning rules a block can take: the local losses (pred, sim, predsim, their bio variant), DFA, or a user's head.
+
+A rule is lazy: it builds a block's heads once the block's activation shape is known, so that each stage process
+builds only the heads of its own blocks. A user's head is any module mapping (activation h, labels y) to a loss,
+or to (loss, class scores) to have its layer's test error reported (see LocalHead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import LossConfig
+
+
+class LocalHead(nn.Module):
+    """Base of a user's local head: trains the block it sits on from that block's activation alone.
+
+    forward(h, y) returns the block's loss (a scalar), or (loss, scores) with class scores (B, classes) from which
+    its training error is counted. scores(h) gives the class scores of an activation without labels (test error,
+    early exit); None (the default) when the head does not classify.
+    """
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor):  # noqa: D102 (documented on the class)
+        raise NotImplementedError
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def predictions(self, scores: torch.Tensor) -> torch.Tensor:
+        """Classes from scores (B, classes): their argmax."""
+        return scores.argmax(1)
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Class predictions (B,) for activation h, or None when the head does not classify."""
+        scores = self.scores(h)
+        return None if scores is None else self.predictions(scores)
+
+    def class_scores(self, h: torch.Tensor) -> torch.Tensor | None:
+        """fp32 scores whose argmax is the prediction (early exit reads their softmax)."""
+        scores = self.scores(h)
+        return None if scores is None else scores.float()
+
+
+class LearningRule:
+    """How a hidden block learns; `heads(shape, ...)` builds its heads for an activation of `shape` (C, H, W) or (F,)."""
+
+    name = ""
+
+    def heads(self, shape: tuple[int, ...], num_classes: int, loss: LossConfig) -> nn.Module | None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LocalLoss(LearningRule):
+    """pred, sim or predsim heads (Nøkland & Eidnes); None fields take the run's --beta, --bio, ... values."""
+
+    name: str = "predsim"
+    bio: bool | None = None
+    beta: float | None = None
+
+    def heads(self, shape: tuple[int, ...], num_classes: int, loss: LossConfig) -> nn.Module:
+        from pipeline.heads import LocalHeads
+
+        overrides = {"loss": self.name} | {k: v for k, v in (("bio", self.bio), ("beta", self.beta)) if v is not None}
+        cfg = dataclasses.replace(loss, **overrides)
+        if len(shape) == 3:
+            channels, height, width = shape
+            if height != width:
+                raise ConfigError(f"the {self.name} heads need square feature maps, got {height}x{width}")
+            return LocalHeads(cfg, num_classes, channels, height)
+        if len(shape) == 1:
+            return LocalHeads(cfg, num_classes, shape[0], None)
+        raise ConfigError(f"the {self.name} heads take (C, H, W) or (F,) activations, got shape {tuple(shape)}")
+
+
+def PredSim(bio: bool | None = None, beta: float | None = None) -> LocalLoss:
+    """(1 - beta) * pred + beta * sim: the paper's rule."""
+    return LocalLoss("predsim", bio, beta)
+
+
+def Pred(bio: bool | None = None) -> LocalLoss:
+    """Average pool -> linear classifier -> cross-entropy."""
+    return LocalLoss("pred", bio)
+
+
+def Sim(bio: bool | None = None) -> LocalLoss:
+    """MSE between the similarity matrices of the (mapped) activation and of the labels."""
+    return LocalLoss("sim", bio)
+
+
+@dataclass(frozen=True)
+class DFA(LearningRule):
+    """Direct feedback alignment: the output error through a fixed random matrix is the block's output gradient."""
+
+    name: str = "dfa"
+
+    def heads(self, shape, num_classes, loss):
+        return None
+
+
+def rule_named(name: str) -> LearningRule | None:
+    """The rule of --loss `name` for blocks that do not choose one (None for backprop and fa: one global loss)."""
+    if name == "dfa":
+        return DFA()
+    if name in ("pred", "sim", "predsim"):
+        return LocalLoss(name)
+    return None

@@ -80,6 +80,8 @@ def supervise(processes: list, device: str = "cpu") -> int:
                 process.join()
                 if process.exitcode != 0:
                     _stop(list(pending.values()))
+                    if process.exitcode == 2:  # a bad configuration: the stage has said why, in one line
+                        return 2
                     print(f"error: {process.name} (pid {process.pid} on {socket.gethostname()}, {device}) "
                           f"{_cause(process.exitcode)}; stopped the other stages", file=sys.stderr, flush=True)
                     return 2 if process.exitcode == 2 else 1

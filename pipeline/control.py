@@ -16,7 +16,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError
+from pipeline.errors import AgreedError
 
 STRING_BYTES = 512
 HOST_ENV = "PIPELINE_HOST_NAME"
@@ -76,10 +76,10 @@ def choose_backend(requested: str, facts: list[dict]) -> str:
         return "gloo"
     if off_gpu:
         where = ", ".join(f"stage {r} on {facts[r]['device']} ({facts[r]['host']})" for r in off_gpu)
-        raise ConfigError(f"--dist-backend nccl needs every stage on a GPU, but {where}: use --dist-backend auto or gloo")
+        raise AgreedError(f"--dist-backend nccl needs every stage on a GPU, but {where}: use --dist-backend auto or gloo")
     if shared:
         gpu, ranks = next(iter(shared.items()))
-        raise ConfigError(f"--dist-backend nccl needs a GPU per stage, but stages {', '.join(map(str, ranks))} share "
+        raise AgreedError(f"--dist-backend nccl needs a GPU per stage, but stages {', '.join(map(str, ranks))} share "
                           f"{gpu} on {facts[ranks[0]]['host']}: use --dist-backend auto or gloo, or one GPU per stage")
     return "nccl"
 

@@ -283,6 +283,8 @@ def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> Net
                                   f"parameter-free step such as pooling into a neighbour's layer or `after`)")
             shaped = BlockContext(index, ctx, in_shape, tuple(h.shape[1:]), tuple(out.shape[1:]))
             block = bare if index == last else _built(spec, shaped)
+            if getattr(block, "heads", None) is not None:
+                _try_heads(block, h, index, device)
         heads = getattr(block, "heads", None)
         structure = ";".join(f"{name}{tuple(t.shape)}" for name, t in block.state_dict().items())
         shapes.append(BlockShape(in_shape, shaped.activation_shape, shaped.output_shape,
@@ -290,6 +292,23 @@ def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> Net
                                  bool(getattr(heads, "uses_sim", False)), f"{type(block).__name__}[{structure}]"))
         x = out
     return NetworkShape(shapes)
+
+
+def _try_heads(block: Block, h: torch.Tensor, index: int, device: torch.device) -> None:
+    """The block's heads on its dry-run activation: a loss that is not a scalar, or heads that cannot take the
+    activation, are found here rather than at the first training batch."""
+    from pipeline.blocks import head_loss
+
+    labels = torch.zeros(h.shape[0], dtype=torch.int64, device=device)
+    try:
+        head_loss(block.heads.eval(), h, labels)
+    except TypeError as exc:
+        raise ConfigError(f"block {index}'s head: {exc}") from None
+    except Exception as exc:
+        if device.type == "meta":
+            raise
+        raise _BlockFailed(f"block {index}'s head cannot take its activation of shape {tuple(h.shape[1:])} per "
+                           f"example ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def _built(spec: Any, ctx: BlockContext) -> Block:

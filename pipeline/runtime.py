@@ -24,6 +24,7 @@ from tqdm import tqdm
 from pipeline.blocks import NonFiniteLoss
 from pipeline.checkpoint import load_stage_checkpoint, restore_stage, verify_checkpoint
 from pipeline.config import Config, ConfigError
+from pipeline.errors import AgreedError
 from pipeline.control import agree_backend, device_facts, exchange_strings
 from pipeline.data import DATASETS, BatchSource
 from pipeline.determinism import use_deterministic
@@ -144,7 +145,7 @@ def agree_network(cfg: Config, rank: int) -> None:
     prints = exchange_strings(fingerprint(cfg))
     if len(set(prints)) > 1:
         odd = next(r for r, p in enumerate(prints) if p != prints[0])
-        raise ConfigError(f"--model {cfg.model.name} built different networks on different ranks (stage 0 and "
+        raise AgreedError(f"--model {cfg.model.name} built different networks on different ranks (stage 0 and "
                           f"stage {odd} differ): the factory must depend on its context only")
 
 
@@ -184,7 +185,8 @@ def guarded(rank: int, body) -> int:
         torch.cuda.synchronize()
         code = 0
     except ConfigError as exc:
-        print(f"error: stage {rank}: {exc}", file=sys.stderr, flush=True)
+        if rank == 0 or not isinstance(exc, AgreedError):  # every rank raised the same one: stage 0 reports it
+            print(f"error: stage {rank}: {exc}", file=sys.stderr, flush=True)
         code = 2
     except (NonFiniteLoss, StallError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -19,7 +19,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from pipeline.config import ConfigError
+from pipeline.errors import AgreedError
 from pipeline.control import exchange_strings, host_name
 from pipeline.message import (MAX_HEADER_BYTES, MAX_TENSOR_BYTES, Message, ProtocolError, TensorSpec, decode_header,
                               encode_header)
@@ -202,7 +202,7 @@ def check_bind_host(bind_host: str, hosts: list[str]) -> None:
     the same error, since all of them see the same gathered host names."""
     distinct = list(dict.fromkeys(hosts))
     if len(distinct) > 1 and is_loopback(bind_host):
-        raise ConfigError(f"--zmq-host {bind_host} is loopback but the stages run on {len(distinct)} hosts "
+        raise AgreedError(f"--zmq-host {bind_host} is loopback but the stages run on {len(distinct)} hosts "
                           f"({', '.join(distinct)}): use --zmq-host 0.0.0.0 or this node's address")
 
 

@@ -1,0 +1,73 @@
+"""Networks a user might get wrong, one factory each: every one must be refused with one line naming the problem."""
+
+import os
+
+import torch
+from torch import nn
+
+import pipeline as lp
+
+
+def _out(features, ctx):
+    return lp.OutputSpec(lambda: nn.Linear(features, ctx.num_classes))
+
+
+def mismatch(ctx):  # block 1 expects 32 channels, block 0 gives 16
+    return lp.Network([lp.BlockSpec(lambda: nn.Conv2d(1, 16, 3, padding=1)),
+                       lp.BlockSpec(lambda: nn.Conv2d(32, 8, 3, padding=1)), _out(8 * 28 * 28, ctx)])
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, x  # a skip connection leaking out of the block
+
+
+def tuple_output(ctx):
+    return lp.Network([lp.BlockSpec(_Pair), _out(8 * 28 * 28, ctx)])
+
+
+def nothing_to_train(ctx):
+    return lp.Network([lp.BlockSpec(lambda: nn.Conv2d(1, 8, 3, padding=1)), lp.BlockSpec(lambda: nn.MaxPool2d(2)),
+                       _out(8 * 14 * 14, ctx)])
+
+
+def wrong_logits(ctx):
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32))),
+                       lp.OutputSpec(lambda: nn.Linear(32, 7))])
+
+
+def not_a_network(ctx):
+    return {"layers": [nn.Linear(784, 10)]}
+
+
+def no_output(ctx):
+    return lp.Network([lp.BlockSpec(lambda: nn.Linear(784, 10))])
+
+
+def by_rank(ctx):  # reads what differs between the stage processes
+    width = 16 + int(os.environ.get("RANK", "0"))
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, width))),
+                       lp.BlockSpec(lambda: nn.Linear(width, 16)),
+                       _out(16, ctx)])
+
+
+def failing(ctx):
+    raise KeyError("num_blocks")
+
+
+def bad_head(ctx):  # the loss is a vector
+    class VectorLoss(lp.LocalHead):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(32, 10)
+
+        def forward(self, h, y):
+            return torch.nn.functional.cross_entropy(self.linear(h), y, reduction="none")
+
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32)), rule=VectorLoss),
+                       _out(32, ctx)])

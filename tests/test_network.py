@@ -1,0 +1,149 @@
+"""Users' networks: a residual CNN with a custom head, defined outside the package, trains as K stages exactly as in
+one process; the built-in ResNets too; a network that cannot work is refused before anything starts."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import pipeline as lp
+from helpers import run_group, small_config
+from pipeline.checkpoint import load_weights
+from pipeline.cli import main
+
+HERE = os.path.dirname(__file__)
+RESIDUAL = os.path.join(HERE, "networks", "residual.py") + ":build"
+BAD = os.path.join(HERE, "networks", "bad.py")
+
+
+def _residual(**kw):
+    settings = dict(data__synthetic_train_size=160, data__synthetic_test_size=48, data__batch_size=16, run__epochs=2,
+                    optim__lr_decay_milestones=(1,))
+    return small_config(model=RESIDUAL, **{**settings, **kw})
+
+
+def _results(out):
+    summary = json.loads((out / "summary.json").read_text())
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, epochs, load_weights(str(out))
+
+
+def _assert_same(run, reference):
+    (summary, epochs, weights), (ref_summary, ref_epochs, ref_weights) = run, reference
+    assert summary["layer_test_errors"] == ref_summary["layer_test_errors"]
+    for mine, theirs in zip(epochs, ref_epochs, strict=True):
+        for key in ("layer_test_errors", "layer_train_losses", "layer_train_errors"):
+            assert mine[key] == theirs[key], key
+    assert sorted(weights) == sorted(ref_weights)
+    for index, state in ref_weights.items():
+        assert sorted(state) == sorted(weights[index])
+        for name, tensor in state.items():
+            assert torch.equal(weights[index][name], tensor), f"block {index} {name} differs"
+
+
+@pytest.fixture(scope="module")
+def residual_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("residual-sequential")
+    summary = lp.train(_residual(run__out=str(out)))
+    assert summary["mode"] == "sequential"
+    return _results(out)
+
+
+def test_the_users_head_and_the_built_in_rules_report_their_layers(residual_reference):
+    summary, epochs, weights = residual_reference
+    errors = summary["layer_test_errors"]
+    # block 0: the custom head (it classifies); 1: PredSim; 2: the run's --loss (predsim); 3: the output
+    assert len(errors) == 4 and all(e is not None and 0 <= e <= 100 for e in errors)
+    assert "heads.classifier.weight" in weights[0] and "heads.sim_map.weight" in weights[1]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stages,transport", [(2, "dist"), (3, "dist"), (2, "zmq"), (3, "zmq")])
+def test_a_users_network_as_k_stages_equals_one_process(residual_reference, tmp_path, stages, transport):
+    summary = lp.train(_residual(pipeline__stages=stages, pipeline__transport=transport, run__out=str(tmp_path)))
+    assert summary["stages"] == stages and summary["mode"] == "pipeline"
+    _assert_same(_results(tmp_path), residual_reference)
+
+
+@pytest.mark.timeout(240)
+def test_a_users_network_under_torchrun_equals_the_local_launcher(residual_reference, tmp_path):
+    args = ["--model", RESIDUAL, "--dataset", "synthetic", "--synthetic-train-size", "160", "--synthetic-test-size",
+            "48", "--batch-size", "16", "--epochs", "2", "--lr-decay-milestones", "1", "--num-layers", "2",
+            "--num-hidden", "32", "--dropout", "0.1", "--nonlin", "leakyrelu", "--lr", "1e-3", "--seed", "3",
+            "--threads", "1", "--no-progress", "--transport", "zmq", "--out", str(tmp_path)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
+    proc = run_group(torchrun + ["-m", "pipeline", "train", *args], timeout=200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same(_results(tmp_path), residual_reference)
+
+
+@pytest.fixture(scope="module")
+def resnet_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resnet18-sequential")
+    lp.train(_resnet(run__out=str(out)))
+    return _results(out)
+
+
+def _resnet(**kw):
+    return small_config(model="resnet18", like="cifar10", model__feat_mult=0.0625, model__dropout=0.1,
+                        data__synthetic_train_size=40, data__synthetic_test_size=16, data__batch_size=8, **kw)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stages,transport", [(1, "dist"), (2, "dist"), (3, "zmq"), (4, "local")])
+def test_resnet18_as_k_stages_equals_one_process(resnet_reference, tmp_path, stages, transport):
+    summary = lp.train(_resnet(pipeline__stages=stages, pipeline__transport=transport, run__out=str(tmp_path)))
+    assert len(summary["layer_test_errors"]) == 10
+    _assert_same(_results(tmp_path), resnet_reference)
+
+
+def test_a_factory_passed_as_a_function_is_found_by_every_stage(tmp_path):
+    from networks.residual import build
+
+    summary = lp.train(_residual(run__epochs=1, pipeline__stages=2, pipeline__transport="zmq"), build)
+    assert summary["config"]["model"]["name"] == "networks.residual:build" and summary["stages"] == 2
+
+
+SMALL = ["--dataset", "synthetic", "--synthetic-train-size", "64", "--synthetic-test-size", "32", "--batch-size", "32",
+         "--no-progress"]
+
+BAD_NETWORKS = [
+    (f"{BAD}:mismatch", "block 1 cannot take block 0's output, shape (16, 28, 28) per example"),
+    (f"{BAD}:tuple_output", "block 0: its layer returned a tuple, not a tensor"),
+    (f"{BAD}:nothing_to_train", "block 1 has nothing to train"),
+    (f"{BAD}:wrong_logits", "it must give 10 logits, one per class"),
+    (f"{BAD}:not_a_network", "the factory returned a dict, not a Network"),
+    (f"{BAD}:no_output", "must be its output classifier (OutputSpec)"),
+    (f"{BAD}:failing", "the factory failed (KeyError: 'num_blocks')"),
+    (f"{BAD}:bad_head", "block 0's head: a local head must return a scalar loss"),
+    (f"{BAD}:absent", "has no function 'absent'"),
+    ("tests/networks/nowhere.py:build", "no file tests/networks/nowhere.py"),
+    ("no_such_package.nets:build", "no_such_package.nets does not import (ModuleNotFoundError"),
+    ("resnet5", "unknown --model 'resnet5'"),
+]
+
+
+@pytest.mark.parametrize("model,message", BAD_NETWORKS, ids=[m.rsplit(":", 1)[-1] for m, _ in BAD_NETWORKS])
+def test_a_bad_network_exits_2_with_one_line_naming_the_problem(model, message, capsys):
+    assert main(["train", *SMALL, "--model", model]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_a_factory_file_that_does_not_import_exits_2(tmp_path, capsys):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def build(ctx):\n    return [\n")
+    assert main(["train", *SMALL, "--model", f"{broken}:build"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not import (SyntaxError" in err
+
+
+@pytest.mark.timeout(120)
+def test_a_factory_that_builds_different_networks_on_different_ranks_is_refused(tmp_path):
+    proc = run_group([sys.executable, "-m", "pipeline", "train", *SMALL, "--model", f"{BAD}:by_rank", "--stages", "3",
+                      "--threads", "1"], timeout=100)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [f"error: stage 0: --model {BAD}:by_rank built different networks on different "
+                                        f"ranks (stage 0 and stage 1 differ): the factory must depend on its context only"]

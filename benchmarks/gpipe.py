@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig
 from pipeline.data import BatchSource
-from pipeline.models import build_blocks, count_blocks
+from pipeline.factories import build_blocks, count_blocks
 from pipeline.partition import resolve_partition
 from pipeline.runtime import pin_cores
 
@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     cfg = _config(args)
     shape, classes = BatchSource.shape_of(cfg.data)
-    ranges = resolve_partition(count_blocks(cfg.model), world, None)
+    ranges = resolve_partition(count_blocks(cfg), world, None)
     blocks = build_blocks(cfg, shape, classes, indices=ranges[rank])
     module = nn.Sequential(*blocks)
     stage = PipelineStage(module, rank, world, torch.device("cpu"))

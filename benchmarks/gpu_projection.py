@@ -58,7 +58,7 @@ def block_profile(flags: list[str], device: str) -> tuple[list[float], list[int]
     """(seconds per training step, fp32 output bytes) of every block of the network FLAGS describe, and its batch size."""
     from pipeline.cli import build_parser, config_from_args
     from pipeline.data import BatchSource
-    from pipeline.models import build_blocks
+    from pipeline.factories import build_blocks
     from pipeline.profile import block_costs
 
     cfg = config_from_args(build_parser().parse_args(["train", *flags, "--device", device]))

@@ -164,11 +164,11 @@ def even_splits(blocks: int, k: int) -> list[list[int]]:
 def partition_study(steps: int, warmup: int, repeats: int) -> list[dict]:
     """--partition auto against every even split (sizes within one block), for MLPs and vgg8b at K=2."""
     from pipeline.cli import build_parser, config_from_args
-    from pipeline.models import count_blocks
+    from pipeline.factories import count_blocks
 
     rows = []
     for label, model in (("mlp 3x1024", MLP), ("mlp 4x1024", MLP4), ("vgg8b x0.25", VGG)):
-        blocks = count_blocks(config_from_args(build_parser().parse_args(["train", "--dataset", "synthetic", *model])).model)
+        blocks = count_blocks(config_from_args(build_parser().parse_args(["train", "--dataset", "synthetic", *model])))
         choices = [("even", ",".join(map(str, sizes))) for sizes in even_splits(blocks, 2)] + [("auto", "auto")]
         for kind, partition in choices:
             flags = model + ["--stages", "2", "--transport", "zmq", "--partition", partition]

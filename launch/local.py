@@ -22,7 +22,7 @@ import zmq
 from pipeline.checkpoint import verify_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.data import check_available
-from pipeline.network import check_network
+from pipeline.factories import check_network
 from pipeline.interrupt import ABORT_AFTER_S
 from pipeline.runtime import guarded, run_stage
 from pipeline.transport.local import make_queues

@@ -10,7 +10,7 @@ from pipeline.alignment import AlignmentLog, write_alignment_report
 from pipeline.checkpoint import load_weights
 from pipeline.config import Config, ConfigError
 from pipeline.data import BatchSource
-from pipeline.network import build_blocks
+from pipeline.factories import build_blocks
 from pipeline.sequential import SequentialTrainer
 
 

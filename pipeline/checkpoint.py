@@ -71,7 +71,7 @@ KEEP_CHECKPOINTS = 2
 
 
 def fingerprint(cfg) -> dict:
-    from pipeline.network import fingerprint as network_fingerprint  # a user's factory may have changed its network
+    from pipeline.factories import fingerprint as network_fingerprint  # a user's factory may have changed its network
 
     """What a resumed run must share with the run that wrote the checkpoint (epochs may grow, paths may move)."""
     values = cfg.to_dict()

@@ -17,7 +17,7 @@ from pipeline.config import (DEVICES, DIST_BACKENDS, LOSSES, NONLINEARITIES, OPT
 from pipeline.blocks import NonFiniteLoss
 from pipeline.config_file import config_path, file_values, read, to_flags
 from pipeline.config_file import write as write_config
-from pipeline.network import check_network
+from pipeline.factories import check_network
 from pipeline.resources import check_resources
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

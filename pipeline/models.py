@@ -14,7 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.network import BlockContext, Network, NetworkContext, build_blocks, count_blocks  # noqa: F401 (re-exported)
+from pipeline.network import BlockContext, Network, NetworkContext
 from pipeline.rules import LearningRule, rule_named
 
 # Convolution widths; "M" is a 2x2 max pool, folded into the preceding block's output (anokland/local-loss).

@@ -10,7 +10,7 @@ from pipeline.blocks import Block
 from pipeline.config import Config
 from pipeline.data import BatchSource
 from pipeline.feedback import output_error
-from pipeline.network import build_blocks
+from pipeline.factories import build_blocks
 
 
 def _timed(step, device: torch.device) -> float:

@@ -58,7 +58,7 @@ def check_batch_size(cfg: Config) -> None:
 
 def block_bytes(cfg: Config) -> list[tuple[int, int]]:
     """(transient bytes at batch B, resident bytes) of each block, in order; see [Note: memory estimate]."""
-    from pipeline.network import resolve
+    from pipeline.factories import resolve
 
     batch = cfg.data.batch_size
     result = []

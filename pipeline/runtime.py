@@ -29,7 +29,7 @@ from pipeline.control import agree_backend, device_facts, exchange_strings
 from pipeline.data import DATASETS, BatchSource
 from pipeline.determinism import use_deterministic
 from pipeline.interrupt import StopRequest
-from pipeline.network import build_blocks, count_blocks, fingerprint
+from pipeline.factories import build_blocks, count_blocks, fingerprint
 from pipeline.partition import balanced_partition, resolve_partition, stage_ranges, stage_times
 from pipeline.profile import block_costs, send_path
 from pipeline.stage import Stage, StallError

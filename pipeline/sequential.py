@@ -23,7 +23,7 @@ from pipeline.feedback import output_error
 from pipeline.faults import InjectedFault
 from pipeline.interrupt import StopRequest, injected_stop_at
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
-from pipeline.network import build_blocks
+from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import progress_bar
 

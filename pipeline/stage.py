@@ -34,7 +34,7 @@ from pipeline.faults import InjectedFault
 from pipeline.message import Kind, Message
 from pipeline.message_stream import data_messages
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
-from pipeline.network import build_blocks
+from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import LineProgress, progress_bar
 from pipeline.stage_io import StageIO, StallError, release_after

@@ -20,7 +20,7 @@ from pipeline.blocks import Block, LocalBlock, evaluate_blocks
 from pipeline.config import Config, ConfigError
 from pipeline.data import BatchSource
 from pipeline.metrics import layer_errors
-from pipeline.network import build_blocks
+from pipeline.factories import build_blocks
 
 
 class TrainedNetwork(nn.Module):

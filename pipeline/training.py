@@ -10,7 +10,8 @@ import tempfile
 from typing import Any, Callable
 
 from pipeline.config import Config, ConfigError
-from pipeline.network import NetworkContext, check_network
+from pipeline.factories import check_network
+from pipeline.network import NetworkContext
 
 
 def factory_name(factory: Callable[[NetworkContext], Any]) -> str:

@@ -9,7 +9,7 @@ from helpers import small_config
 from pipeline.align import run_align, table
 from pipeline.alignment import alignment_angles, angle_degrees, backprop_gradients, rule_gradients
 from pipeline.cli import main
-from pipeline.models import build_blocks
+from pipeline.factories import build_blocks
 from pipeline.sequential import SequentialTrainer
 
 

@@ -6,7 +6,7 @@ import torch
 from helpers import small_config
 from pipeline.blocks import EpochStats, learning_rate, train_blocks
 from pipeline.config import OptimConfig
-from pipeline.models import build_blocks
+from pipeline.factories import build_blocks
 
 
 def _blocks(cfg=None, **kw):

@@ -16,7 +16,7 @@ import torch
 from helpers import small_config
 from pipeline.cuda_streams import NoStreams
 from pipeline.data import BatchSource
-from pipeline.models import build_blocks
+from pipeline.factories import build_blocks
 from pipeline.stage import Stage
 from pipeline.transport import dist as dist_transport
 from pipeline.transport.base import Links

@@ -8,7 +8,7 @@ import torch
 from helpers import small_config
 from pipeline.dfa_stage import ErrorFeedback
 from pipeline.message import Kind, Message
-from pipeline.models import build_blocks
+from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 
 

@@ -6,7 +6,7 @@ import torch
 from helpers import small_config
 from pipeline.blocks import DFABlock
 from pipeline.feedback import Conv2dFA, LinearFA, feedback_matrix, output_error
-from pipeline.models import build_blocks
+from pipeline.factories import build_blocks
 
 
 def test_linear_fa_forward_is_an_ordinary_linear_layer():

@@ -6,7 +6,7 @@ import torch
 from helpers import small_config
 from pipeline.blocks import HiddenBlock, LocalBlock
 from pipeline.models import MODELS, VGG_LAYOUTS
-from pipeline.network import build_blocks, count_blocks, resolve
+from pipeline.factories import build_blocks, count_blocks, resolve
 from pipeline.sequential import SequentialTrainer
 
 

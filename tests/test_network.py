@@ -118,6 +118,7 @@ BAD_NETWORKS = [
     (f"{BAD}:no_output", "must be its output classifier (OutputSpec)"),
     (f"{BAD}:failing", "the factory failed (KeyError: 'num_blocks')"),
     (f"{BAD}:bad_head", "block 0's head: a local head must return a scalar loss"),
+    (f"{BAD}:bad_optim", "block 0: unknown optimizer settings learning_rate (choose from"),
     (f"{BAD}:absent", "has no function 'absent'"),
     ("tests/networks/nowhere.py:build", "no file tests/networks/nowhere.py"),
     ("no_such_package.nets:build", "no_such_package.nets does not import (ModuleNotFoundError"),

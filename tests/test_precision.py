@@ -10,7 +10,7 @@ from helpers import small_config
 from pipeline import losses
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.models import build_blocks
+from pipeline.factories import build_blocks
 from pipeline.sequential import SequentialTrainer
 
 

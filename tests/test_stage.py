@@ -10,7 +10,7 @@ import torch
 from helpers import small_config
 from pipeline.data import BatchSource
 from pipeline.message import Kind
-from pipeline.models import build_blocks
+from pipeline.factories import build_blocks
 from pipeline.stage import Stage, data_messages, release_after
 from pipeline.transport.base import Channel, Links
 

@@ -6,7 +6,7 @@ import torch
 from helpers import small_config
 from pipeline.blocks import forward_for_feedback, learn_from_error, train_blocks
 from pipeline.feedback import output_error
-from pipeline.models import build_blocks
+from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteLoss, NonFiniteWatch
 
 pytestmark = pytest.mark.cuda

@@ -71,3 +71,8 @@ def bad_head(ctx):  # the loss is a vector
 
     return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32)), rule=VectorLoss),
                        _out(32, ctx)])
+
+
+def bad_optim(ctx):  # a misspelt optimizer setting
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32)), optim={"learning_rate": 1}),
+                       _out(32, ctx)])

@@ -1,0 +1,156 @@
+"""A run's network: find its factory (a built-in or the user's), call it, dry-run it once, build a stage's blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from pipeline.dry_run import NetworkShape, built, first_line, network_shape
+from pipeline.errors import ConfigError
+from pipeline.network import BlockContext, Network, NetworkContext
+
+if TYPE_CHECKING:
+    from pipeline.blocks import Block
+    from pipeline.config import Config
+
+
+def load_factory(name: str) -> Callable[[NetworkContext], Network]:
+    """The factory of --model `name`: a built-in, `package.module:function` or `path/to/file.py:function`."""
+    from pipeline.models import MODELS
+
+    if name in MODELS:
+        return MODELS[name]
+    if ":" not in name:
+        raise ConfigError(f"unknown --model '{name}': choose one of {', '.join(MODELS)}, or give your own as "
+                          f"package.module:function or path/to/file.py:function")
+    where, _, attr = name.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise ConfigError(f"--model {name}: no file {where}")
+            module_name = "pipeline_user_network_" + hashlib.blake2b(os.path.abspath(where).encode(), digest_size=6).hexdigest()
+            module = sys.modules.get(module_name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(module_name, where)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[module_name]
+                    raise
+        else:
+            module = importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"--model {name}: {where} does not import ({type(exc).__name__}: {first_line(exc)})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"--model {name}: {where} has no function '{attr}'")
+    return factory
+
+
+def make_network(cfg: Config, input_shape: tuple[int, int, int], num_classes: int) -> tuple[Network, NetworkContext]:
+    """Call the run's network factory (cheap: nothing is built) and check what it returns."""
+    ctx = NetworkContext(tuple(input_shape), num_classes, cfg)
+    factory = load_factory(cfg.model.name)
+    try:
+        network = factory(ctx)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"--model {cfg.model.name}: the factory failed ({type(exc).__name__}: {first_line(exc)})") from None
+    if isinstance(network, (list, tuple)):
+        network = Network(network)
+    if not isinstance(network, Network):
+        raise ConfigError(f"--model {cfg.model.name}: the factory returned a {type(network).__name__}, not a Network")
+    return network, ctx
+
+
+_SHAPES: dict[str, tuple[Network, NetworkContext, NetworkShape]] = {}
+
+
+def resolve(cfg: Config, input_shape: tuple[int, int, int] | None = None,
+            num_classes: int | None = None) -> tuple[Network, NetworkContext, NetworkShape]:
+    """The run's network, its context and its dry-run shapes (once per process and config)."""
+    if input_shape is None or num_classes is None:
+        from pipeline.data import BatchSource
+
+        input_shape, num_classes = BatchSource.shape_of(cfg.data)
+    key = json.dumps([cfg.to_dict(), list(input_shape), num_classes], sort_keys=True, default=str)
+    if key not in _SHAPES:
+        network, ctx = make_network(cfg, input_shape, num_classes)
+        _SHAPES[key] = network, ctx, network_shape(network, ctx)
+    return _SHAPES[key]
+
+
+def count_blocks(cfg: Config) -> int:
+    """Blocks of the run's network, the output classifier included."""
+    return len(resolve(cfg)[0])
+
+
+def fingerprint(cfg: Config) -> str:
+    """The structure hash of the run's network (see NetworkShape.fingerprint)."""
+    return resolve(cfg)[2].fingerprint
+
+
+def check_network(cfg: Config) -> None:
+    """Everything about the run's network that can be judged before a process starts: that the factory imports
+    and builds a network whose blocks fit together, and that the stages and the partition fit the network."""
+    network = resolve(cfg)[0]
+    for index, spec in enumerate(network.blocks):
+        _optim_config(cfg, spec, index)  # a block's optimizer settings are checked like the run's
+    blocks = len(network)
+    stages, name = cfg.pipeline.stages, cfg.model.name
+    if stages > blocks:
+        raise ConfigError(f"--stages {stages} is more than the {blocks} blocks of {name} (output classifier "
+                          f"included): use at most {blocks}")
+    if isinstance(cfg.pipeline.partition, tuple) and sum(cfg.pipeline.partition) != blocks:
+        raise ConfigError(f"--partition sums to {sum(cfg.pipeline.partition)} but {name} has {blocks} blocks")
+
+
+def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
+                 indices: Sequence[int] | None = None, device: str | torch.device = "cpu") -> list[Block]:
+    """Build blocks of the run's network (all, or those at `indices`), each under its own seed, so that any
+    process builds the same block; parameters are drawn on the CPU and then moved, so a block's initial weights
+    do not depend on the device."""
+    from pipeline.blocks import make_optimizer
+    from pipeline.precision import Precision
+    from pipeline.seeding import generator, seeded_init
+
+    network, ctx, shape = resolve(cfg, tuple(input_shape), num_classes)
+    chosen = range(len(network)) if indices is None else list(indices)
+    precision = Precision(cfg.run.precision, torch.device(device).type)
+    blocks = []
+    for index in chosen:
+        spec, seen = network.blocks[index], shape.blocks[index]
+        with seeded_init(cfg.run.seed, "block", index):
+            block = built(spec, BlockContext(index, ctx, seen.input, seen.activation, seen.output))
+        block.to(device)
+        block.skip_nonfinite = cfg.run.skip_nonfinite
+        block.precision, block.scaler = precision, precision.scaler()
+        block.optim_config = _optim_config(cfg, spec, index)
+        block.attach(make_optimizer(block.parameters(), block.optim_config),
+                     generator(cfg.run.seed, "dropout", index, device=device))
+        blocks.append(block)
+    return blocks
+
+
+def _optim_config(cfg: Config, spec: Any, index: int):
+    overrides = dict(getattr(spec, "optim", None) or {})
+    if not overrides:
+        return cfg.optim
+    known = {f.name for f in dataclasses.fields(cfg.optim)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"block {index}: unknown optimizer settings {', '.join(unknown)} (choose from {', '.join(sorted(known))})")
+    return dataclasses.replace(cfg.optim, **overrides)

@@ -31,6 +31,7 @@ class BlockShape:
     output: tuple[int, ...]
     parameters: int  # trainable, heads included
     similarity: bool  # its heads compare B x B similarity matrices (memory grows with the batch squared)
+    feedback: bool  # trained by DFA (from the output error) rather than by heads of its own
     structure: str  # parameter and buffer names and shapes, for the fingerprint
 
 
@@ -72,6 +73,8 @@ class _BlockFailed(Exception):
 
 
 def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> NetworkShape:
+    from pipeline.blocks import FeedbackTrained
+
     shapes = []
     x = torch.zeros(DRY_BATCH, *ctx.input_shape, device=device)
     last = len(network) - 1
@@ -110,7 +113,8 @@ def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> Net
         structure = ";".join(f"{name}{tuple(t.shape)}" for name, t in block.state_dict().items())
         shapes.append(BlockShape(in_shape, shaped.activation_shape, shaped.output_shape,
                                  sum(p.numel() for p in block.parameters() if p.requires_grad),
-                                 bool(getattr(heads, "uses_sim", False)), f"{type(block).__name__}[{structure}]"))
+                                 bool(getattr(heads, "uses_sim", False)), isinstance(block, FeedbackTrained),
+                                 f"{type(block).__name__}[{structure}]"))
         x = out
     return NetworkShape(shapes)
 

@@ -89,8 +89,26 @@ def resolve(cfg: Config, input_shape: tuple[int, int, int] | None = None,
     key = json.dumps([cfg.to_dict(), list(input_shape), num_classes], sort_keys=True, default=str)
     if key not in _SHAPES:
         network, ctx = make_network(cfg, input_shape, num_classes)
-        _SHAPES[key] = network, ctx, network_shape(network, ctx)
+        shape = network_shape(network, ctx)
+        _check_rules(cfg, shape)
+        _SHAPES[key] = network, ctx, shape
     return _SHAPES[key]
+
+
+def _check_rules(cfg: Config, shape: NetworkShape) -> None:
+    """DFA blocks learn from the output error, which is computed and sent back only under --loss dfa, and a stage
+    then treats each of its hidden blocks as one: a network does not mix DFA with local losses."""
+    hidden = shape.blocks[:-1]
+    if cfg.loss.loss == "dfa":
+        local = [i for i, b in enumerate(hidden) if not b.feedback]
+        if local:
+            raise ConfigError(f"--loss dfa trains every hidden block by DFA, but block {local[0]} has a rule of its "
+                              f"own: give it rule=DFA() (or None), or train with a local --loss")
+    else:
+        dfa = [i for i, b in enumerate(hidden) if b.feedback]
+        if dfa:
+            raise ConfigError(f"block {dfa[0]} is trained by DFA, which needs --loss dfa (the output error is sent "
+                              f"back only then) with every hidden block on DFA")
 
 
 def count_blocks(cfg: Config) -> int:

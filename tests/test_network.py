@@ -119,6 +119,7 @@ BAD_NETWORKS = [
     (f"{BAD}:failing", "the factory failed (KeyError: 'num_blocks')"),
     (f"{BAD}:bad_head", "block 0's head: a local head must return a scalar loss"),
     (f"{BAD}:bad_optim", "block 0: unknown optimizer settings learning_rate (choose from"),
+    (f"{BAD}:mixed_rules", "block 1 is trained by DFA, which needs --loss dfa"),
     (f"{BAD}:absent", "has no function 'absent'"),
     ("tests/networks/nowhere.py:build", "no file tests/networks/nowhere.py"),
     ("no_such_package.nets:build", "no_such_package.nets does not import (ModuleNotFoundError"),
@@ -148,3 +149,19 @@ def test_a_factory_that_builds_different_networks_on_different_ranks_is_refused(
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines() == [f"error: stage 0: --model {BAD}:by_rank built different networks on different "
                                         f"ranks (stage 0 and stage 1 differ): the factory must depend on its context only"]
+
+
+@pytest.mark.timeout(240)
+def test_a_users_network_trained_by_dfa_as_3_stages_equals_one_process(tmp_path):
+    def run(out, **kw):
+        cfg = small_config(model="networks.plain:build", loss="dfa", data__synthetic_train_size=96, data__batch_size=16,
+                           run__out=str(out), **kw)
+        return lp.train(cfg)
+
+    run(tmp_path / "sequential")
+    summary = run(tmp_path / "pipeline", pipeline__stages=3, pipeline__transport="zmq", pipeline__dfa_sync=True)
+    assert all(s["dfa_delay_max"] == 0 for s in summary["stage_stats"])  # each error applied in step
+    reference = _results(tmp_path / "sequential")
+    assert all(k.startswith("feedback") or not k.startswith("heads") for k in reference[2][1])  # no heads: DFA
+    assert "feedback" in reference[2][1] and reference[2][1]["feedback"].shape == (10, 16 * 14 * 14)
+    _assert_same(_results(tmp_path / "pipeline"), reference)

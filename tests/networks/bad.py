@@ -76,3 +76,8 @@ def bad_head(ctx):  # the loss is a vector
 def bad_optim(ctx):  # a misspelt optimizer setting
     return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32)), optim={"learning_rate": 1}),
                        _out(32, ctx)])
+
+
+def mixed_rules(ctx):  # DFA beside a local loss
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32)), rule=lp.PredSim()),
+                       lp.BlockSpec(lambda: nn.Linear(32, 32), rule=lp.DFA()), _out(32, ctx)])

@@ -50,6 +50,17 @@ def stage_process(cfg: Config, rank: int, world: int, store_port: int, queues: d
     sys.exit(guarded(rank, lambda: run_stage(cfg, rank, world, rank, world, store=store, local_queues=queues)))
 
 
+def _end_quietly(processes: list) -> None:
+    """After a stage refused the configuration: give the others STOP_GRACE_S to end on their own (they often met
+    the same error, and stage 0 reports it), then kill them; nothing was trained yet, so nothing needs saving."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def _stop(processes: list) -> None:
     for process in processes:
         if process.is_alive():
@@ -78,13 +89,14 @@ def supervise(processes: list, device: str = "cpu") -> int:
             for sentinel in multiprocessing.connection.wait(list(pending), timeout=1.0):
                 process = pending.pop(sentinel)
                 process.join()
+                if process.exitcode == 2:  # a bad configuration, found at start-up: the stage has said why
+                    _end_quietly(list(pending.values()))
+                    return 2
                 if process.exitcode != 0:
                     _stop(list(pending.values()))
-                    if process.exitcode == 2:  # a bad configuration: the stage has said why, in one line
-                        return 2
                     print(f"error: {process.name} (pid {process.pid} on {socket.gethostname()}, {device}) "
                           f"{_cause(process.exitcode)}; stopped the other stages", file=sys.stderr, flush=True)
-                    return 2 if process.exitcode == 2 else 1
+                    return 1
     except KeyboardInterrupt:
         _stop(list(pending.values()))
         raise

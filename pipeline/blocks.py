@@ -212,7 +212,9 @@ class LocalBlock(Block):
         return h, self.emit(h)
 
     def learn(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.precision.autocast():  # the heads' forward; the built-in heads' loss math is fp32 (LocalHeads.loss)
+        # the heads' forward; the built-in heads' loss math is fp32 (LocalHeads.loss); a user's head that draws random
+        # numbers draws them from this block's generator too
+        with self.precision.autocast(), self.own_randomness():
             loss, scores = head_loss(self.heads, h, y)
         predictions = None
         if scores is not None:

@@ -71,9 +71,10 @@ KEEP_CHECKPOINTS = 2
 
 
 def fingerprint(cfg) -> dict:
-    from pipeline.factories import fingerprint as network_fingerprint  # a user's factory may have changed its network
+    """What a resumed run must share with the run that wrote the checkpoint (epochs may grow, paths may move), the
+    structure of its network included (a user's factory may have changed since)."""
+    from pipeline.factories import fingerprint as network_fingerprint
 
-    """What a resumed run must share with the run that wrote the checkpoint (epochs may grow, paths may move)."""
     values = cfg.to_dict()
     data = {k: v for k, v in values["data"].items() if k not in ("data_dir", "download")}
     return {"model": values["model"], "loss": values["loss"], "optim": values["optim"], "data": data,
@@ -196,6 +197,8 @@ def verify_checkpoint(root: str, cfg) -> tuple[str, dict]:
         raise _wrong_device(folder, manifest["device"], cfg.run.device)
     mine = fingerprint(cfg)
     differs = [key for key in mine if json.dumps(mine[key], sort_keys=True) != json.dumps(manifest["fingerprint"].get(key), sort_keys=True)]
+    if "model" in differs and "network" in differs:
+        differs.remove("network")  # its structure differs because its options do: name the cause only
     if differs:
         raise ConfigError(f"--resume: {folder} was written by another run ({', '.join(differs)} differ): resume with the same settings")
     if manifest["position"]["epoch"] > cfg.run.epochs:

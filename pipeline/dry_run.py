@@ -32,6 +32,7 @@ class BlockShape:
     parameters: int  # trainable, heads included
     similarity: bool  # its heads compare B x B similarity matrices (memory grows with the batch squared)
     feedback: bool  # trained by DFA (from the output error) rather than by heads of its own
+    heads: bool  # has local heads (a local rule or a user's head)
     structure: str  # parameter and buffer names and shapes, for the fingerprint
 
 
@@ -41,7 +42,9 @@ class NetworkShape:
 
     @property
     def fingerprint(self) -> str:
-        """A hash of every block's structure: equal on two ranks iff their factories built the same network."""
+        """A hash of every block's type, shapes, and parameter and buffer names and shapes: two ranks whose
+        factories built networks that differ in any of these get different fingerprints (a change that keeps all of
+        them, such as another nonlinearity, is not seen)."""
         text = "\n".join(f"{b.input}->{b.activation}->{b.output}:{b.structure}" for b in self.blocks)
         return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
@@ -82,22 +85,24 @@ def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> Net
         where = "the network's input" if index == 0 else f"block {index - 1}'s output"
         in_shape = tuple(x.shape[1:])
         with torch.device(device), torch.no_grad():
-            bare = built(spec, BlockContext(index, ctx, in_shape))
+            bare = built(spec, BlockContext(index, ctx, in_shape), strict=device.type != "meta")
             bare.eval()
             try:
-                if index == last:
-                    h = out = bare(x)
-                else:
-                    h = bare.activation(x)
-                    _tensor(h, index, "its layer")
-                    out = bare.emit(h)
-            except ConfigError:
-                raise
+                h = out = bare(x) if index == last else bare.activation(x)
             except Exception as exc:
                 if device.type == "meta":
                     raise
                 raise _BlockFailed(f"block {index} cannot take {where}, shape {in_shape} per example "
                                    f"({type(exc).__name__}: {first_line(exc)})") from None
+            if index < last:
+                _tensor(h, index, "its layer")
+                try:
+                    out = bare.emit(h)
+                except Exception as exc:
+                    if device.type == "meta":
+                        raise
+                    raise _BlockFailed(f"block {index}'s `after` cannot take its activation, shape {tuple(h.shape[1:])} "
+                                       f"per example ({type(exc).__name__}: {first_line(exc)})") from None
             _tensor(out, index, "the classifier" if index == last else "its `after`")
             if index == last and tuple(out.shape) != (DRY_BATCH, ctx.num_classes):
                 raise ConfigError(f"the output block (block {index}) gives shape {tuple(out.shape[1:])} per example; "
@@ -106,14 +111,14 @@ def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> Net
                 raise ConfigError(f"block {index} has nothing to train: its modules have no parameters (fold a "
                                   f"parameter-free step such as pooling into a neighbour's layer or `after`)")
             shaped = BlockContext(index, ctx, in_shape, tuple(h.shape[1:]), tuple(out.shape[1:]))
-            block = bare if index == last else built(spec, shaped)
+            block = bare if index == last else built(spec, shaped, strict=device.type != "meta")
             if getattr(block, "heads", None) is not None:
                 _try_heads(block, h, index, device)
         heads = getattr(block, "heads", None)
         structure = ";".join(f"{name}{tuple(t.shape)}" for name, t in block.state_dict().items())
         shapes.append(BlockShape(in_shape, shaped.activation_shape, shaped.output_shape,
                                  sum(p.numel() for p in block.parameters() if p.requires_grad),
-                                 bool(getattr(heads, "uses_sim", False)), isinstance(block, FeedbackTrained),
+                                 bool(getattr(heads, "uses_sim", False)), isinstance(block, FeedbackTrained), heads is not None,
                                  f"{type(block).__name__}[{structure}]"))
         x = out
     return NetworkShape(shapes)
@@ -136,7 +141,9 @@ def _try_heads(block: Block, h: torch.Tensor, index: int, device: torch.device) 
                            f"example ({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def built(spec: Any, ctx: BlockContext) -> Block:
+def built(spec: Any, ctx: BlockContext, strict: bool = True) -> Block:
+    """spec.build(ctx), checked to be a Block. Not `strict` (the meta-device pass), an exception other than a
+    ConfigError propagates as it is, so that the network is tried again on the CPU."""
     from pipeline.blocks import Block
 
     try:
@@ -144,6 +151,8 @@ def built(spec: Any, ctx: BlockContext) -> Block:
     except ConfigError as exc:
         raise ConfigError(f"block {ctx.index}: {exc}") from None
     except Exception as exc:
+        if not strict:
+            raise
         raise ConfigError(f"block {ctx.index} cannot be built ({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(block, Block):
         raise ConfigError(f"block {ctx.index}'s spec built a {type(block).__name__}, not a Block")

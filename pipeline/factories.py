@@ -37,7 +37,7 @@ def load_factory(name: str) -> Callable[[NetworkContext], Network]:
             if not os.path.isfile(where):
                 raise ConfigError(f"--model {name}: no file {where}")
             module_name = "pipeline_user_network_" + hashlib.blake2b(os.path.abspath(where).encode(), digest_size=6).hexdigest()
-            module = sys.modules.get(module_name)
+            module = _running_script(where) or sys.modules.get(module_name)
             if module is None:
                 spec = importlib.util.spec_from_file_location(module_name, where)
                 module = importlib.util.module_from_spec(spec)
@@ -57,6 +57,17 @@ def load_factory(name: str) -> Callable[[NetworkContext], Network]:
     if not callable(factory):
         raise ConfigError(f"--model {name}: {where} has no function '{attr}'")
     return factory
+
+
+def _running_script(path: str):
+    """The module of the script this process runs (`__main__`, or `__mp_main__` in a spawned stage process) if
+    it is the file at `path`: its factory is used as it is, never executed a second time."""
+    for name in ("__main__", "__mp_main__"):
+        module = sys.modules.get(name)
+        file = getattr(module, "__file__", None)
+        if file and os.path.abspath(file) == os.path.abspath(path):
+            return module
+    return None
 
 
 def make_network(cfg: Config, input_shape: tuple[int, int, int], num_classes: int) -> tuple[Network, NetworkContext]:
@@ -97,7 +108,8 @@ def resolve(cfg: Config, input_shape: tuple[int, int, int] | None = None,
 
 def _check_rules(cfg: Config, shape: NetworkShape) -> None:
     """DFA blocks learn from the output error, which is computed and sent back only under --loss dfa, and a stage
-    then treats each of its hidden blocks as one: a network does not mix DFA with local losses."""
+    then treats each of its hidden blocks as one: a network does not mix DFA with local losses. Under a global loss
+    (backprop, fa) no block has heads of its own."""
     hidden = shape.blocks[:-1]
     if cfg.loss.loss == "dfa":
         local = [i for i, b in enumerate(hidden) if not b.feedback]
@@ -109,6 +121,12 @@ def _check_rules(cfg: Config, shape: NetworkShape) -> None:
         if dfa:
             raise ConfigError(f"block {dfa[0]} is trained by DFA, which needs --loss dfa (the output error is sent "
                               f"back only then) with every hidden block on DFA")
+    if not cfg.loss.local:  # backprop, fa: one loss at the output trains every block; heads would never learn
+        headed = [i for i, b in enumerate(hidden) if b.heads]
+        if headed:
+            raise ConfigError(f"--loss {cfg.loss.loss} trains every block from the output's loss, but block "
+                              f"{headed[0]} has local heads of its own that would never learn: drop its rule, or "
+                              f"train with a local --loss")
 
 
 def count_blocks(cfg: Config) -> int:

@@ -3,7 +3,8 @@
 PIPELINE_FAIL_AT=STAGE:BATCH[:MODE] (MODE raise, the default, hang or nan) makes that stage (0 in a
 sequential run) fail at that training batch of every epoch: raise a RuntimeError, sleep as a stuck process
 would (it says so on stderr first, so a test knows when the stage is stuck), or make the update of its first
-block see a NaN loss. Nothing happens without the variable.
+block see a NaN loss (a block with a loss of its own: local heads or the output classifier; not a DFA or
+backprop hidden block). Nothing happens without the variable.
 """
 
 from __future__ import annotations

@@ -118,8 +118,9 @@ class LocalHeads(LocalHead):
         logits = self.scores(h)
         if logits is None:
             return None
-        logits = logits.float()
-        return logits @ losses.bio_targets(self.projection).t() if self.bio else logits
+        with float32_math(logits.device.type):  # as predictions(): the code sums in fp32 under any autocast
+            logits = logits.float()
+            return logits @ losses.bio_targets(self.projection).t() if self.bio else logits
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         """Class predictions from the pred head's logits.

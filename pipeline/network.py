@@ -1,16 +1,20 @@
-"""Networks as lists of lazily built blocks: the public API for defining one, and how a run finds and checks it.
+"""Networks as lists of lazily built blocks: the public API for defining one.
 
 A network is a factory `build(ctx) -> Network`: ctx (a NetworkContext) says the input shape, the classes and the
-run's options; the Network lists block specs in order, the output classifier last. Nothing is built by the
-factory: each stage process calls `spec.build` only for its own blocks, under a seed derived from the block's
-index, so the same factory gives the same block on every rank and in the sequential trainer.
+run's options; the Network lists block specs in order, the output classifier last. A spec builds nothing until
+asked: each stage process allocates only its own blocks, each under a seed derived from its index, so the same
+factory gives the same block on every rank and in the sequential trainer. (Every process also calls the factory
+and runs the network once on the meta device, which allocates nothing: a factory should be cheap and have no
+side effects.)
 
     def build(ctx):
         return Network([BlockSpec(lambda: MyResidualUnit(1, 16), rule=PredSim()),
                         BlockSpec(lambda: MyResidualUnit(16, 32), rule=lambda: MyHead(32, ctx.num_classes)),
                         OutputSpec(lambda: nn.Linear(32 * 28 * 28, ctx.num_classes))])
 
-`--model NAME` takes a built-in (pipeline/models.py), `package.module:build` or `path/to/file.py:build`.
+`--model NAME` takes a built-in (pipeline/models.py), `package.module:function` or `path/to/file.py:function`.
+pipeline/factories.py finds the factory and builds a stage's blocks; pipeline/dry_run.py runs the network once on
+the meta device (shapes, checks, a structure fingerprint) before anything trains.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class BlockSpec:
         rule = self.rule if self.rule is not None else rule_named(ctx.network.config.loss.loss)
         if not ctx.shaped:
             return LocalBlock(ctx.index, body, None, after)
+        if rule is not None and not isinstance(rule, LearningRule):
+            rule = rule()  # a factory of a user's head (or a rule's constructor passed uncalled, as rule=PredSim)
         cfg = ctx.network.config
         if isinstance(rule, LearningRule) and rule.name == "dfa":
             features = int(torch.Size(ctx.output_shape).numel())
@@ -92,8 +98,10 @@ class BlockSpec:
             return LocalDFABlock(ctx.index, body, feedback, after)
         if isinstance(rule, LearningRule):
             heads = rule.heads(ctx.activation_shape, ctx.network.num_classes, cfg.loss)
+        elif rule is None or isinstance(rule, nn.Module):
+            heads = rule
         else:
-            heads = rule() if rule is not None else None
+            raise ConfigError(f"its rule made a {type(rule).__name__}, not a head module (h, y) -> loss")
         return LocalBlock(ctx.index, body, heads, after)
 
 

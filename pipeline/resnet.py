@@ -4,7 +4,12 @@ Each residual unit keeps its shortcut inside its block, so one tensor crosses ev
 local heads learn from the unit's output (after the addition and the nonlinearity). The reference instead puts
 a local loss on every convolution of a unit; here the unit's convolutions learn together from the unit's one
 loss. Widths are multiplied by --feat-mult; the output classifier average-pools the last feature maps to 1x1
-(the reference's 4x4 pool on 32x32 inputs, for any input size). Wide ResNets are post-activation units here.
+(the reference's 4x4 pool on 32x32 inputs, for any input size).
+
+Wide ResNets (WRN-depth-widen) differ from the reference's more: their units are post-activation (conv, batch
+norm, relu, --dropout, conv, batch norm, + shortcut, relu; the reference's are pre-activation), and the adapted
+"...a" variants keep only the reference's widths (the first group as wide as the second) with no dropout, and the
+same average-pooling classifier (the reference's has dropout before every convolution and a 2x2 max pool).
 """
 
 from __future__ import annotations
@@ -68,11 +73,11 @@ def _shortcut(ctx: NetworkContext, inputs: int, outputs: int, stride: int) -> nn
     return nn.Sequential(_conv(ctx, inputs, outputs, 1, stride), _norm(ctx, outputs))
 
 
-def _stem(ctx: NetworkContext, outputs: int) -> BlockSpec:
+def _stem(ctx: NetworkContext, outputs: int, dropout: bool = True) -> BlockSpec:
     """The first block: a 3x3 convolution, batch norm, relu."""
     channels = ctx.input_shape[0]
     return BlockSpec(lambda: nn.Sequential(_conv(ctx, channels, outputs, 3), _norm(ctx, outputs), nn.ReLU()),
-                     after=_dropout(ctx))
+                     after=_dropout(ctx) if dropout else None)
 
 
 def _dropout(ctx: NetworkContext) -> Callable[[], nn.Module] | None:
@@ -120,14 +125,14 @@ def resnet(unit: str, counts: list[int]) -> Callable[[NetworkContext], Network]:
 
 
 def wide_resnet(depth: int, widen: int, adapted: bool = False) -> Callable[[NetworkContext], Network]:
-    """WRN-depth-widen: 3 groups of (depth - 4) / 6 units; "adapted" (the reference's "a" variants): the first
-    group as wide as the rest and no dropout inside units."""
+    """WRN-depth-widen: 3 groups of (depth - 4) / 6 units; "adapted" (the "a" variants): the stem and first group
+    widen times wider, no dropout (see the module docstring for how these differ from the reference's)."""
     per_group = (depth - 4) // 6
 
     def build(ctx: NetworkContext) -> Network:
         widths = [16 * widen, 16 * widen, 32 * widen, 64 * widen] if adapted else [16, 16 * widen, 32 * widen, 64 * widen]
         inputs = _width(ctx, widths[0])
-        blocks: list = [_stem(ctx, inputs)]
+        blocks: list = [_stem(ctx, inputs, dropout=False)]  # the reference's wide stem has no dropout
         inner = 0.0 if adapted else ctx.model.dropout
         for group, planes in enumerate(widths[1:]):
             planes = _width(ctx, planes)

@@ -120,6 +120,7 @@ BAD_NETWORKS = [
     (f"{BAD}:bad_head", "block 0's head: a local head must return a scalar loss"),
     (f"{BAD}:bad_optim", "block 0: unknown optimizer settings learning_rate (choose from"),
     (f"{BAD}:mixed_rules", "block 1 is trained by DFA, which needs --loss dfa"),
+    (f"{BAD}:heads_under_backprop", "--loss backprop trains every block from the output's loss, but block 0 has local heads"),
     (f"{BAD}:absent", "has no function 'absent'"),
     ("tests/networks/nowhere.py:build", "no file tests/networks/nowhere.py"),
     ("no_such_package.nets:build", "no_such_package.nets does not import (ModuleNotFoundError"),
@@ -129,7 +130,8 @@ BAD_NETWORKS = [
 
 @pytest.mark.parametrize("model,message", BAD_NETWORKS, ids=[m.rsplit(":", 1)[-1] for m, _ in BAD_NETWORKS])
 def test_a_bad_network_exits_2_with_one_line_naming_the_problem(model, message, capsys):
-    assert main(["train", *SMALL, "--model", model]) == 2
+    loss = ["--loss", "backprop"] if model.endswith(":heads_under_backprop") else []
+    assert main(["train", *SMALL, *loss, "--model", model]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err and "Traceback" not in err, err
 
@@ -165,3 +167,66 @@ def test_a_users_network_trained_by_dfa_as_3_stages_equals_one_process(tmp_path)
     assert all(k.startswith("feedback") or not k.startswith("heads") for k in reference[2][1])  # no heads: DFA
     assert "feedback" in reference[2][1] and reference[2][1]["feedback"].shape == (10, 16 * 14 * 14)
     _assert_same(_results(tmp_path / "pipeline"), reference)
+
+
+def test_a_network_the_meta_device_cannot_build_is_dry_run_on_the_cpu():
+    from pipeline.factories import build_blocks, resolve
+
+    cfg = small_config(model="networks.plain:data_dependent")
+    shape = resolve(cfg)[2]
+    assert [(b.input, b.output) for b in shape.blocks] == [((1, 28, 28), (32,)), ((32,), (10,))]
+    assert build_blocks(cfg, (1, 28, 28), 10)[0].layer.scale == 0.75
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+print("script body ran", flush=True)
+
+from torch import nn
+import pipeline as lp
+from helpers import small_config
+
+
+def build(ctx):
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 16))),
+                       lp.OutputSpec(lambda: nn.Linear(16, ctx.num_classes))])
+
+
+if __name__ == "__main__":
+    summary = lp.train(small_config(data__synthetic_train_size=64, pipeline__stages=2, pipeline__transport="zmq"), build)
+    print("trained", summary["stages"], summary["config"]["model"]["name"].endswith("script.py:build"))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_script_that_trains_its_own_factory_runs_its_body_once_per_process(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.format(tests=HERE))
+    proc = run_group([sys.executable, str(script)], timeout=100)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the script itself, then each spawned stage process imports it once (as every multiprocessing program does)
+    assert proc.stdout.count("script body ran") == 3 and "trained 2 True" in proc.stdout, proc.stdout
+
+
+FACTORY = """
+from torch import nn
+import pipeline as lp
+
+
+def build(ctx):
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, {width}))),
+                       lp.OutputSpec(lambda: nn.Linear({width}, ctx.num_classes))])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_of_a_factory_that_changed_since_is_refused(tmp_path):
+    factory, ckpt = tmp_path / "net.py", tmp_path / "ckpt"
+    run = [sys.executable, "-m", "pipeline", "train", *SMALL, "--model", f"{factory}:build", "--checkpoint-dir", str(ckpt)]
+    factory.write_text(FACTORY.format(width=16))
+    assert run_group(run, timeout=60).returncode == 0
+    factory.write_text(FACTORY.format(width=24))  # the same --model, another network
+    resumed = run_group(run + ["--resume", "--epochs", "2"], timeout=60)
+    assert resumed.returncode == 2 and resumed.stderr.count("\n") == 1, resumed.stderr
+    assert "was written by another run (network differ)" in resumed.stderr

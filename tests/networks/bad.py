@@ -81,3 +81,8 @@ def bad_optim(ctx):  # a misspelt optimizer setting
 def mixed_rules(ctx):  # DFA beside a local loss
     return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32)), rule=lp.PredSim()),
                        lp.BlockSpec(lambda: nn.Linear(32, 32), rule=lp.DFA()), _out(32, ctx)])
+
+
+def heads_under_backprop(ctx):  # a local head that a global loss would never train
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32)), rule=lp.PredSim()),
+                       _out(32, ctx)])

@@ -1,5 +1,6 @@
 """A user's network whose blocks take the run's --loss (no rule of their own): trained by DFA in the tests."""
 
+import torch
 from torch import nn
 
 import pipeline as lp
@@ -14,3 +15,19 @@ def build(ctx: lp.NetworkContext) -> lp.Network:
         lp.BlockSpec(lambda: Residual(16, 16, stride=2)),
         lp.OutputSpec(lambda: nn.Linear(16 * 7 * 7, classes)),
     ])
+
+
+class _Scaled(nn.Module):
+    """A layer whose construction and forward read tensor values (.item()), which the meta device cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(784, 32)
+        self.scale = float(torch.linspace(0.5, 1.0, 3)[1].item())
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) * self.scale * (1.0 if x.abs().max().item() >= 0 else 0.0)
+
+
+def data_dependent(ctx: lp.NetworkContext) -> lp.Network:
+    return lp.Network([lp.BlockSpec(_Scaled), lp.OutputSpec(lambda: nn.Linear(32, ctx.num_classes))])

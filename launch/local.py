@@ -50,21 +50,14 @@ def stage_process(cfg: Config, rank: int, world: int, store_port: int, queues: d
     sys.exit(guarded(rank, lambda: run_stage(cfg, rank, world, rank, world, store=store, local_queues=queues)))
 
 
-def _end_quietly(processes: list) -> None:
-    """After a stage refused the configuration: give the others STOP_GRACE_S to end on their own (they often met
-    the same error, and stage 0 reports it), then kill them; nothing was trained yet, so nothing needs saving."""
-    deadline = time.monotonic() + STOP_GRACE_S
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
-def _stop(processes: list) -> None:
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
+def _stop(processes: list, terminate: bool = True) -> None:
+    """Stop the stages still running: SIGTERM, then SIGKILL after STOP_GRACE_S. Without `terminate` (a stage refused
+    the configuration at start-up), the others get STOP_GRACE_S to end on their own first: they often met the same
+    error, which stage 0 reports; nothing was trained yet, so nothing needs saving."""
+    if terminate:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
     deadline = time.monotonic() + STOP_GRACE_S
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))
@@ -90,7 +83,7 @@ def supervise(processes: list, device: str = "cpu") -> int:
                 process = pending.pop(sentinel)
                 process.join()
                 if process.exitcode == 2:  # a bad configuration, found at start-up: the stage has said why
-                    _end_quietly(list(pending.values()))
+                    _stop(list(pending.values()), terminate=False)
                     return 2
                 if process.exitcode != 0:
                     _stop(list(pending.values()))

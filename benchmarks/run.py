@@ -7,7 +7,8 @@ Every contender trains the same network (MLP 3x1024, predsim; backprop for the g
 same synthetic MNIST-shaped batches for --steps steps after --warmup steps, in a fresh process; the median of
 --repeats runs is reported. On CPU every pipeline process gets its own core and one intra-op thread; the
 single-process contenders run once on one core with one thread and once on all cores.
-GPipe and 1F1B run at their best micro-batch count of 1, 2, 4 and 8 (each swept, the sweep in the JSON), as a user
+GPipe and 1F1B run at their best micro-batch count of 1, 2, 4 and 8 (each swept, the sweep in the JSON; 1F1B needs
+at least K), as a user
 tuning the baseline would. Writes results.json (with speedup_vs_sequential and speedup_vs_gpipe), a markdown
 table on stdout, and PNGs.
 """
@@ -126,7 +127,8 @@ def contenders(quick: bool) -> list[tuple[str, dict]]:
 
 def measure(spec: dict, steps: int, warmup: int, repeats: int, model: list[str] = MLP) -> dict:
     if "gpipe" in spec and "microbatches" not in spec:  # the baseline at its best micro-batch count
-        sweep = {m: measure({**spec, "microbatches": m}, steps, warmup, repeats, model) for m in MICROBATCHES}
+        counts = [m for m in MICROBATCHES if spec["gpipe"] == "gpipe" or m >= spec["k"]]  # 1F1B needs M >= K
+        sweep = {m: measure({**spec, "microbatches": m}, steps, warmup, repeats, model) for m in counts}
         best = max(sweep, key=lambda m: sweep[m]["samples_per_s"])
         return {**sweep[best], "microbatches": best,
                 "microbatch_sweep": {str(m): r["samples_per_s"] for m, r in sweep.items()}}

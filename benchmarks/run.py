@@ -8,9 +8,8 @@ same synthetic MNIST-shaped batches for --steps steps after --warmup steps, in a
 --repeats runs is reported. On CPU every pipeline process gets its own core and one intra-op thread; the
 single-process contenders run once on one core with one thread and once on all cores.
 GPipe and 1F1B run at their best micro-batch count of 1, 2, 4 and 8 (each swept, the sweep in the JSON; 1F1B needs
-at least K), as a user
-tuning the baseline would. Writes results.json (with speedup_vs_sequential and speedup_vs_gpipe), a markdown
-table on stdout, and PNGs.
+at least K), as a user tuning the baseline would. Writes results.json (with speedup_vs_sequential and
+speedup_vs_gpipe), a markdown table on stdout, and PNGs.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.network import BlockContext, Network, NetworkContext
-from pipeline.rules import LearningRule, rule_named
+from pipeline.rules import DFA, LearningRule, rule_named
 
 # Convolution widths; "M" is a 2x2 max pool, folded into the preceding block's output (anokland/local-loss).
 VGG_LAYOUTS: dict[str, list[int | str]] = {
@@ -51,8 +51,7 @@ class StandardBlock:
 
     def build(self, ctx: BlockContext):
         from pipeline.blocks import DFABlock, HiddenBlock
-        from pipeline.feedback import Conv2dFA, LinearFA, feedback_matrix
-        from pipeline.seeding import generator
+        from pipeline.feedback import Conv2dFA, LinearFA
 
         cfg = ctx.network.config
         fa = cfg.loss.loss == "fa"
@@ -64,13 +63,8 @@ class StandardBlock:
         common = dict(batch_norm=cfg.model.batch_norm, nonlin=cfg.model.nonlin, dropout=cfg.model.dropout,
                       pool=nn.MaxPool2d(2, 2) if self.pool else None, flatten_input=self.flatten_input)
         rule = self.rule or rule_named(cfg.loss.loss)
-        if ctx.shaped and rule is not None and rule.name == "dfa":
-            features = 1
-            for size in ctx.output_shape:
-                features *= size
-            feedback = feedback_matrix(ctx.network.num_classes, features, generator(cfg.run.seed, "feedback", ctx.index),
-                                       cfg.loss.feedback_normalization)
-            return DFABlock(ctx.index, layer, feedback, **common)
+        if ctx.shaped and isinstance(rule, DFA):
+            return DFABlock(ctx.index, layer, rule.feedback(ctx), **common)
         heads = rule.heads(ctx.activation_shape, ctx.network.num_classes, cfg.loss) if ctx.shaped and rule else None
         return HiddenBlock(ctx.index, layer, heads=heads, **common)
 

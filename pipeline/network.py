@@ -22,11 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.rules import LearningRule, rule_named
+from pipeline.rules import DFA, LearningRule, rule_named
 
 if TYPE_CHECKING:
     from pipeline.blocks import Block
@@ -80,8 +79,6 @@ class BlockSpec:
 
     def build(self, ctx: BlockContext) -> Block:
         from pipeline.blocks import LocalBlock, LocalDFABlock
-        from pipeline.feedback import feedback_matrix
-        from pipeline.seeding import generator
 
         body = self.layer()
         after = self.after() if self.after is not None else None
@@ -91,11 +88,8 @@ class BlockSpec:
         if rule is not None and not isinstance(rule, LearningRule):
             rule = rule()  # a factory of a user's head (or a rule's constructor passed uncalled, as rule=PredSim)
         cfg = ctx.network.config
-        if isinstance(rule, LearningRule) and rule.name == "dfa":
-            features = int(torch.Size(ctx.output_shape).numel())
-            feedback = feedback_matrix(ctx.network.num_classes, features, generator(cfg.run.seed, "feedback", ctx.index),
-                                       cfg.loss.feedback_normalization)
-            return LocalDFABlock(ctx.index, body, feedback, after)
+        if isinstance(rule, DFA):
+            return LocalDFABlock(ctx.index, body, rule.feedback(ctx), after)
         if isinstance(rule, LearningRule):
             heads = rule.heads(ctx.activation_shape, ctx.network.num_classes, cfg.loss)
         elif rule is None or isinstance(rule, nn.Module):

@@ -8,6 +8,7 @@ or to (loss, class scores) to have its layer's test error reported (see LocalHea
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -104,6 +105,18 @@ class DFA(LearningRule):
 
     def heads(self, shape, num_classes, loss):
         return None
+
+    @staticmethod
+    def feedback(ctx) -> torch.Tensor:
+        """The fixed random matrix (classes, output features) of the block `ctx` (a BlockContext) builds, drawn from
+        its own seed, so every process draws the same one."""
+        from pipeline.feedback import feedback_matrix
+        from pipeline.seeding import generator
+
+        cfg = ctx.network.config
+        features = math.prod(ctx.output_shape)
+        return feedback_matrix(ctx.network.num_classes, features, generator(cfg.run.seed, "feedback", ctx.index),
+                               cfg.loss.feedback_normalization)
 
 
 def rule_named(name: str) -> LearningRule | None:

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from pipeline.blocks import NonFiniteLoss
 from pipeline.checkpoint import load_stage_checkpoint, restore_stage, verify_checkpoint
 from pipeline.config import Config, ConfigError
-from pipeline.errors import AgreedError
 from pipeline.control import agree_backend, device_facts, exchange_strings
+from pipeline.errors import AgreedError
 from pipeline.data import DATASETS, BatchSource
 from pipeline.determinism import use_deterministic
 from pipeline.interrupt import StopRequest

@@ -62,7 +62,7 @@ def block_profile(flags: list[str], device: str) -> tuple[list[float], list[int]
     from pipeline.profile import block_costs
 
     cfg = config_from_args(build_parser().parse_args(["train", *flags, "--device", device]))
-    compute, _ = block_costs(cfg, torch.device(device))
+    compute = block_costs(cfg, torch.device(device)).compute
     shape, classes = BatchSource.shape_of(cfg.data)
     with torch.no_grad():
         x, out_bytes = torch.zeros(cfg.data.batch_size, *shape, device=device), []

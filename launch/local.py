@@ -24,7 +24,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import check_available
 from pipeline.factories import check_network
 from pipeline.interrupt import ABORT_AFTER_S
-from pipeline.runtime import guarded, run_stage
+from pipeline.runtime import gradient_links, guarded, run_stage
 from pipeline.transport.local import make_queues
 
 STOP_GRACE_S = 3.0
@@ -129,7 +129,7 @@ def launch(cfg: Config) -> int:
     store = dist.TCPStore("127.0.0.1", cfg.pipeline.master_port, is_master=True, wait_for_workers=False)
     queues = None
     if cfg.pipeline.transport == "local":
-        queues = make_queues(context, world, cfg.pipeline.queue_depth, feedback=cfg.loss.loss == "dfa")
+        queues = make_queues(context, world, cfg.pipeline.queue_depth, gradient_links(cfg, None, world))
     processes = [context.Process(target=stage_process, args=(cfg, rank, world, store.port, queues, os.getpid()),
                                  name=f"stage {rank}", daemon=False) for rank in range(world)]
     for process in processes:

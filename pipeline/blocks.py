@@ -83,6 +83,15 @@ class Block(nn.Module):
         self.precision = Precision()  # autocast dtype of the forward (pipeline/precision.py)
         self.scaler: torch.amp.GradScaler | None = None  # fp16 only; its state_dict() belongs in a checkpoint
         self.optim_config: OptimConfig | None = None  # its optimizer settings (the run's, or its spec's overrides)
+        self.part = "whole"  # or, for a block split over two stages (pipeline/remote_heads.py), "layer" or "heads"
+
+    def owned_state(self) -> dict[str, torch.Tensor]:
+        """The entries of state_dict() this process trains: all of them, or its half of a split block (the heads'
+        entries, or all the others); the other half's copy here is never updated."""
+        state = self.state_dict()
+        if self.part == "whole":
+            return state
+        return {k: v for k, v in state.items() if k.startswith("heads.") == (self.part == "heads")}
 
     @contextlib.contextmanager
     def own_randomness(self) -> Iterator[None]:

@@ -16,20 +16,23 @@ from pipeline.config import ConfigError
 
 
 def save_weights(out_dir: str, blocks: list[Block], stage: int) -> str:
-    """Write {block index: state dict} of a stage's blocks to out_dir/weights-stage{stage}.pt (atomically)."""
+    """Write {block index: state dict} of a stage's blocks to out_dir/weights-stage{stage}.pt (atomically); of a
+    block split over two stages, each stage writes the half it trains."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"weights-stage{stage}.pt")
-    state = {block.index: {k: v.detach().cpu() for k, v in block.state_dict().items()} for block in blocks}
+    state = {block.index: {k: v.detach().cpu() for k, v in block.owned_state().items()} for block in blocks}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
 
 
 def load_weights(out_dir: str) -> dict[int, dict[str, torch.Tensor]]:
-    """All blocks' weights saved under out_dir, whatever the number of stages that wrote them."""
+    """All blocks' weights saved under out_dir, whatever the number of stages that wrote them (the halves of a
+    split block joined)."""
     merged: dict[int, dict[str, torch.Tensor]] = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "weights-stage*.pt"))):
-        merged.update(torch.load(path, weights_only=True))
+        for index, state in torch.load(path, weights_only=True).items():
+            merged.setdefault(index, {}).update(state)
     return dict(sorted(merged.items()))
 
 
@@ -38,7 +41,7 @@ def flatten_state(blocks: list[Block]) -> tuple[torch.Tensor, list[list]]:
     (for sending a stage's weights in one frame; integer counters such as num_batches_tracked are left out)."""
     parts, manifest = [], []
     for block in blocks:
-        for name, tensor in block.state_dict().items():
+        for name, tensor in block.owned_state().items():
             if tensor.is_floating_point():
                 parts.append(tensor.detach().float().reshape(-1))
                 manifest.append([block.index, name, list(tensor.shape)])
@@ -80,6 +83,7 @@ def fingerprint(cfg) -> dict:
     return {"model": values["model"], "loss": values["loss"], "optim": values["optim"], "data": data,
             "seed": values["run"]["seed"], "stages": values["pipeline"]["stages"],
             "partition": values["pipeline"]["partition"], "dfa_max_delay": values["pipeline"]["dfa_max_delay"],
+            "heads_max_delay": values["pipeline"]["heads_max_delay"],
             "precision": values["run"]["precision"], "network": network_fingerprint(cfg)}
 
 

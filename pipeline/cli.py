@@ -57,8 +57,13 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,1,1, got '{text}'") from None
 
 
-def _partition(text: str) -> tuple[int, ...] | str:
-    return "auto" if text == "auto" else _int_list(text)
+def _partition(text: str) -> tuple[float, ...] | str:
+    if text == "auto":
+        return text
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block counts like 2,1,1 (halves split a block: 1.5,2.5) or auto, got '{text}'") from None
 
 
 def _every(text: str) -> tuple[int, str]:
@@ -174,7 +179,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline")
     g.add_argument("--stages", type=int, default=None, help="stage processes K (default 1; WORLD_SIZE under torchrun)")
     g.add_argument("--partition", type=_partition, default=None,
-                   help="blocks per stage, e.g. 2,1,1; auto: balanced by measured block times (default: even)")
+                   help="blocks per stage, e.g. 2,1,1; a half splits a block, its layer on one stage and its heads on the "
+                        "next (1.5,2.5); auto: balanced by measured layer and head times (default: even)")
     g.add_argument("--transport", default=pi.transport, help=f"{', '.join(TRANSPORTS)} (default {pi.transport})")
     g.add_argument("--queue-depth", type=int, default=pi.queue_depth, help="batches in flight between two stages")
     g.add_argument("--zmq-host", default=pi.zmq_host, help="interface zmq stages bind on across hosts")
@@ -185,6 +191,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stall-timeout", type=float, default=pi.stall_timeout, metavar="S",
                    help="fail the run when a stage waits S seconds for a peer (default %(default)s)")
     g.add_argument("--dfa-sync", action="store_true", help="DFA: wait for batch t's error before forwarding t+1 (exact)")
+    g.add_argument("--heads-max-delay", type=int, default=0, metavar="D",
+                   help="split heads: a block's layer forwards at most D batches past an awaited dL/dh (0: exact)")
     g.add_argument("--dfa-max-delay", type=_optional_int, default=UNSET, metavar="N",
                    help=f"DFA: forward at most N batches past an awaited error ('none': unbounded) {_rule_help('dfa_max_delay')}")
     g = p.add_argument_group("run")
@@ -247,7 +255,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                         limit_train_batches=a.limit_train_batches, limit_eval_batches=a.limit_eval_batches),
         pipeline=PipelineConfig(stages=1 if stages is None else stages, partition=a.partition, transport=a.transport,
                                 queue_depth=a.queue_depth, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync,
-                                dfa_max_delay=chosen("dfa_max_delay"), stall_timeout=a.stall_timeout, master_port=a.master_port,
+                                dfa_max_delay=chosen("dfa_max_delay"), heads_max_delay=a.heads_max_delay, stall_timeout=a.stall_timeout, master_port=a.master_port,
                                 zmq_curve_keys=a.zmq_curve_keys, dist_backend=a.dist_backend),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
                       progress=not a.no_progress, tensorboard=a.tensorboard, log_alignment=a.log_alignment, skip_nonfinite=a.skip_nonfinite,

@@ -173,9 +173,11 @@ class PipelineConfig:
 
     stages: int = 1
     """Number of stage processes K; 1 runs the sequential trainer in this process."""
-    partition: tuple[int, ...] | str | None = None
-    """Blocks per stage (e.g. 2,1,1), the output classifier counting as the last block; None splits evenly;
-    "auto" times every block's step and picks the contiguous split whose slowest stage is fastest."""
+    partition: tuple[float, ...] | str | None = None
+    """Blocks per stage (e.g. 2,1,1), the output classifier counting as the last block; a half splits a hidden
+    block, its layer on one stage and its local heads on the next (1.5,2.5: block 1's layer on stage 0, its heads
+    on stage 1); None splits evenly; "auto" times every block's layer and heads and picks the contiguous placement
+    whose slowest stage is fastest, splitting a block only where that helps."""
     transport: str = "dist"
     """dist (torch.distributed: NCCL on GPUs, gloo on CPU), zmq (PUSH/PULL + msgpack) or local (torch.multiprocessing queues)."""
     queue_depth: int = 4
@@ -188,6 +190,10 @@ class PipelineConfig:
     """DFA, asynchronous: a stage forwards at most this many batches past the oldest one whose error it still
     awaits (bounded staleness); None: no bound, the delay is how far the stage runs ahead of the last one plus
     the time the error takes to come back (on busy cores that return trip can take many batches)."""
+    heads_max_delay: int = 0
+    """Split heads (a half in --partition): the block's layer forwards at most this many batches past the oldest one
+    whose dL/dh it still awaits; 0 (default) is exactly the sequential trainer (the stage overlaps the blocks before
+    the split one with the gradient's return trip); D > 0 keeps each forward's weights for its delayed update."""
     stall_timeout: float = 300.0
     """Seconds a stage may wait for its next batch, for room to send one, or for a DFA error, before it declares
     its peer dead or deadlocked and fails the run."""
@@ -207,6 +213,7 @@ class PipelineConfig:
         _choice(self.transport, TRANSPORTS, "--transport")
         _require(self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}")
         _require(self.dfa_max_delay is None or self.dfa_max_delay >= 0, f"--dfa-max-delay must be >= 0, got {self.dfa_max_delay}")
+        _require(self.heads_max_delay >= 0, f"--heads-max-delay must be >= 0, got {self.heads_max_delay}")
         _require(self.stall_timeout > 0, f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
         _require(0 <= self.master_port <= 65535, f"--master-port must be in [0, 65535], got {self.master_port}")
         _choice(self.dist_backend, DIST_BACKENDS, "--dist-backend")
@@ -220,8 +227,11 @@ class PipelineConfig:
         if isinstance(self.partition, str):
             _require(self.partition == "auto", f"--partition takes block counts like 2,1,1 or auto, got '{self.partition}'")
         elif self.partition is not None:
-            self.partition = tuple(int(p) for p in self.partition)
-            _require(all(p >= 1 for p in self.partition), f"--partition sizes must be >= 1, got {','.join(map(str, self.partition))}")
+            shown = ",".join(f"{float(p):g}" for p in self.partition)
+            _require(all(float(p) * 2 == int(float(p) * 2) for p in self.partition),
+                     f"--partition sizes are whole or half blocks (1.5 splits a block), got {shown}")
+            self.partition = tuple(int(p) if float(p) == int(float(p)) else float(p) for p in self.partition)
+            _require(all(p >= 0.5 for p in self.partition), f"--partition sizes must be at least a half block, got {shown}")
             _require(len(self.partition) == self.stages, f"--partition has {len(self.partition)} sizes but --stages is {self.stages}")
 
 

@@ -11,9 +11,6 @@ trainer. Otherwise it forwards at most --dfa-max-delay batches past the oldest b
 from __future__ import annotations
 
 import contextlib
-from collections import deque
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -21,30 +18,21 @@ from pipeline.blocks import Block, forward_for_feedback, learn_from_error
 from pipeline.feedback import keep_weights_at_forward, output_error
 from pipeline.message import Kind, Message
 from pipeline.nonfinite import NonFiniteWatch
+from pipeline.remote_gradient import RemoteGradients, send_gradient
 from pipeline.stage_io import StageIO, release_after
 
 
-@dataclass(slots=True)
-class AwaitingError:
-    """A training batch this stage forwarded and must still update its DFA blocks with, once its error arrives."""
-
-    epoch: int
-    index: int
-    states: list[torch.Tensor]  # each block's output graph
-    release: Callable[[], None]  # its receive buffers, kept until the update is done
-    forwarded: int  # how many batches this stage had forwarded before it
-
-
 class ErrorFeedback:
-    """The DFA side of one stage: forwarding with kept graphs, and updates as the errors come back."""
+    """The DFA side of one stage: forwarding with kept graphs, and updates as the errors come back (the errors are
+    remote gradients, pipeline/remote_gradient.py)."""
 
     def __init__(self, rank: int, blocks: list[Block], io: StageIO, watch: NonFiniteWatch, *, is_last: bool,
                  has_errors_out: bool, max_delay: int | None):
-        self.rank, self.blocks, self.io, self.watch = rank, blocks, io, watch
+        self.rank, self.blocks, self.io = rank, blocks, io
         self.is_last, self.has_errors_out, self.max_delay = is_last, has_errors_out, max_delay
-        self.awaiting: deque[AwaitingError] = deque()
-        self.forwarded = 0
-        self.delay_sum = self.delay_max = self.updates = 0
+        self.errors = RemoteGradients(rank, io, watch, self._learn, max_delay=max_delay,
+                                      what=lambda index: f"the error of batch {index} from the last stage")
+        self.last_updates = 0  # the last stage applies each error at once: delay 0
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for block in self.blocks for p in block.parameters()]
@@ -60,11 +48,11 @@ class ErrorFeedback:
         with keep:
             states, out = forward_for_feedback(self.blocks, x)
         self.io.put(Message(Kind.TRAIN, msg.epoch, msg.index, [out, y], msg.meta, release=release))
-        self.awaiting.append(AwaitingError(msg.epoch, msg.index, states, release, self.forwarded))
-        self.forwarded += 1
-        self.apply(wait=False)
-        if self.max_delay is not None:  # the next batch may not be forwarded more than max_delay batches past an error
-            self.apply(wait=True, keep=self.max_delay)
+        self.errors.expect(msg.epoch, msg.index, states, release)
+        self.errors.before_forward()  # the next batch may not be forwarded more than max_delay batches past an error
+
+    def _learn(self, states: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+        learn_from_error(self.blocks, states, tensors[0])
 
     def _train_last(self, msg: Message) -> None:
         """The last stage: the output error of the batch goes back to every earlier stage, and updates this one."""
@@ -74,41 +62,20 @@ class ErrorFeedback:
         logits, _ = output.forward_train(x)
         error = output_error(logits, y)
         if self.has_errors_out:
-            self.io.put_error(Message(Kind.FEEDBACK, msg.epoch, msg.index, [error]))
+            send_gradient(self.io, msg, [error])
         output.learn(logits, y)
         learn_from_error(hidden, states, error)
-        self.updates += 1  # applied at once: delay 0
+        self.last_updates += 1
         msg.release()
-
-    def apply(self, wait: bool, keep: int = 0) -> None:
-        """Update with the errors that have arrived; with `wait`, block until at most `keep` batches await one."""
-        while len(self.awaiting) > keep:
-            what = f"the error of batch {self.awaiting[0].index} from the last stage"
-            item = self.io.next_error(what, block=wait)
-            if item is None:
-                return
-            batch = self.awaiting.popleft()
-            if (item.kind, item.epoch, item.index) != (Kind.FEEDBACK, batch.epoch, batch.index):
-                raise RuntimeError(f"stage {self.rank} awaited the error of batch {batch.index} (epoch {batch.epoch}), "
-                                   f"got {item.kind.name} for batch {item.index} (epoch {item.epoch})")
-            with self.watch.at(batch.epoch, batch.index):  # a late update is named by its own batch
-                learn_from_error(self.blocks, batch.states, item.tensors[0])
-            delay = self.forwarded - 1 - batch.forwarded  # batches forwarded since, with weights without this update
-            self.delay_sum, self.delay_max, self.updates = self.delay_sum + delay, max(self.delay_max, delay), self.updates + 1
-            batch.release()
-            item.release()
 
     def settle(self) -> None:
         """Apply every outstanding update (before a test, a checkpoint or the end)."""
-        if self.awaiting:
-            self.apply(wait=True)
+        self.errors.settle()
 
     def await_stream_end(self) -> None:
-        """The last stage ends the error stream after every error: nothing may be left unapplied."""
-        item = self.io.next_error("the end of the error stream from the last stage", block=True)
-        if item.kind != Kind.END:
-            raise RuntimeError(f"stage {self.rank}: an error for batch {item.index} arrived after the end of the run")
+        self.errors.await_stream_end()
 
     def report(self) -> dict:
-        return {"dfa_delay_mean": self.delay_sum / self.updates if self.updates else None,
-                "dfa_delay_max": self.delay_max if self.updates else None}
+        if self.is_last:
+            return {"dfa_delay_mean": 0.0 if self.last_updates else None, "dfa_delay_max": 0 if self.last_updates else None}
+        return self.errors.report("dfa")

@@ -150,8 +150,32 @@ def check_network(cfg: Config) -> None:
     if stages > blocks:
         raise ConfigError(f"--stages {stages} is more than the {blocks} blocks of {name} (output classifier "
                           f"included): use at most {blocks}")
-    if isinstance(cfg.pipeline.partition, tuple) and sum(cfg.pipeline.partition) != blocks:
-        raise ConfigError(f"--partition sums to {sum(cfg.pipeline.partition)} but {name} has {blocks} blocks")
+    if isinstance(cfg.pipeline.partition, tuple):
+        if sum(cfg.pipeline.partition) != blocks:
+            raise ConfigError(f"--partition sums to {sum(cfg.pipeline.partition):g} but {name} has {blocks} blocks")
+        from pipeline.partition import Placement
+
+        for index in sorted(Placement(cfg.pipeline.partition).split):
+            check_splittable(cfg, index)
+
+
+def splittable(cfg: Config, index: int) -> str | None:
+    """None if block `index`'s heads may run on another stage than its layer, else why not."""
+    shape = resolve(cfg)[2]
+    if index == len(shape.blocks) - 1:
+        return "it is the output classifier, whose loss is its own"
+    if not shape.blocks[index].heads:
+        return "it has no local heads" + (" (DFA trains it from the output error)" if shape.blocks[index].feedback else "")
+    if cfg.run.precision == "fp16":
+        return "--precision fp16 scales the block's loss with one scaler over its layer and heads: use bf16"
+    return None
+
+
+def check_splittable(cfg: Config, index: int) -> None:
+    why = splittable(cfg, index)
+    if why:
+        raise ConfigError(f"--partition {','.join(f'{p:g}' for p in cfg.pipeline.partition)} puts block {index}'s "
+                          f"heads on another stage than its layer, but {why}")
 
 
 def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,40 +59,79 @@ def _send_cost(out: torch.Tensor, path: str, device: torch.device) -> float:
     return _timed(lambda: out.clone(), device)
 
 
-def block_costs(cfg: Config, device: torch.device, batches: int = 6, warmup: int = 2,
-                path: str = "host") -> tuple[list[float], list[float]]:
-    """(compute, send) seconds per batch for every block, measured on random batches of the run's shape.
+@dataclass
+class BlockCosts:
+    """Seconds per batch of every block: its whole step (compute = layer + heads), split into the part that runs
+    on the layer's stage (forward, and backward and step from dL/dh) and the heads' (loss, backward to h, step),
+    and what handing on its output (send) and its activation h (send_h) costs."""
 
-    compute: the block's forward, local loss, backward and optimizer step (DFA: forward and update);
-    send: what handing its output on costs the stage, timed along the transport's `path` (see _send_cost).
-    The median of `batches` timed steps after `warmup` untimed ones.
-    """
+    compute: list[float] = field(default_factory=list)
+    layer: list[float] = field(default_factory=list)
+    heads: list[float] = field(default_factory=list)
+    send: list[float] = field(default_factory=list)
+    send_h: list[float] = field(default_factory=list)
+
+
+def _block_step(block: Block, x: torch.Tensor, y: torch.Tensor, dfa: bool, classes: int,
+                device: torch.device) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """(layer seconds, heads seconds, detached output, h) of one training step of a block, timed in the two parts
+    a split block runs in; a block without local heads counts all of its step as its layer's."""
+    heads = getattr(block, "heads", None)
+    if dfa or heads is None:
+        held: list[torch.Tensor] = []
+
+        def whole() -> None:
+            state, out = block.forward_train(x)
+            block.learn(state, output_error(torch.randn(len(y), classes, device=device), y) if dfa else y)
+            held.extend([out.detach(), state.detach()])
+
+        return _timed(whole, device), 0.0, held[0], held[1]
+    held = []
+
+    def forward() -> None:
+        held.extend(block.forward_train(x))
+
+    def heads_step() -> None:
+        leaf = held[0].detach().requires_grad_(True)
+        block.learn(leaf, y)
+        held.append(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+
+    def layer_step() -> None:
+        torch.autograd.backward(held[0], held[2])
+        block.step()
+
+    layer = _timed(forward, device)
+    heads_s = _timed(heads_step, device)
+    layer += _timed(layer_step, device)
+    return layer, heads_s, held[1].detach(), held[0].detach()
+
+
+def block_costs(cfg: Config, device: torch.device, batches: int = 6, warmup: int = 2, path: str = "host") -> BlockCosts:
+    """Every block's costs (BlockCosts), measured on random batches of the run's shape: the median of `batches`
+    timed steps after `warmup` untimed ones. send and send_h are timed along the transport's `path` (_send_cost)."""
     shape, classes = BatchSource.shape_of(cfg.data)
     blocks: list[Block] = build_blocks(cfg, shape, classes, device=device)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(cfg.data.batch_size, *shape, generator=gen).to(device)
     y = torch.randint(0, classes, (cfg.data.batch_size,), generator=gen).to(device)
-    samples: list[list[float]] = [[] for _ in blocks]
-    sends: list[list[float]] = [[] for _ in blocks]
+    samples: list[list[tuple[float, ...]]] = [[] for _ in blocks]
+    dfa = cfg.loss.loss == "dfa"
     for round_ in range(warmup + batches):
         x = x0
         for index, block in enumerate(blocks):
-            out_holder: list[torch.Tensor] = []
-
-            def step(block=block, x=x) -> None:
-                state, out = block.forward_train(x)
-                if cfg.loss.loss == "dfa" and index < len(blocks) - 1:
-                    block.learn(state, output_error(torch.randn(len(y), classes, device=device), y))
-                else:
-                    block.learn(state, y)
-                out_holder.append(out.detach())
-
-            elapsed = _timed(step, device)
-            out = out_holder[0]
-            send = _send_cost(out, path, device)
+            last = index == len(blocks) - 1
+            layer, heads, out, h = _block_step(block, x, y, dfa and not last, classes, device)
+            send, send_h = _send_cost(out, path, device), (_send_cost(h, path, device) if heads else 0.0)
             if round_ >= warmup:
-                samples[index].append(elapsed)
-                sends[index].append(send)
+                samples[index].append((layer, heads, send, send_h))
             x = out
-    median = lambda values: sorted(values)[len(values) // 2]
-    return [median(s) for s in samples], [median(s) for s in sends]
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    costs = BlockCosts()
+    for block_samples in samples:
+        layer, heads, send, send_h = (median([s[i] for s in block_samples]) for i in range(4))
+        costs.layer.append(layer)
+        costs.heads.append(heads)
+        costs.compute.append(layer + heads)
+        costs.send.append(send)
+        costs.send_h.append(send_h)
+    return costs

@@ -30,10 +30,11 @@ from pipeline.data import DATASETS, BatchSource
 from pipeline.determinism import use_deterministic
 from pipeline.interrupt import StopRequest
 from pipeline.factories import build_blocks, count_blocks, fingerprint
-from pipeline.partition import balanced_partition, resolve_partition, stage_ranges, stage_times
+from pipeline.factories import splittable as splittable_block
+from pipeline.partition import Placement, as_sizes, balanced_partition, balanced_placement, resolve_placement, stage_times
 from pipeline.profile import block_costs, send_path
 from pipeline.stage import Stage, StallError
-from pipeline.transport import open_links
+from pipeline.transport import dfa_gradient_links, open_links
 from pipeline.transport.base import PeerGone
 
 
@@ -111,17 +112,18 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     # every rank takes part, and all decide on every rank's facts: the same backend everywhere, or the same error
     backend = agree_backend(cfg.pipeline.dist_backend, device_facts(device)) if cfg.pipeline.transport == "dist" else None
     agree_network(cfg, rank)
-    sizes, profile = agree_partition(cfg, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
-    ranges = stage_ranges(sizes)
+    placement, profile = agree_partition(cfg, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
     spec = DATASETS[cfg.data.shape_source]
-    blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=ranges[rank], device=device)
+    blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=placement.ranges[rank], device=device)
+    for block in blocks:
+        block.part = placement.part(rank, block.index)
     start = None
     if cfg.run.resume:
         folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg)
         restore_stage(blocks, load_stage_checkpoint(folder, rank))
         start = manifest["position"]
     source = BatchSource(cfg.data, cfg.run.seed, device) if rank == 0 else None
-    links = open_links(cfg.pipeline.transport, rank, world, device, feedback=cfg.loss.loss == "dfa",
+    links = open_links(cfg.pipeline.transport, rank, world, device, gradients=gradient_links(cfg, placement),
                        dist_backend=backend or "gloo", zmq_host=cfg.pipeline.zmq_host,
                        zmq_curve_keys=cfg.pipeline.zmq_curve_keys, local_queues=local_queues, timeout=timeout)
     stage = Stage(cfg, rank, world, blocks, links=links, source=source, device=device, host=socket.gethostname(),
@@ -149,25 +151,44 @@ def agree_network(cfg: Config, rank: int) -> None:
                           f"stage {odd} differ): the factory must depend on its context only")
 
 
+def gradient_links(cfg: Config, placement: Placement | None, world: int | None = None) -> list[tuple[int, int]]:
+    """(sender, receiver) of the run's remote-gradient links: DFA's errors, or dL/dh of split blocks. Without a
+    placement (the local launcher, before --partition auto has chosen): every link a placement could need."""
+    if cfg.loss.loss == "dfa":
+        return dfa_gradient_links(world or len(placement.sizes))
+    if placement is not None:
+        return placement.gradient_links()
+    if cfg.pipeline.partition == "auto" and cfg.loss.local:
+        return [(k + 1, k) for k in range(world - 1)]
+    if isinstance(cfg.pipeline.partition, tuple):
+        return Placement(cfg.pipeline.partition).gradient_links()
+    return []
+
+
 def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
-                    path: str = "host") -> tuple[tuple[int, ...], dict | None]:
-    """Blocks per stage, the same on every rank. For "auto", stage 0 profiles the blocks and broadcasts its choice
-    (timings differ between processes; the partition must not)."""
+                    path: str = "host") -> tuple[Placement, dict | None]:
+    """Where every block's layer and heads run, the same on every rank. For "auto", stage 0 profiles the blocks'
+    layers and heads and broadcasts its choice (timings differ between processes; the placement must not)."""
     blocks = count_blocks(cfg)
     if cfg.pipeline.partition != "auto":
-        return tuple(len(r) for r in resolve_partition(blocks, world, cfg.pipeline.partition)), None
-    chosen = torch.zeros(world, dtype=torch.int64)
+        return resolve_placement(blocks, world, cfg.pipeline.partition), None
+    halves = torch.zeros(world, dtype=torch.int64)
     profile = None
     if rank == 0:
-        compute, send = block_costs(cfg, device, path=path)
-        sizes = balanced_partition(compute, send, world)
-        chosen = torch.tensor(sizes, dtype=torch.int64)
-        even = tuple(len(r) for r in resolve_partition(blocks, world, None))
-        profile = {"send_path": path, "compute_ms": [1e3 * c for c in compute], "send_ms": [1e3 * s for s in send], "chosen": list(sizes),
-                   "chosen_stage_ms": [1e3 * t for t in stage_times(compute, send, sizes)],
-                   "even_stage_ms": [1e3 * t for t in stage_times(compute, send, even)]}
-    dist.broadcast(chosen, src=0)
-    return tuple(chosen.tolist()), profile
+        costs = block_costs(cfg, device, path=path)
+        splittable = [cfg.loss.local and splittable_block(cfg, i) is None for i in range(blocks)]
+        sizes, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, world)
+        halves = torch.tensor([int(2 * s) for s in sizes], dtype=torch.int64)
+        whole = balanced_partition(costs.compute, costs.send, world)
+        even = resolve_placement(blocks, world, None).sizes
+        ms = lambda values: [1e3 * v for v in values]  # noqa: E731
+        profile = {"send_path": path, "compute_ms": ms(costs.compute), "layer_ms": ms(costs.layer),
+                   "heads_ms": ms(costs.heads), "send_ms": ms(costs.send), "send_h_ms": ms(costs.send_h),
+                   "splittable": splittable, "chosen": list(sizes), "chosen_stage_ms": ms(times),
+                   "whole_blocks": list(whole), "whole_blocks_stage_ms": ms(stage_times(costs.compute, costs.send, whole)),
+                   "even_stage_ms": ms(stage_times(costs.compute, costs.send, even))}
+    dist.broadcast(halves, src=0)
+    return Placement(as_sizes(halves.tolist())), profile
 
 
 def guarded(rank: int, body) -> int:

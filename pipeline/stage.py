@@ -36,7 +36,9 @@ from pipeline.message_stream import data_messages
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
 from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
+from pipeline.partition import as_sizes
 from pipeline.progress import LineProgress, progress_bar
+from pipeline.remote_heads import RemoteHeads, SplitLayer
 from pipeline.stage_io import StageIO, StallError, release_after
 from pipeline.transport import Links
 
@@ -63,9 +65,18 @@ class Stage:
         self.dfa = ErrorFeedback(rank, blocks, self.io, self.watch, is_last=self.is_last,
                                  has_errors_out=bool(links.feedback_out),
                                  max_delay=cfg.pipeline.dfa_max_delay) if cfg.loss.loss == "dfa" else None
+        # split heads (pipeline/remote_heads.py): the heads of the previous stage's last block run first here, the
+        # layer of this stage's last block may have its heads on the next stage
+        heads = blocks[0] if blocks and blocks[0].part == "heads" else None
+        layer = blocks[-1] if blocks and blocks[-1].part == "layer" else None
+        self.heads = RemoteHeads(heads, self.io) if heads is not None else None
+        self.split = SplitLayer(rank, layer, self.io, self.watch, cfg.pipeline.heads_max_delay) if layer is not None else None
+        self.front = [b for b in blocks if b.part == "whole"]  # the blocks trained here, whole
+        self.scored = [b for b in blocks if b.part != "layer"]  # the blocks whose statistics and hits this stage reports
+        self.remote = self.dfa.errors if self.dfa is not None else self.split.gradients if self.split else None
         self.start = start  # resume position
         self._epoch = start["epoch"] if start and start["batch"] > 0 else 0  # mid-epoch: keep its running stats
-        self._eval_hits: list[torch.Tensor | None] = [None] * len(blocks)
+        self._eval_hits: list[torch.Tensor | None] = [None] * len(self.scored)
         self._eval_examples = 0
         self.timer = self.streams.timer()  # compute seconds (GPU time from CUDA events on a GPU)
         self._started = time.perf_counter()
@@ -119,41 +130,58 @@ class Stage:
     def _train_step(self, msg: Message) -> None:
         if self.dfa is not None:
             self.dfa.train(msg)
-        elif self.links.outbox is None:
-            train_blocks(self.blocks, *msg.tensors)
+            return
+        x, y, *activation = msg.tensors
+        if self.heads is not None:  # first: the previous stage awaits this dL/dh
+            self.heads.learn(msg, activation[0], y)
+        if self.links.outbox is None:
+            train_blocks(self.front, x, y)
             msg.release()
-        else:
-            x, y = msg.tensors
-            release = release_after(2, msg.release)
-
-            def hand_off(out: torch.Tensor) -> None:
-                self.io.put(Message(Kind.TRAIN, msg.epoch, msg.index, [out, y], msg.meta, release=release))
-
-            train_blocks(self.blocks, x, y, hand_off)
-            release()
+            return
+        # the exact overlapped schedule ([Note: the exact overlapped schedule] in pipeline/remote_heads.py)
+        release = release_after(2 if self.split is None else 3, msg.release)  # compute, send, the split's update
+        learn_later = []
+        for block in self.front:
+            state, out = block.forward_train(x)
+            x = out.detach()
+            learn_later.append((block, state))
+        tensors = [x, y]
+        if self.split is not None:
+            out, h = self.split.forward(msg, x, release)
+            tensors = [out, y, h]
+        self.io.put(Message(Kind.TRAIN, msg.epoch, msg.index, tensors, msg.meta, release=release))
+        for block, state in learn_later:
+            block.learn(state, y)
+        release()
 
     def _settle(self) -> None:
-        """Every update of the batches before this point is in (DFA: their errors applied) and was finite."""
-        if self.dfa is not None:
-            self.dfa.settle()
+        """Every update of the batches before this point is in (remote gradients applied) and was finite."""
+        if self.remote is not None:
+            self.remote.settle()
         self.watch.check()
 
     def _eval(self, msg: Message) -> None:
         self._settle()  # the epoch's updates are all in before its test
-        x, y = msg.tensors
+        x, y, *activation = msg.tensors
         self.timer.start()
-        out, hits = evaluate_blocks(self.blocks, x, y)
+        hits = [self.heads.hits(activation[0], y)] if self.heads is not None else []
+        out, front_hits = evaluate_blocks(self.front, x, y)
+        hits += front_hits
+        tensors = [out, y]
+        if self.split is not None:
+            out, h = self.split.evaluate(out)
+            tensors = [out, y, h]
         self._eval_hits = [h if t is None else t + h for t, h in zip(self._eval_hits, hits)]
         self._eval_examples += len(y)
         meta = dict(msg.meta)
         if meta.get("last"):  # this stage's epoch results ride on the last test batch
-            meta["train_stats"] = meta.get("train_stats", []) + [b.stats.summary() for b in self.blocks]
+            meta["train_stats"] = meta.get("train_stats", []) + [b.stats.summary() for b in self.scored]
             meta["hits"] = meta.get("hits", []) + [None if h is None else int(h) for h in self._eval_hits]
             examples = self._eval_examples
-            self._eval_hits, self._eval_examples = [None] * len(self.blocks), 0
+            self._eval_hits, self._eval_examples = [None] * len(self.scored), 0
         self.timer.stop()
         if self.links.outbox is not None:
-            self.io.put(Message(Kind.EVAL, msg.epoch, msg.index, [out, y], meta, release=msg.release))
+            self.io.put(Message(Kind.EVAL, msg.epoch, msg.index, tensors, meta, release=msg.release))
             return
         msg.release()
         if self._bar is not None:
@@ -226,7 +254,10 @@ class Stage:
             "receive_buffers": getattr(getattr(inbox, "pool", None), "allocated", None),
             "receive_buffer_bytes": getattr(getattr(inbox, "pool", None), "allocated_bytes", None),
             "rejected_messages": getattr(inbox, "rejected", None),
+            "size": as_sizes([sum(2 if b.part == "whole" else 1 for b in self.blocks)])[0],  # blocks, halves included
+            "parts": {str(b.index): b.part for b in self.blocks if b.part != "whole"},
             **(self.dfa.report() if self.dfa is not None else {"dfa_delay_mean": None, "dfa_delay_max": None}),
+            **(self.split.gradients.report("heads") if self.split else {"heads_delay_mean": None, "heads_delay_max": None}),
             "error_wait_s": io.error_wait_s,
             # keyed by the block index as a string, as in summary.json: the report travels on in END's msgpack
             # header, whose maps take string keys only (pipeline/message.py)
@@ -255,7 +286,7 @@ class Stage:
             "stopped_at": stopped,
             "stages": self.world,
             "transport": self.cfg.pipeline.transport,
-            "partition": [len(s["blocks"]) for s in stages],
+            "partition": [s["size"] for s in stages],
             "test_error": self._record.get("test_error"),
             "layer_test_errors": self._record.get("layer_test_errors"),
             "train_samples_per_s": self.throughput.rate(),
@@ -281,7 +312,7 @@ class Stage:
             summary = self._loop()
             self.io.finish_sending()
             if self.links.feedback_in:
-                self.dfa.await_stream_end()
+                self.remote.await_stream_end()
         return summary
 
     def _loop(self) -> dict[str, Any] | None:

@@ -6,29 +6,30 @@ import datetime
 
 import torch
 
-from pipeline.transport.base import Channel, Links
+from pipeline.transport.base import Channel, Links, dfa_gradient_links
 
 
-def open_links(name: str, rank: int, world: int, device: torch.device, *, feedback: bool = False,
+def open_links(name: str, rank: int, world: int, device: torch.device, *, gradients: list[tuple[int, int]] = (),
                dist_backend: str = "gloo", zmq_host: str = "127.0.0.1", zmq_curve_keys: str | None = None,
                local_queues: dict | None = None, timeout: datetime.timedelta | None = None) -> Links:
-    """The channels of stage `rank` over the named transport; with `feedback`, also the DFA error channels
-    from the last stage to every earlier one. `timeout`: how long a dist link may wait (the run's stall timeout)."""
+    """The channels of stage `rank` over the named transport: the forward pipe and the remote-gradient links
+    `gradients`, (sender, receiver) pairs listed alike on every rank. `timeout`: how long a dist link may wait (the
+    run's stall timeout)."""
     if name == "dist":
         from pipeline.transport.dist import open_dist
 
-        return open_dist(rank, world, device, dist_backend, feedback, timeout)
+        return open_dist(rank, world, device, dist_backend, list(gradients), timeout)
     if name == "zmq":
         from pipeline.transport.zmq import open_zmq
 
-        return open_zmq(rank, world, device, zmq_host, feedback, zmq_curve_keys)
+        return open_zmq(rank, world, device, zmq_host, list(gradients), zmq_curve_keys)
     if name == "local":
         from pipeline.transport.local import open_local
 
         if local_queues is None:
             raise ValueError("the local transport needs the queues of the local launcher")
-        return open_local(rank, world, device, local_queues)
+        return open_local(rank, world, device, local_queues, list(gradients))
     raise ValueError(f"unknown transport '{name}'")
 
 
-__all__ = ["Channel", "Links", "open_links"]
+__all__ = ["Channel", "Links", "dfa_gradient_links", "open_links"]

@@ -32,14 +32,28 @@ class Channel(ABC):
         """Release the channel's resources (after the END message has gone through)."""
 
 
+def dfa_gradient_links(world: int) -> list[tuple[int, int]]:
+    """(sender, receiver) of DFA's remote-gradient links: the last stage's output error to every earlier stage."""
+    return [(world - 1, k) for k in range(world - 1)]
+
+
+def gradient_source(rank: int, gradients: list[tuple[int, int]]) -> int | None:
+    """The one stage that sends remote gradients to `rank` (DFA: the last; split heads: the next), if any."""
+    sources = [sender for sender, receiver in gradients if receiver == rank]
+    if len(sources) > 1:
+        raise ValueError(f"stage {rank} would receive remote gradients from stages {sources}: one source at most")
+    return sources[0] if sources else None
+
+
 @dataclass
 class Links:
-    """All channels of one stage: the forward pipe, and for DFA the error channels from the last stage."""
+    """All channels of one stage: the forward pipe, and the remote-gradient channels (DFA's output errors from the
+    last stage, or dL/dh from the stage that runs a block's heads; see pipeline/remote_gradient.py)."""
 
     inbox: Channel | None = None  # from stage k-1 (None at stage 0: the data source feeds it)
     outbox: Channel | None = None  # to stage k+1 (None at the last stage)
-    feedback_in: Channel | None = None  # DFA errors from the last stage (stages before the last)
-    feedback_out: list[Channel] = field(default_factory=list)  # last stage: one per earlier stage
+    feedback_in: Channel | None = None  # remote gradients from a later stage
+    feedback_out: list[Channel] = field(default_factory=list)  # remote gradients to earlier stages (each gets every one)
 
     def close(self) -> None:
         for channel in [self.inbox, self.outbox, self.feedback_in, *self.feedback_out]:

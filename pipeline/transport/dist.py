@@ -97,27 +97,31 @@ class DistChannel(Channel):
         return Message(header.kind, header.epoch, header.index, to_device(frames, self.compute_device), header.meta)
 
 
-def link_groups(world: int, backend: str, feedback: bool, timeout: datetime.timedelta | None = None) -> tuple[list, list]:
-    """One process group per link (k, k+1), and per DFA error link (K-1 -> k), created in the same order on every
-    rank, as torch requires; each is used by one thread on each side. `timeout` is the run's stall timeout: the
-    NCCL watchdog aborts an operation pending longer than its group's timeout, so it must not be shorter."""
+def link_groups(world: int, backend: str, gradients: list[tuple[int, int]],
+                timeout: datetime.timedelta | None = None) -> tuple[list, list]:
+    """One process group per link (k, k+1), and per remote-gradient link (sender, receiver) in the order given,
+    created in the same order on every rank, as torch requires; each is used by one thread on each side. `timeout`
+    is the run's stall timeout: the NCCL watchdog aborts an operation pending longer than its group's timeout, so
+    it must not be shorter."""
     options = {"backend": backend} if timeout is None else {"backend": backend, "timeout": timeout}
     forward = [dist.new_group([k, k + 1], **options) for k in range(world - 1)]
-    errors = [dist.new_group([k, world - 1], **options) for k in range(world - 1)] if feedback else []
+    errors = [dist.new_group(sorted(pair), **options) for pair in gradients]
     return forward, errors
 
 
-def warm_up(rank: int, world: int, forward: list, errors: list, device: torch.device) -> None:
+def warm_up(rank: int, world: int, forward: list, errors: list, device: torch.device,
+            gradients: list[tuple[int, int]] = ()) -> None:
     """Exchange one value over every link of this rank, in the main thread, before any helper thread starts.
 
     NCCL connects a link's communicator lazily, at its first exchange; left to that, two helper threads would
     connect two communicators at once while compute and other NCCL kernels run, and NCCL operations of several
     communicators issued concurrently without a consistent order can deadlock (NCCL user guide, "Using multiple
     NCCL communicators concurrently"). The links are
-    visited in one global order on every rank (forward links, then error links), and on each the lower rank
-    sends first: every rank's earlier links are done when it reaches a link, so both ends meet there.
+    visited in one global order on every rank (forward links, then remote-gradient links `gradients`, whose
+    groups are `errors`), and on each the lower rank sends first: every rank's earlier links are done when it
+    reaches a link, so both ends meet there.
     """
-    links = [(k, k + 1, group) for k, group in enumerate(forward)] + [(k, world - 1, group) for k, group in enumerate(errors)]
+    links = [(k, k + 1, group) for k, group in enumerate(forward)] + [(*sorted(pair), group) for pair, group in zip(gradients, errors)]
     token = torch.zeros(1, device=device)
     for low, high, group in links:
         if rank == low:
@@ -130,11 +134,11 @@ def warm_up(rank: int, world: int, forward: list, errors: list, device: torch.de
         torch.cuda.synchronize(device)  # start-up only
 
 
-def open_dist(rank: int, world: int, compute_device: torch.device, backend: str, feedback: bool = False,
-              timeout: datetime.timedelta | None = None) -> Links:
+def open_dist(rank: int, world: int, compute_device: torch.device, backend: str,
+              gradients: list[tuple[int, int]] = (), timeout: datetime.timedelta | None = None) -> Links:
     comm_device = compute_device if backend == "nccl" else torch.device("cpu")
-    forward, errors = link_groups(world, backend, feedback, timeout)
-    warm_up(rank, world, forward, errors, comm_device)
+    forward, errors = link_groups(world, backend, list(gradients), timeout)
+    warm_up(rank, world, forward, errors, comm_device, list(gradients))
     last = world - 1
 
     def channel(peer: int, group) -> DistChannel:
@@ -142,8 +146,9 @@ def open_dist(rank: int, world: int, compute_device: torch.device, backend: str,
 
     links = Links(inbox=channel(rank - 1, forward[rank - 1]) if rank > 0 else None,
                   outbox=channel(rank + 1, forward[rank]) if rank < last else None)
-    if errors and rank < last:
-        links.feedback_in = channel(last, errors[rank])
-    if errors and rank == last:
-        links.feedback_out = [channel(k, errors[k]) for k in range(last)]
+    for (sender, receiver), group in zip(gradients, errors):
+        if receiver == rank:
+            links.feedback_in = channel(sender, group)  # one source at most (gradient_source)
+        if sender == rank:
+            links.feedback_out.append(channel(receiver, group))
     return links

@@ -51,20 +51,24 @@ class QueueChannel(Channel):
         self.queue.close()
 
 
-def make_queues(context, world: int, depth: int, feedback: bool) -> dict[str, list]:
-    """One bounded queue per link (k, k+1) and, for DFA, per error link (K-1 -> k); made by the launcher before
-    it starts the stages. Error queues are unbounded: a stage drains them at once, and --dfa-max-delay bounds
-    how many batches can await an error."""
+def make_queues(context, world: int, depth: int, gradients: list[tuple[int, int]]) -> dict:
+    """One bounded queue per link (k, k+1) and one per remote-gradient link that the run may use (sender,
+    receiver); made by the launcher before it starts the stages (so for --partition auto, every link a placement
+    could need). Gradient queues are unbounded: a stage drains them at once, and the stage that awaits a
+    gradient bounds how many batches can await one."""
     return {"forward": [context.Queue(maxsize=depth) for _ in range(world - 1)],
-            "feedback": [context.Queue() for _ in range(world - 1)] if feedback else []}
+            "feedback": {tuple(pair): context.Queue() for pair in gradients}}
 
 
-def open_local(rank: int, world: int, device: torch.device, queues: dict[str, list]) -> Links:
-    forward, errors, last = queues["forward"], queues["feedback"], world - 1
+def open_local(rank: int, world: int, device: torch.device, queues: dict, gradients: list[tuple[int, int]] = ()) -> Links:
+    forward, last = queues["forward"], world - 1
     links = Links(inbox=QueueChannel(forward[rank - 1], device) if rank > 0 else None,
                   outbox=QueueChannel(forward[rank], device) if rank < last else None)
-    if errors and rank < last:
-        links.feedback_in = QueueChannel(errors[rank], device)
-    if errors and rank == last:
-        links.feedback_out = [QueueChannel(errors[k], device) for k in range(last)]
+    for sender, receiver in gradients:
+        if (sender, receiver) not in queues["feedback"]:
+            raise ValueError(f"the local launcher made no queue for remote gradients from stage {sender} to {receiver}")
+        if receiver == rank:
+            links.feedback_in = QueueChannel(queues["feedback"][(sender, receiver)], device)
+        if sender == rank:
+            links.feedback_out.append(QueueChannel(queues["feedback"][(sender, receiver)], device))
     return links

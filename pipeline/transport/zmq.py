@@ -23,7 +23,7 @@ from pipeline.errors import AgreedError
 from pipeline.control import exchange_strings, host_name
 from pipeline.message import (MAX_HEADER_BYTES, MAX_TENSOR_BYTES, Message, ProtocolError, TensorSpec, decode_header,
                               encode_header)
-from pipeline.transport.base import BufferPool, Channel, Links, host_buffer, to_device, to_host
+from pipeline.transport.base import BufferPool, Channel, Links, gradient_source, host_buffer, to_device, to_host
 
 CLOSE_LINGER_MS = 10_000  # an END still queued in the sender is delivered, or given up after this
 LOGGED_REJECTIONS = 10  # malformed messages logged one by one; after that every thousandth
@@ -206,9 +206,9 @@ def check_bind_host(bind_host: str, hosts: list[str]) -> None:
                           f"({', '.join(distinct)}): use --zmq-host 0.0.0.0 or this node's address")
 
 
-def open_zmq(rank: int, world: int, device: torch.device, bind_host: str, feedback: bool = False,
+def open_zmq(rank: int, world: int, device: torch.device, bind_host: str, gradients: list[tuple[int, int]] = (),
              curve_keys: str | None = None) -> Links:
-    """Each stage binds its inbox (and its DFA error inbox), the addresses are gathered, then each connects."""
+    """Each stage binds its inbox (and its remote-gradient inbox), the addresses are gathered, then each connects."""
     hosts = exchange_strings(host_name())
     check_bind_host(bind_host, hosts)
     last = world - 1
@@ -220,13 +220,13 @@ def open_zmq(rank: int, world: int, device: torch.device, bind_host: str, feedba
         return ZmqReceiver(f"tcp://{bind_host}", device, keys=keys)
 
     links = Links(inbox=bind_from(rank - 1) if rank > 0 else None)
-    if feedback and rank < last:
-        links.feedback_in = bind_from(last)
+    source = gradient_source(rank, list(gradients))
+    if source is not None:
+        links.feedback_in = bind_from(source)
     inboxes = exchange_strings(links.inbox.address if links.inbox else "")
     if rank < last:
         links.outbox = ZmqSender(inboxes[rank + 1], keys=keys)
-    if feedback:
-        error_inboxes = exchange_strings(links.feedback_in.address if links.feedback_in else "")
-        if rank == last:
-            links.feedback_out = [ZmqSender(error_inboxes[k], keys=keys) for k in range(last)]
+    if gradients:  # every rank takes part in the exchange (a collective), whatever its links
+        gradient_inboxes = exchange_strings(links.feedback_in.address if links.feedback_in else "")
+        links.feedback_out = [ZmqSender(gradient_inboxes[receiver], keys=keys) for sender, receiver in gradients if sender == rank]
     return links

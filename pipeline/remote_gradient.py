@@ -1,0 +1,96 @@
+"""Remote gradients: a batch's gradient that a later stage computes and sends back, applied when it arrives.
+
+    this stage:   forward t (keep its graph) ──► send t on ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─► learn from g_t
+    later stage:                                  receive t ──► g_t ──► send g_t back
+
+Two learning schemes work this way, over the same channels (Links.feedback_in / feedback_out, every transport):
+- DFA: g_t is batch t's output error, from the last stage to every earlier one (pipeline/dfa_stage.py);
+- split heads: g_t is dL/dh of a block whose local heads run on the next stage (pipeline/remote_heads.py).
+
+With max_delay 0 the gradient of t is applied before the awaiting blocks forward t+1: exactly the sequential
+trainer. With max_delay D > 0 they forward at most D batches past the oldest batch still awaiting its
+gradient, the weights each batch was forwarded with kept for its update (a delayed gradient), and the delay
+seen is reported.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipeline.message import Kind, Message
+from pipeline.nonfinite import NonFiniteWatch
+from pipeline.stage_io import StageIO
+
+
+@dataclass(slots=True)
+class Awaiting:
+    """A batch this stage forwarded and must still learn from, once its remote gradient arrives."""
+
+    epoch: int
+    index: int
+    graph: Any  # what the update needs: the awaiting blocks' output graphs
+    release: Callable[[], None]  # its receive buffers, kept until the update is done (the graph reads them)
+    forwarded: int  # how many batches this stage had forwarded before it
+
+
+class RemoteGradients:
+    """The batches of one stage that await a gradient from `source`, and their updates as the gradients come."""
+
+    def __init__(self, rank: int, io: StageIO, watch: NonFiniteWatch, learn: Callable[[Any, list], None], *,
+                 what: Callable[[int], str], max_delay: int | None):
+        """`what(index)` names batch index's gradient in messages, e.g. "the error of batch 3 from the last stage"."""
+        self.rank, self.io, self.watch, self.learn = rank, io, watch, learn
+        self.what, self.max_delay = what, max_delay
+        self.awaiting: deque[Awaiting] = deque()
+        self.forwarded = 0
+        self.delay_sum = self.delay_max = self.updates = 0
+
+    def expect(self, epoch: int, index: int, graph: Any, release: Callable[[], None]) -> None:
+        """Batch (epoch, index) was forwarded; `learn(graph, gradient tensors)` applies its update later."""
+        self.awaiting.append(Awaiting(epoch, index, graph, release, self.forwarded))
+        self.forwarded += 1
+
+    def apply(self, wait: bool, keep: int = 0) -> None:
+        """Update with the gradients that have arrived; with `wait`, block until at most `keep` batches await one."""
+        while len(self.awaiting) > keep:
+            item = self.io.next_error(self.what(self.awaiting[0].index), block=wait)
+            if item is None:
+                return
+            batch = self.awaiting.popleft()
+            if (item.kind, item.epoch, item.index) != (Kind.FEEDBACK, batch.epoch, batch.index):
+                raise RuntimeError(f"stage {self.rank} awaited {self.what(batch.index)} (epoch {batch.epoch}), got "
+                                   f"{item.kind.name} for batch {item.index} (epoch {item.epoch})")
+            with self.watch.at(batch.epoch, batch.index):  # a late update is named by its own batch
+                self.learn(batch.graph, item.tensors)
+            delay = self.forwarded - 1 - batch.forwarded  # batches forwarded since, with weights without this update
+            self.delay_sum, self.delay_max, self.updates = self.delay_sum + delay, max(self.delay_max, delay), self.updates + 1
+            batch.release()
+            item.release()
+
+    def before_forward(self) -> None:
+        """Before the awaiting blocks forward the next batch: apply what has come, and wait for what must have."""
+        self.apply(wait=False)
+        if self.max_delay is not None:
+            self.apply(wait=True, keep=self.max_delay)
+
+    def settle(self) -> None:
+        """Apply every outstanding update (before a test, a checkpoint or the end)."""
+        if self.awaiting:
+            self.apply(wait=True)
+
+    def await_stream_end(self) -> None:
+        """The sending stage ends the gradient stream after every gradient: nothing may be left unapplied."""
+        item = self.io.next_error("the end of the remote-gradient stream", block=True)
+        if item.kind != Kind.END:
+            raise RuntimeError(f"stage {self.rank}: a remote gradient for batch {item.index} arrived after the end of the run")
+
+    def report(self, prefix: str) -> dict:
+        return {f"{prefix}_delay_mean": self.delay_sum / self.updates if self.updates else None,
+                f"{prefix}_delay_max": self.delay_max if self.updates else None}
+
+
+def send_gradient(io: StageIO, msg: Message, tensors: list) -> None:
+    """Send batch `msg`'s remote gradient back to the stage(s) awaiting it."""
+    io.put_error(Message(Kind.FEEDBACK, msg.epoch, msg.index, tensors))

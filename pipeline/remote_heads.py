@@ -1,0 +1,104 @@
+"""Split heads: a block's layer on one stage, its local heads on the next; dL/dh comes back as a remote gradient.
+
+    stage k:    ... forward layer(t) ──► [out, y, h] on ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─► h.backward(dL/dh), step
+    stage k+1:                           heads(h): loss, step the heads ──► dL/dh back ──► its own blocks
+
+Both stages build the whole block from the same seed; each steps only its part (a parameter without a gradient is
+left alone by every torch optimizer, and Adam's state, its step count included, is per parameter), so the two
+halves together take exactly the sequential trainer's step. The non-finite flag of the loss travels back with
+dL/dh, so the layer skips the update its heads skipped.
+
+[Note: the exact overlapped schedule]
+The layer's update for batch t must be in before its forward of t+1, but the blocks before it on stage k need
+nothing from stage k+1. So stage k forwards those blocks for t+1 while dL/dh of t travels, then waits for it,
+applies it, forwards the split block, sends t+1 on, and lets the blocks before it learn from t+1 (train_local).
+Every number is the sequential trainer's; the stages overlap by the blocks before the split one. A stage with
+no such work (the split block first on its stage) can instead take a bounded delay (--heads-max-delay D): the
+layer forwards at most D batches past the oldest one awaiting dL/dh, with the weights of each forward kept for
+its update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from pipeline.blocks import Block, LocalBlock
+from pipeline.errors import ConfigError
+from pipeline.feedback import keep_weights_at_forward
+from pipeline.message import Message
+from pipeline.nonfinite import NonFiniteWatch
+from pipeline.remote_gradient import RemoteGradients, send_gradient
+from pipeline.stage_io import StageIO
+
+
+def layer_state(block: Block, part: str) -> dict[str, torch.Tensor]:
+    """The entries of block.state_dict() that the stage running `part` of it ("whole", "layer", "heads") owns."""
+    state = block.state_dict()
+    if part == "whole":
+        return state
+    return {k: v for k, v in state.items() if k.startswith("heads.") == (part == "heads")}
+
+
+class SplitLayer:
+    """The layer half of a split block, on the stage before its heads'."""
+
+    def __init__(self, rank: int, block: LocalBlock, io: StageIO, watch: NonFiniteWatch, max_delay: int):
+        self.block, self.max_delay = block, max_delay
+        self.gradients = RemoteGradients(rank, io, watch, self._learn, max_delay=max_delay,
+                                         what=lambda index: f"dL/dh of block {block.index}, batch {index}, from stage {rank + 1}")
+
+    def forward(self, msg: Message, x: torch.Tensor, release: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(detached output, detached h) of batch msg; its graph is kept until dL/dh arrives (then `release`)."""
+        self.gradients.before_forward()
+        params = list(self.block.parameters())
+        with keep_weights_at_forward(params) if self.max_delay else contextlib.nullcontext():
+            h, out = self.block.forward_train(x)
+        self.gradients.expect(msg.epoch, msg.index, h, release)
+        return out.detach(), h.detach()
+
+    def _learn(self, h: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        grad, bad = tensors
+        torch.autograd.backward(h, grad)
+        self.block.step(bad.reshape(()))  # the heads' stage reported the flag; the layer only follows it
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval mode: (output, h); the block's classifier runs on the heads' stage."""
+        self.block.eval()
+        h = self.block.activation(x)
+        return self.block.emit(h), h
+
+
+class RemoteHeads:
+    """The heads half of a split block, on the stage after its layer's."""
+
+    def __init__(self, block: LocalBlock, io: StageIO):
+        self.block, self.io = block, io
+        self._checked = False
+
+    def learn(self, msg: Message, h: torch.Tensor, y: torch.Tensor) -> None:
+        """The heads' loss on the received h, their step, and dL/dh (with the loss's non-finite flag) sent back."""
+        leaf = h.detach().requires_grad_(True)  # a new tensor: the flag never sticks to a reused receive buffer
+        generator = self.block.generator
+        before = None if self._checked else generator.get_state()
+        bad = self.block.learn(leaf, y)  # steps the heads' parameters only: the layer's have no gradient here
+        if before is not None:
+            self._checked = True
+            if not torch.equal(before, generator.get_state()):
+                raise ConfigError(f"block {self.block.index}'s heads draw random numbers from the block's generator, "
+                                  f"which its layer's stage draws from too: keep its heads on its layer's stage")
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        send_gradient(self.io, msg, [grad, bad.reshape(1)])
+
+    @torch.no_grad()
+    def hits(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The block's classifier's correct count on a test batch's h (None without a classifier)."""
+        self.block.eval()
+        classify = getattr(self.block.heads, "classify", None)
+        if classify is None:
+            return None
+        with self.block.precision.autocast():
+            return (classify(h) == y).sum()

@@ -168,7 +168,26 @@ def splittable(cfg: Config, index: int) -> str | None:
         return "it has no local heads" + (" (DFA trains it from the output error)" if shape.blocks[index].feedback else "")
     if cfg.run.precision == "fp16":
         return "--precision fp16 scales the block's loss with one scaler over its layer and heads: use bf16"
+    if _heads_draw_random_numbers(cfg, index):
+        return ("its heads draw random numbers from the block's generator, which its layer's stage draws from too "
+                "(keep them on their layer's stage)")
     return None
+
+
+def _heads_draw_random_numbers(cfg: Config, index: int) -> bool:
+    """Whether block `index`'s heads draw from the block's generator (dropout in a user's head): their loss on a
+    random batch of 2, built on the CPU, compared with the generator's state before."""
+    from pipeline.blocks import head_loss
+    from pipeline.data import BatchSource
+
+    _, ctx, shape = resolve(cfg)
+    block = build_blocks(cfg, *BatchSource.shape_of(cfg.data), indices=[index])[0]
+    before = block.generator.get_state()
+    block.train()
+    h = torch.randn(2, *shape.blocks[index].activation)
+    with block.own_randomness():
+        head_loss(block.heads, h, torch.arange(2) % ctx.num_classes)
+    return not torch.equal(before, block.generator.get_state())
 
 
 def check_splittable(cfg: Config, index: int) -> None:

@@ -155,7 +155,8 @@ def balanced_placement(layer: list[float], heads: list[float], send: list[float]
     a split placement is chosen only if its slowest stage beats the best whole-block one by more than `margin`
     (a split costs a message each way that the estimate does not see).
     """
-    whole = balanced_partition([a + b for a, b in zip(layer, heads)], send, stages)
+    whole_compute = [a + b for a, b in zip(layer, heads)]
+    whole = balanced_partition(whole_compute, send, stages) if stages <= len(layer) else None
     items = []  # (compute, half-blocks, cost of a cut after it, cost of a stage that starts at it)
     for i in range(len(layer)):
         if splittable[i]:
@@ -171,7 +172,9 @@ def balanced_placement(layer: list[float], heads: list[float], send: list[float]
         halves.append(sum(item[1] for item in items[end:end + size]))
         end += size
     mixed_times = stage_times(compute, cut, mixed, start)
-    whole_times = stage_times([a + b for a, b in zip(layer, heads)], send, whole)
+    if whole is None:
+        return as_sizes(halves), mixed_times
+    whole_times = stage_times(whole_compute, send, whole)
     if max(mixed_times) < (1.0 - margin) * max(whole_times):
         return as_sizes(halves), mixed_times
     return whole, whole_times

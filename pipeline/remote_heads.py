@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 
 from pipeline.blocks import Block, LocalBlock
-from pipeline.errors import ConfigError
 from pipeline.feedback import keep_weights_at_forward
 from pipeline.message import Message
 from pipeline.nonfinite import NonFiniteWatch
@@ -77,19 +76,13 @@ class RemoteHeads:
 
     def __init__(self, block: LocalBlock, io: StageIO):
         self.block, self.io = block, io
-        self._checked = False
 
     def learn(self, msg: Message, h: torch.Tensor, y: torch.Tensor) -> None:
         """The heads' loss on the received h, their step, and dL/dh (with the loss's non-finite flag) sent back."""
         leaf = h.detach().requires_grad_(True)  # a new tensor: the flag never sticks to a reused receive buffer
-        generator = self.block.generator
-        before = None if self._checked else generator.get_state()
+        # heads that would draw from the block's generator are refused at start (factories.splittable): the layer's
+        # stage advances that generator, so these draws could not be the sequential trainer's
         bad = self.block.learn(leaf, y)  # steps the heads' parameters only: the layer's have no gradient here
-        if before is not None:
-            self._checked = True
-            if not torch.equal(before, generator.get_state()):
-                raise ConfigError(f"block {self.block.index}'s heads draw random numbers from the block's generator, "
-                                  f"which its layer's stage draws from too: keep its heads on its layer's stage")
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         send_gradient(self.io, msg, [grad, bad.reshape(1)])
 

@@ -1,4 +1,5 @@
-"""A pipeline stage's DFA bookkeeping: the delay it reports is the number of batches forwarded before an update."""
+"""A pipeline stage's DFA bookkeeping (on the shared remote-gradient mechanism): the delay it reports is the number of
+batches forwarded before an update."""
 
 from collections import deque
 
@@ -55,10 +56,10 @@ def test_the_delay_counts_the_batches_forwarded_before_each_update():
     feedback, link = _stage(max_delay=None)
     for index in range(3):  # no error comes back while batches 0, 1, 2 go forward
         _train(feedback, index)
-    assert len(feedback.awaiting) == 3 and feedback.report() == {"dfa_delay_mean": None, "dfa_delay_max": None}
+    assert len(feedback.errors.awaiting) == 3 and feedback.report() == {"dfa_delay_mean": None, "dfa_delay_max": None}
     link.deliver(3)
     _train(feedback, 3)  # forwarded, then 0, 1, 2 are applied: after 3, 2 and 1 later batches went forward
-    assert [b.index for b in feedback.awaiting] == [3]
+    assert [b.index for b in feedback.errors.awaiting] == [3]
     feedback.settle()  # batch 3's error: nothing went forward after it
     assert feedback.report() == {"dfa_delay_mean": (3 + 2 + 1 + 0) / 4, "dfa_delay_max": 3}
 
@@ -67,7 +68,7 @@ def test_a_bounded_delay_waits_for_the_error_that_would_exceed_it():
     feedback, link = _stage(max_delay=1)
     for index in range(3):  # each batch waits for the error of the one before it
         _train(feedback, index)
-        assert [b.index for b in feedback.awaiting] == [index]
+        assert [b.index for b in feedback.errors.awaiting] == [index]
     feedback.settle()
     assert feedback.report() == {"dfa_delay_mean": pytest.approx(2 / 3), "dfa_delay_max": 1}
 
@@ -76,5 +77,5 @@ def test_synchronous_dfa_has_no_delay():
     feedback, link = _stage(max_delay=0)
     for index in range(3):
         _train(feedback, index)
-        assert not feedback.awaiting
+        assert not feedback.errors.awaiting
     assert feedback.report() == {"dfa_delay_mean": 0.0, "dfa_delay_max": 0}

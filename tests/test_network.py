@@ -68,6 +68,27 @@ def test_a_users_network_as_k_stages_equals_one_process(residual_reference, tmp_
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("sizes,transport", [((1.5, 2.5), "zmq"), ((0.5, 1.5, 2), "dist")])
+def test_a_users_network_with_split_heads_equals_one_process(residual_reference, tmp_path, sizes, transport):
+    """Block 1 (PredSim, dropout in `after`) or block 0 (the user's own head) split from its layer."""
+    summary = lp.train(_residual(pipeline__stages=len(sizes), pipeline__transport=transport, pipeline__partition=sizes,
+                                 run__out=str(tmp_path)))
+    assert summary["partition"] == list(sizes)
+    _assert_same(_results(tmp_path), residual_reference)
+
+
+@pytest.mark.timeout(120)
+def test_heads_that_draw_random_numbers_are_kept_on_their_layers_stage(tmp_path):
+    base = [sys.executable, "-m", "pipeline", "train", *SMALL, "--model", f"{BAD}:noisy_heads", "--threads", "1"]
+    assert run_group(base, timeout=100).returncode == 0  # in one process it trains
+    proc = run_group(base + ["--stages", "2", "--partition", "0.5,2.5"], timeout=100)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == ["error: --partition 0.5,2.5 puts block 0's heads on another stage than its "
+                                        "layer, but its heads draw random numbers from the block's generator, which its "
+                                        "layer's stage draws from too (keep them on their layer's stage)"]
+
+
+@pytest.mark.timeout(240)
 def test_a_users_network_under_torchrun_equals_the_local_launcher(residual_reference, tmp_path):
     args = ["--model", RESIDUAL, "--dataset", "synthetic", "--synthetic-train-size", "160", "--synthetic-test-size",
             "48", "--batch-size", "16", "--epochs", "2", "--lr-decay-milestones", "1", "--num-layers", "2",

@@ -67,3 +67,76 @@ def test_the_send_is_priced_along_the_transports_path():
     assert send_path(gpu, "dist", "gloo") == "host"  # the one-GPU emulation over gloo
     assert send_path(gpu, "dist", "nccl") == "peer"
     assert send_path(gpu, "local", None) == "host"  # the local transport stages through shared memory
+
+
+def test_a_half_in_the_partition_splits_a_block_between_two_stages():
+    from pipeline.partition import Placement
+
+    placement = Placement((1.5, 1, 1.5))  # block 1's layer on stage 0, heads on 1; block 2's layer on 1, heads on 2
+    assert placement.ranges == [range(0, 2), range(1, 3), range(2, 4)]
+    assert placement.split == {1, 2} and placement.gradient_links() == [(1, 0), (2, 1)]
+    assert [[placement.part(k, i) for i in r] for k, r in enumerate(placement.ranges)] == [
+        ["whole", "layer"], ["heads", "layer"], ["heads", "whole"]]
+    alone = Placement((0.5, 0.5, 3))  # block 0's layer alone, then its heads alone
+    assert alone.ranges == [range(0, 1), range(0, 1), range(1, 4)] and alone.split == {0}
+    assert alone.part(0, 0) == "layer" and alone.part(1, 0) == "heads" and alone.gradient_links() == [(1, 0)]
+    assert Placement((2, 2)).split == frozenset() and Placement((2, 2)).gradient_links() == []
+    with pytest.raises(ValueError):
+        Placement((1.25, 2.75))
+    assert [list(r) for r in resolve_partition(4, 2, (1.5, 2.5))] == [[0, 1], [1, 2, 3]]
+
+
+def _placement_time(sizes, layer, heads, send, send_h, splittable):
+    """Slowest stage of a placement, priced independently of balanced_placement (None if it splits a block that
+    cannot be split)."""
+    from pipeline.partition import Placement
+
+    times = []
+    bounds = Placement(tuple(sizes)).bounds
+    for k, (start, end) in enumerate(bounds):
+        if (start % 2 and not splittable[start // 2]) or (end % 2 and not splittable[end // 2]):
+            return None
+        time = sum(layer[h // 2] if h % 2 == 0 else heads[h // 2] for h in range(start, end))
+        if k < len(bounds) - 1:
+            time += send[end // 2] + send_h[end // 2] if end % 2 else send[end // 2 - 1]
+        if start % 2:
+            time += send_h[start // 2]
+        times.append(time)
+    return max(times)
+
+
+def test_balanced_placement_agrees_with_exhaustive_search_and_splits_only_when_it_pays():
+    import itertools
+    import random
+
+    from pipeline.partition import as_sizes, balanced_placement
+
+    rng = random.Random(1)
+    for _ in range(60):
+        n, k = rng.randint(2, 6), rng.randint(1, 4)
+        if k > 2 * n - 1:
+            continue
+        layer = [rng.uniform(0.1, 5) for _ in range(n)]
+        heads = [rng.uniform(0, 10) for _ in range(n - 1)] + [0.0]
+        send, send_h = [rng.uniform(0, 1) for _ in range(n)], [rng.uniform(0, 1) for _ in range(n)]
+        splittable = [rng.random() < 0.8 for _ in range(n - 1)] + [False]
+        candidates = []
+        for cuts in itertools.combinations(range(1, 2 * n), k - 1):
+            halves = [b - a for a, b in zip((0,) + cuts, cuts + (2 * n,))]
+            time = _placement_time(as_sizes(halves), layer, heads, send, send_h, splittable)
+            if time is not None:
+                candidates.append((time, any(h % 2 for h in halves)))
+        if not candidates:
+            continue
+        best = min(t for t, _ in candidates)
+        best_whole = min((t for t, split in candidates if not split), default=float("inf"))
+        sizes, times = balanced_placement(layer, heads, send, send_h, splittable, k, margin=0.0)
+        assert _placement_time(sizes, layer, heads, send, send_h, splittable) == pytest.approx(max(times))
+        assert max(times) == pytest.approx(best if best < best_whole else best_whole)
+    # MLP-like costs (ms): the heads dominate and the third block's layer and heads straddle the middle
+    layer, heads = [9.5, 11.7, 11.4, 1.9], [17.6, 17.6, 17.3, 0.0]
+    sizes, times = balanced_placement(layer, heads, [0.15] * 4, [0.08] * 3 + [0.0], [True] * 3 + [False], 2)
+    assert sizes == (1.5, 2.5) and max(times) == pytest.approx(17.6 + 11.4 + 17.3 + 1.9 + 0.08)
+    # a split that gains less than the margin is not worth its extra messages: whole blocks
+    sizes, _ = balanced_placement([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0] * 4, [0.01] * 4, [True] * 3 + [False], 2)
+    assert sizes == (2, 2)

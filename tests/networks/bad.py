@@ -86,3 +86,22 @@ def mixed_rules(ctx):  # DFA beside a local loss
 def heads_under_backprop(ctx):  # a local head that a global loss would never train
     return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32)), rule=lp.PredSim()),
                        _out(32, ctx)])
+
+
+class _NoisyHead(lp.LocalHead):
+    """A head that draws random numbers (dropout) from the block's generator, which its layer's stage draws from too."""
+
+    def __init__(self, features, classes):
+        super().__init__()
+        self.drop, self.classifier = nn.Dropout(0.5), nn.Linear(features, classes)
+
+    def scores(self, h):
+        return self.classifier(self.drop(h.flatten(1)))
+
+    def forward(self, h, y):
+        return nn.functional.cross_entropy(self.scores(h), y)
+
+
+def noisy_heads(ctx):  # fine in one process; its heads cannot leave their layer's stage
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 16)), rule=lambda: _NoisyHead(16, ctx.num_classes)),
+                       lp.BlockSpec(lambda: nn.Linear(16, 16)), _out(16, ctx)])

@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from helpers import init_gloo, run_ranks
 from pipeline.message import Kind, Message
+from pipeline.transport.base import dfa_gradient_links
 from pipeline.transport.dist import open_dist
 
 SHAPES = [(4, 3)] * 6 + [(2, 3)]  # a smaller last batch
@@ -55,9 +56,21 @@ def test_every_link_group_gets_the_stall_timeout(monkeypatch):
     made = []
     monkeypatch.setattr(dist_transport.dist, "new_group", lambda ranks, **kw: made.append((ranks, kw)) or tuple(ranks))
     timeout = datetime.timedelta(seconds=123)
-    forward, errors = dist_transport.link_groups(4, "nccl", feedback=True, timeout=timeout)
+    forward, errors = dist_transport.link_groups(4, "nccl", dfa_gradient_links(4), timeout=timeout)
     assert [ranks for ranks, _ in made] == [[0, 1], [1, 2], [2, 3], [0, 3], [1, 3], [2, 3]]
     assert all(kw == {"backend": "nccl", "timeout": timeout} for _, kw in made)
+
+
+def test_split_heads_get_a_gradient_group_from_each_heads_stage_to_its_layer_stage(monkeypatch):
+    from pipeline.partition import Placement
+    from pipeline.transport import dist as dist_transport
+
+    made = []
+    monkeypatch.setattr(dist_transport.dist, "new_group", lambda ranks, **kw: made.append(ranks) or tuple(ranks))
+    gradients = Placement((1.5, 1, 1.5)).gradient_links()
+    assert gradients == [(1, 0), (2, 1)]
+    forward, errors = dist_transport.link_groups(3, "gloo", gradients)
+    assert made == [[0, 1], [1, 2], [0, 1], [1, 2]] and errors == [(0, 1), (1, 2)]  # own groups, not the forward ones
 
 
 def _warm_up_order(rank, world, port, results):
@@ -65,13 +78,13 @@ def _warm_up_order(rank, world, port, results):
     init_gloo(rank, world, port)
     from pipeline.transport import dist as dist_transport
 
-    forward, errors = dist_transport.link_groups(world, "gloo", feedback=True)
+    forward, errors = dist_transport.link_groups(world, "gloo", dfa_gradient_links(world))
     calls = []
     send, recv = dist_transport.dist.send, dist_transport.dist.recv
     dist_transport.dist.send = lambda t, peer, group: (calls.append(("send", peer)), send(t, peer, group=group))
     dist_transport.dist.recv = lambda t, peer, group: (calls.append(("recv", peer)), recv(t, peer, group=group))
     try:
-        dist_transport.warm_up(rank, world, forward, errors, torch.device("cpu"))
+        dist_transport.warm_up(rank, world, forward, errors, torch.device("cpu"), dfa_gradient_links(world))
     finally:
         dist_transport.dist.send, dist_transport.dist.recv = send, recv
     results.put((rank, calls))

@@ -94,7 +94,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/gpu")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--project-only", action="store_true",
+                        help="only the K = 2, 4, 8 projection of local learning against GPipe/1F1B (benchmarks/pipeline_projection.py)")
+    parser.add_argument("--device", default="cuda", help="--project-only: where the costs are measured")
     args = parser.parse_args()
+    if args.project_only:
+        from pipeline_projection import run
+
+        run(args.device, "0.25", "32", os.path.join(args.out, "projection") if args.device == "cuda" else "benchmarks/results/projection")
+        return
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing measured (run this on a machine with one)", file=sys.stderr)
         sys.exit(2)
@@ -102,6 +110,9 @@ def main() -> None:
     report = {"gpu": torch.cuda.get_device_name(), "block_ms": [1e3 * c for c in compute], "block_output_bytes": out_bytes,
               "measured": {"sequential": _run([], args.steps)["train_samples_per_s"]},
               "projected": projections(compute, out_bytes, batch), "projection_label": PROJECTION_LABEL}
+    from pipeline_projection import run as project_heads  # K = 2, 4, 8: whole blocks, split heads, GPipe/1F1B bubbles
+
+    report["split_heads_projection"] = project_heads("cuda", "1", "128", os.path.join(args.out, "projection"))
     for k in (2, 4):
         report["measured"][f"one-GPU emulation K={k}"] = _run(["--stages", str(k), "--transport", "local"], args.steps)["train_samples_per_s"]
     os.makedirs(args.out, exist_ok=True)

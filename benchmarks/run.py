@@ -114,6 +114,10 @@ def contenders(quick: bool) -> list[tuple[str, dict]]:
     for k in ks:
         for transport in transports if k > 1 else ["dist"]:
             entries.append((f"pipeline K={k} {transport}", {"ours": MLP + ["--stages", str(k), "--transport", transport], "k": k}))
+        if k == 2:  # block 1's layer on stage 0, its heads on stage 1 (the placement auto picks for this MLP)
+            for transport in ("dist", "zmq"):
+                entries.append((f"pipeline K=2 {transport}, split heads 1.5,2.5",
+                                {"ours": MLP + ["--stages", "2", "--transport", transport, "--partition", "1.5,2.5"], "k": 2}))
         if k > 1:
             entries.append((f"pipeline K={k} zmq, auto partition",
                             {"ours": MLP + ["--stages", str(k), "--transport", "zmq", "--partition", "auto"], "k": k}))
@@ -145,10 +149,14 @@ def measure(spec: dict, steps: int, warmup: int, repeats: int, model: list[str] 
     return {"samples_per_s": statistics.median(rates), "runs": rates, "detail": runs[typical]}
 
 
-def balance_ceiling(result: dict) -> float | None:
-    """Speedup bound of a pipeline's split: total block time over its slowest stage's (from the auto profile)."""
+def balance_ceilings(result: dict) -> tuple[float | None, float | None]:
+    """Speedup bounds of K=2 placements from the auto profile's measured costs: all of them over the slowest stage's,
+    for the best whole-block split and for the best placement with split heads."""
     profile = next((s["partition_profile"] for s in result["detail"].get("stage_stats") or [] if "partition_profile" in s), None)
-    return sum(profile["compute_ms"]) / max(profile["chosen_stage_ms"]) if profile else None
+    if not profile:
+        return None, None
+    total = sum(profile["compute_ms"])
+    return total / max(profile["whole_blocks_stage_ms"]), total / max(profile["chosen_stage_ms"])
 
 
 def stage_profile(results: dict) -> list[dict]:
@@ -192,6 +200,39 @@ def partition_study(steps: int, warmup: int, repeats: int) -> list[dict]:
     return rows
 
 
+def _profile(result: dict) -> dict:
+    return next(s["partition_profile"] for s in result["detail"]["stage_stats"] if "partition_profile" in s)
+
+
+def vgg_study(steps: int, warmup: int, repeats: int) -> dict:
+    """vgg8b x0.25 at K=2 and K=4: the auto placement (split heads where they pay) against the best whole-block split
+    of the same profile, run one after the other; samples/s and their ratio."""
+    flags = VGG + ["--transport", "zmq"]
+    rows = {"sequential, 1 core": measure({"ours": VGG + ["--threads", "1"], "one_core": True}, steps, warmup, repeats, VGG)}
+    for k in (2, 4):
+        auto = measure({"ours": flags + ["--stages", str(k), "--partition", "auto"], "k": k}, steps, warmup, repeats, VGG)
+        profile = _profile(auto)
+        whole = ",".join(str(size) for size in profile["whole_blocks"])
+        rows[f"K={k} auto {profile['chosen']}"] = auto
+        rows[f"K={k} whole blocks {profile['whole_blocks']}"] = measure(
+            {"ours": flags + ["--stages", str(k), "--partition", whole], "k": k}, steps, warmup, repeats, VGG)
+        rows[f"K={k} auto {profile['chosen']}"]["profile"] = profile
+    for name, row in rows.items():
+        print(f"  vgg8b {name}: {row['samples_per_s']:.1f} samples/s {[round(r, 1) for r in row['runs']]}", file=sys.stderr, flush=True)
+    sequential = rows["sequential, 1 core"]["samples_per_s"]
+    ratios = {}
+    for k in (2, 4):
+        auto = next(r for n, r in rows.items() if n.startswith(f"K={k} auto"))
+        whole = next(r for n, r in rows.items() if n.startswith(f"K={k} whole"))
+        ratios[f"K={k}"] = {"auto_over_whole_blocks": auto["samples_per_s"] / whole["samples_per_s"],
+                            "auto_vs_sequential": auto["samples_per_s"] / sequential,
+                            "whole_blocks_vs_sequential": whole["samples_per_s"] / sequential,
+                            "chosen": auto["profile"]["chosen"], "whole_blocks": auto["profile"]["whole_blocks"],
+                            "chosen_stage_ms": auto["profile"]["chosen_stage_ms"],
+                            "whole_blocks_stage_ms": auto["profile"]["whole_blocks_stage_ms"]}
+    return {"rows": rows, "ratios": ratios}
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -217,6 +258,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--partition-only", action="store_true", help="only the --partition auto vs even study")
+    parser.add_argument("--vgg-only", action="store_true", help="only vgg8b x0.25: split heads against whole blocks, K=2 and 4")
     args = parser.parse_args()
     steps = args.steps or (60 if args.quick else 150)
     repeats = args.repeats or (3 if args.quick else 5)
@@ -229,6 +271,16 @@ def main() -> None:
                        "partition": rows, "wall_s": time.time() - started}, f, indent=1)
         print_partition(rows)
         return
+    if args.vgg_only:
+        study = vgg_study(steps, args.warmup, repeats)
+        with open(os.path.join(args.out, "vgg.json"), "w") as f:
+            json.dump({"machine": {"cores": len(CORES), "cpu": _cpu_name()}, "steps": steps, "repeats": repeats,
+                       **study, "wall_s": time.time() - started}, f, indent=1)
+        for k, ratio in study["ratios"].items():
+            print(f"vgg8b x0.25 {k}: auto {ratio['chosen']} / whole blocks {ratio['whole_blocks']} = "
+                  f"{ratio['auto_over_whole_blocks']:.2f} (vs sequential: {ratio['auto_vs_sequential']:.2f} and "
+                  f"{ratio['whole_blocks_vs_sequential']:.2f})")
+        return
     results = {}
     for name, spec in contenders(args.quick):
         results[name] = measure(spec, steps, args.warmup, repeats)
@@ -238,19 +290,24 @@ def main() -> None:
     gpipe = results["GPipe K=2"]["samples_per_s"]
     k2 = {name.split()[-1]: r["samples_per_s"] for name, r in results.items()
           if name.startswith("pipeline K=2") and "," not in name}
-    best = max(k2, key=k2.get)
+    configurations = {name[len("pipeline K=2 "):]: r["samples_per_s"] for name, r in results.items()
+                      if name.startswith("pipeline K=2") and "4x1024" not in name}
+    best = max(configurations, key=configurations.get)  # the best K=2 configuration: transport and placement
+    whole_ceiling, heads_ceiling = balance_ceilings(results["pipeline K=2 zmq, auto partition"])
+    machine = results[SIDE_BY_SIDE]["samples_per_s"] / sequential
     report = {
         "mode": "quick" if args.quick else "full",
         "machine": {"cores": len(CORES), "cpu": _cpu_name()},
         "steps": steps, "warmup": args.warmup, "repeats": repeats,
         "results": results,
-        "speedup_vs_sequential": k2[best] / sequential,
-        "speedup_vs_gpipe": k2[best] / gpipe,  # GPipe at its best micro-batch count (MICROBATCHES swept)
+        "speedup_vs_sequential": configurations[best] / sequential,
+        "speedup_vs_gpipe": configurations[best] / gpipe,  # GPipe at its best micro-batch count (MICROBATCHES swept)
         "gpipe_microbatches": results["GPipe K=2"]["microbatches"],
-        "speedup_vs_1f1b": k2[best] / results["1F1B K=2"]["samples_per_s"],
+        "speedup_vs_1f1b": configurations[best] / results["1F1B K=2"]["samples_per_s"],
         "onef1b_microbatches": results["1F1B K=2"]["microbatches"],
-        "speedup_vs_backprop_1_core": k2[best] / results["backprop, 1 core"]["samples_per_s"],
-        "k2_transport": best,
+        "speedup_vs_backprop_1_core": configurations[best] / results["backprop, 1 core"]["samples_per_s"],
+        "k2_best": best,
+        "speedup_vs_sequential_by_configuration": {c: v / sequential for c, v in configurations.items()},
         "speedup_vs_sequential_by_transport": {t: v / sequential for t, v in k2.items()},
         "speedup_vs_gpipe_by_transport": {t: v / gpipe for t, v in k2.items()},
         "speedup_vs_sequential_auto_partition": results["pipeline K=2 zmq, auto partition"]["samples_per_s"] / sequential,
@@ -259,8 +316,12 @@ def main() -> None:
         "stage_profile": stage_profile(results),
         # what K=2 could reach at best: on this machine (N one-core runs side by side), and with whole blocks per
         # stage (the auto partition's measured block costs: all of them over its slowest stage's)
-        "machine_ceiling": results[SIDE_BY_SIDE]["samples_per_s"] / sequential,
-        "balance_ceiling_k2": balance_ceiling(results["pipeline K=2 zmq, auto partition"]),
+        "machine_ceiling": machine,
+        "balance_ceiling_k2": whole_ceiling,
+        "balance_ceiling_k2_split_heads": heads_ceiling,
+        # both at once: the split-heads placement's balance bound, each of the K processes running at the speed
+        # one process has when the machine is full (machine_ceiling / K)
+        "combined_ceiling_k2_split_heads": heads_ceiling * machine / 2 if heads_ceiling else None,
     }
     if not args.quick:
         report["partition"] = partition_study(steps, args.warmup, repeats)
@@ -280,10 +341,12 @@ def main() -> None:
             print(f"| {label} | {rate:.0f} | {rate / sequential:.2f} | {rate / gpipe:.2f} |")
     print(f"\nspeedup_vs_sequential = {report['speedup_vs_sequential']:.2f}, speedup_vs_gpipe = "
           f"{report['speedup_vs_gpipe']:.2f} (tuned: {report['gpipe_microbatches']} micro-batches), speedup_vs_1f1b = "
-          f"{report['speedup_vs_1f1b']:.2f} ({report['onef1b_microbatches']}) (K=2 over {best}); with --partition auto "
+          f"{report['speedup_vs_1f1b']:.2f} ({report['onef1b_microbatches']}) (K=2: {best}); with --partition auto "
           f"{report['speedup_vs_sequential_auto_partition']:.2f}; MLP 4x1024 (balanced K=2) "
           f"{report['speedup_vs_sequential_mlp4x1024']:.2f}; ceilings: machine {report['machine_ceiling']:.2f}, "
-          f"whole-block split {report['balance_ceiling_k2'] or float('nan'):.2f}; {report['wall_s'] / 60:.1f} minutes")
+          f"whole-block split {report['balance_ceiling_k2'] or float('nan'):.2f}, split heads "
+          f"{report['balance_ceiling_k2_split_heads'] or float('nan'):.2f}, split heads on this machine "
+          f"{report['combined_ceiling_k2_split_heads'] or float('nan'):.2f}; {report['wall_s'] / 60:.1f} minutes")
     print_partition(report.get("partition", []))
 
 

@@ -4,17 +4,19 @@
     inbox ──► [feed thread] ──► compute (this thread) ──► [send thread] ──► outbox
     (stage 0: the data source instead of an inbox)        (last stage: no outbox, it reports)
 
-The compute thread never waits for anything but its next input (and, under backpressure, room to send).
-The output is handed to the send thread as soon as the blocks' forward passes are done; the blocks learn
-while it travels. The helper threads and queues are in pipeline/stage_io.py, the DFA error loop in
-pipeline/dfa_stage.py. A message's receive buffers go back to the transport once the blocks have learned from
-it and the message that carries its labels on has been sent (see release_after).
+The compute thread never waits for anything but its next input (under backpressure, room to send; with a
+remote gradient, the gradient its next forward needs). The output is handed to the send thread as soon as the
+blocks' forward passes are done; the blocks learn while it travels. Around this loop:
+- pipeline/stage_io.py: the helper threads and queues;
+- pipeline/remote_gradient.py: batches awaiting a gradient from a later stage, for
+  pipeline/dfa_stage.py (DFA's output errors) and pipeline/remote_heads.py (a block's heads on the next stage);
+- pipeline/stage_report.py: the stage's report and the run's summary.
+A message's receive buffers go back to the transport once the blocks have learned from it and the message that
+carries its labels on has been sent (see release_after).
 """
 
 from __future__ import annotations
 
-import os
-import resource
 import threading
 import time
 from typing import Any, Iterator
@@ -36,10 +38,10 @@ from pipeline.message_stream import data_messages
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
 from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
-from pipeline.partition import as_sizes
 from pipeline.progress import LineProgress, progress_bar
 from pipeline.remote_heads import RemoteHeads, SplitLayer
 from pipeline.stage_io import StageIO, StallError, release_after
+from pipeline.stage_report import run_summary, stage_report
 from pipeline.transport import Links
 
 __all__ = ["Stage", "StallError", "data_messages", "release_after"]
@@ -79,13 +81,13 @@ class Stage:
         self._eval_hits: list[torch.Tensor | None] = [None] * len(self.scored)
         self._eval_examples = 0
         self.timer = self.streams.timer()  # compute seconds (GPU time from CUDA events on a GPU)
-        self._started = time.perf_counter()
+        self.started = time.perf_counter()
         self.fault = InjectedFault(rank)  # none unless a fault test asks for one (pipeline/faults.py)
         # the last stage keeps the run's metrics
         self.throughput = Throughput(cfg.run.warmup_batches)
         self.writer = MetricsWriter(cfg.run.out, append=cfg.run.resume, tensorboard=cfg.run.tensorboard) if self.is_last else None
         self._bar: tqdm | LineProgress | None = None
-        self._record: dict[str, Any] = {}
+        self.record: dict[str, Any] = {}
         self.notes: dict[str, Any] = {}  # extra facts for this stage's report (e.g. the auto partition's profile)
         self._alignment: AlignmentLog | None = None
         self._alignment_net: list[Block] | None = None  # the last stage's copy of the whole network, for ALIGN
@@ -190,9 +192,9 @@ class Stage:
         if meta.get("last"):
             rate = self.throughput.epoch_rate()
             lr = learning_rate(self.cfg.optim, msg.epoch)
-            self._record = epoch_record(msg.epoch, lr, meta["train_stats"], meta["hits"], examples, rate, self._started)
-            self.writer.epoch(self._record)
-            tqdm.write(describe_epoch(self._record))
+            self.record = epoch_record(msg.epoch, lr, meta["train_stats"], meta["hits"], examples, rate, self.started)
+            self.writer.epoch(self.record)
+            tqdm.write(describe_epoch(self.record))
 
     def _align(self, msg: Message) -> None:
         """Add this stage's blocks to the ALIGN message; the last stage rebuilds the network and measures."""
@@ -229,43 +231,8 @@ class Stage:
         tqdm.write(f"checkpoint {folder} (epoch {position['epoch']}, next batch {position['batch']})")
 
     def report(self) -> dict[str, Any]:
-        """This stage's timings: where its wall time went, and how full its input queue was."""
-        wall = time.perf_counter() - self._started
-        io, compute = self.io, self.timer.total()
-        inbox = self.links.inbox
-        return {
-            "stage": self.rank,
-            "blocks": [b.index for b in self.blocks],
-            "host": self.host,
-            "device": str(self.device),
-            "pid": os.getpid(),
-            "wall_s": wall,
-            "compute_s": compute,
-            "wait_s": io.wait_s,
-            "blocked_s": io.blocked_s,
-            "send_s": io.send_s,
-            "busy_fraction": compute / wall if wall > 0 else 0.0,
-            "mean_queue_depth": io.depth_sum / max(1, io.messages),
-            "max_queue_depth": io.depth_max,
-            "messages": io.messages,
-            "sent_messages": io.sent_messages,
-            "bytes_per_message": io.sent_bytes / io.sent_messages if io.sent_messages else None,
-            "inbox": getattr(inbox, "address", None),  # zmq: the ipc:// or tcp:// address this stage received on
-            "receive_buffers": getattr(getattr(inbox, "pool", None), "allocated", None),
-            "receive_buffer_bytes": getattr(getattr(inbox, "pool", None), "allocated_bytes", None),
-            "rejected_messages": getattr(inbox, "rejected", None),
-            "size": as_sizes([sum(2 if b.part == "whole" else 1 for b in self.blocks)])[0],  # blocks, halves included
-            "parts": {str(b.index): b.part for b in self.blocks if b.part != "whole"},
-            **(self.dfa.report() if self.dfa is not None else {"dfa_delay_mean": None, "dfa_delay_max": None}),
-            **(self.split.gradients.report("heads") if self.split else {"heads_delay_mean": None, "heads_delay_max": None}),
-            "error_wait_s": io.error_wait_s,
-            # keyed by the block index as a string, as in summary.json: the report travels on in END's msgpack
-            # header, whose maps take string keys only (pipeline/message.py)
-            "skipped_updates": {str(b.index): b.skipped for b in self.blocks if b.skipped},
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_gpu_mib": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None,
-            **self.notes,
-        }
+        """This stage's timings and facts for stage_stats (pipeline/stage_report.py)."""
+        return stage_report(self)
 
     def _end(self, msg: Message) -> dict[str, Any] | None:
         self._settle()
@@ -281,21 +248,7 @@ class Stage:
         if stopped:
             tqdm.write(f"stopped at epoch {stopped['epoch']} batch {stopped['batch']}"
                        + ("; continue with --resume" if self.cfg.run.checkpoint_dir else ""))
-        summary = {
-            "mode": "pipeline",
-            "stopped_at": stopped,
-            "stages": self.world,
-            "transport": self.cfg.pipeline.transport,
-            "partition": [s["size"] for s in stages],
-            "test_error": self._record.get("test_error"),
-            "layer_test_errors": self._record.get("layer_test_errors"),
-            "train_samples_per_s": self.throughput.rate(),
-            "wall_s": time.perf_counter() - self._started,
-            "epochs": self.cfg.run.epochs,
-            "busy_fraction": [s["busy_fraction"] for s in stages],
-            "stage_stats": stages,
-            "config": self.cfg.to_dict(),
-        }
+        summary = run_summary(self, stages, stopped)
         self.writer.summary(summary)
         return summary
 

@@ -193,7 +193,7 @@ def partition_study(steps: int, warmup: int, repeats: int) -> list[dict]:
             flags = model + ["--stages", "2", "--transport", "zmq", "--partition", partition]
             result = measure({"ours": flags}, steps, warmup, repeats)
             stats = result["detail"]["stage_stats"]
-            rows.append({"model": label, "partition": kind, "sizes": [len(s["blocks"]) for s in stats],
+            rows.append({"model": label, "partition": kind, "sizes": [s["size"] for s in stats],
                          "samples_per_s": result["samples_per_s"], "runs": result["runs"],
                          "profile": stats[0].get("partition_profile")})
             print(f"  partition {label} {partition}: {result['samples_per_s']:.0f} samples/s", file=sys.stderr, flush=True)

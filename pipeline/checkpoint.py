@@ -80,11 +80,13 @@ def fingerprint(cfg) -> dict:
 
     values = cfg.to_dict()
     data = {k: v for k, v in values["data"].items() if k not in ("data_dir", "download")}
-    return {"model": values["model"], "loss": values["loss"], "optim": values["optim"], "data": data,
-            "seed": values["run"]["seed"], "stages": values["pipeline"]["stages"],
-            "partition": values["pipeline"]["partition"], "dfa_max_delay": values["pipeline"]["dfa_max_delay"],
-            "heads_max_delay": values["pipeline"]["heads_max_delay"],
-            "precision": values["run"]["precision"], "network": network_fingerprint(cfg)}
+    printed = {"model": values["model"], "loss": values["loss"], "optim": values["optim"], "data": data,
+               "seed": values["run"]["seed"], "stages": values["pipeline"]["stages"],
+               "partition": values["pipeline"]["partition"], "dfa_max_delay": values["pipeline"]["dfa_max_delay"],
+               "precision": values["run"]["precision"], "network": network_fingerprint(cfg)}
+    if values["pipeline"]["heads_max_delay"]:  # only when set: checkpoints from before the option still match
+        printed["heads_max_delay"] = values["pipeline"]["heads_max_delay"]
+    return printed
 
 
 def stage_state(blocks: list[Block], rank: int, world: int, position: dict, print_: dict) -> dict:
@@ -98,6 +100,7 @@ def stage_state(blocks: list[Block], rank: int, world: int, position: dict, prin
             "model": block.state_dict(),
             "optimizer": block.optimizer.state_dict(),
             "generator": block.generator.get_state(),
+            "part": block.part,  # whole, or the half of a split block this stage trains
             "stats": {"loss_sum": torch.as_tensor(stats.loss_sum), "hits": torch.as_tensor(stats.hits),
                       "examples": stats.examples, "scored": stats.scored},
             "skipped": block.skipped,
@@ -123,7 +126,11 @@ def restore_stage(blocks: list[Block], state: dict) -> None:
     if state.get("device", here) != here:
         raise _wrong_device(where, state["device"], here)
     for block in blocks:
-        saved = state["blocks"][block.index]
+        saved = state["blocks"].get(block.index)
+        if saved is None or saved.get("part", "whole") != block.part:
+            held = "does not hold it" if saved is None else f"holds its {saved.get('part', 'whole')}"
+            raise ConfigError(f"--resume: this run places block {block.index}'s {block.part} on stage "
+                              f"{state.get('stage')}, but {where} {held}: resume with the partition it was written with")
         if saved["generator"].numel() != block.generator.get_state().numel():
             raise _wrong_device(where, "cuda" if here == "cpu" else "cpu", here)
         block.load_state_dict(saved["model"])

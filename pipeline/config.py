@@ -195,8 +195,8 @@ class PipelineConfig:
     whose dL/dh it still awaits; 0 (default) is exactly the sequential trainer (the stage overlaps the blocks before
     the split one with the gradient's return trip); D > 0 keeps each forward's weights for its delayed update."""
     stall_timeout: float = 300.0
-    """Seconds a stage may wait for its next batch, for room to send one, or for a DFA error, before it declares
-    its peer dead or deadlocked and fails the run."""
+    """Seconds a stage may wait for its next batch, for room to send one, or for a remote gradient (a DFA error, a
+    split block's dL/dh), before it declares its peer dead or deadlocked and fails the run."""
     zmq_host: str = "127.0.0.1"
     """Interface the zmq stages bind on when they are on different hosts; ipc:// is used within one host."""
     zmq_curve_keys: str | None = None
@@ -228,7 +228,7 @@ class PipelineConfig:
             _require(self.partition == "auto", f"--partition takes block counts like 2,1,1 or auto, got '{self.partition}'")
         elif self.partition is not None:
             shown = ",".join(f"{float(p):g}" for p in self.partition)
-            _require(all(float(p) * 2 == int(float(p) * 2) for p in self.partition),
+            _require(all(math.isfinite(float(p)) and float(p) * 2 == int(float(p) * 2) for p in self.partition),
                      f"--partition sizes are whole or half blocks (1.5 splits a block), got {shown}")
             self.partition = tuple(int(p) if float(p) == int(float(p)) else float(p) for p in self.partition)
             _require(all(p >= 0.5 for p in self.partition), f"--partition sizes must be at least a half block, got {shown}")

@@ -72,13 +72,14 @@ def _matches(kind: str, value: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
     ints = isinstance(value, list) and all(integer(v) for v in value)
+    numbers = isinstance(value, list) and all(integer(v) or isinstance(v, float) for v in value)  # --partition 1.5,2.5
     return {"bool": isinstance(value, bool), "int": integer(value), "str": isinstance(value, str),
             "float": integer(value) or isinstance(value, float), "ints": ints,
-            "any": isinstance(value, str) or integer(value) or ints}[kind]
+            "any": isinstance(value, str) or integer(value) or numbers}[kind]
 
 
 KIND_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-              "ints": "an array of integers", "any": "a string, an integer or an array of integers"}
+              "ints": "an array of integers", "any": "a string, an integer or an array of numbers"}
 
 
 def to_flags(values: dict[str, Any], parser: argparse.ArgumentParser, path: str) -> list[str]:
@@ -104,7 +105,7 @@ def to_flags(values: dict[str, Any], parser: argparse.ArgumentParser, path: str)
         elif kind == "ints":
             tokens += [f"--{key}", *map(str, value)]
         elif isinstance(value, list):
-            tokens += [f"--{key}", ",".join(map(str, value))]
+            tokens += [f"--{key}", ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
         else:
             tokens += [f"--{key}", repr(value) if isinstance(value, float) else str(value)]
     return tokens

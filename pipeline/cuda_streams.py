@@ -5,7 +5,7 @@ On a GPU every thread of a stage issues its work on a CUDA stream of its own:
 
     feed thread     (receive, or stage 0's data source)  ──event──►  compute thread (blocks, local heads)
     compute thread  (forward passes done)                ──event──►  send thread    (send on to stage k+1)
-    error feed      (DFA: the error from the last stage) ──event──►  compute thread (the DFA update)
+    error feed      (a remote gradient: DFA's error, dL/dh) ──event──►  compute thread (the update it completes)
 
 A message that crosses from one thread to another carries a CUDA event recorded on the producer's stream right
 after the work that made its tensors. The consumer makes its own stream wait for that event

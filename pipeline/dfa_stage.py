@@ -51,8 +51,8 @@ class ErrorFeedback:
         self.errors.expect(msg.epoch, msg.index, states, release)
         self.errors.before_forward()  # the next batch may not be forwarded more than max_delay batches past an error
 
-    def _learn(self, states: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
-        learn_from_error(self.blocks, states, tensors[0])
+    def _learn(self, states: list[torch.Tensor], error: Message) -> None:
+        learn_from_error(self.blocks, states, error.tensors[0])
 
     def _train_last(self, msg: Message) -> None:
         """The last stage: the output error of the batch goes back to every earlier stage, and updates this one."""

@@ -38,7 +38,7 @@ class Awaiting:
 class RemoteGradients:
     """The batches of one stage that await a gradient from `source`, and their updates as the gradients come."""
 
-    def __init__(self, rank: int, io: StageIO, watch: NonFiniteWatch, learn: Callable[[Any, list], None], *,
+    def __init__(self, rank: int, io: StageIO, watch: NonFiniteWatch, learn: Callable[[Any, Message], None], *,
                  what: Callable[[int], str], max_delay: int | None):
         """`what(index)` names batch index's gradient in messages, e.g. "the error of batch 3 from the last stage"."""
         self.rank, self.io, self.watch, self.learn = rank, io, watch, learn
@@ -48,7 +48,7 @@ class RemoteGradients:
         self.delay_sum = self.delay_max = self.updates = 0
 
     def expect(self, epoch: int, index: int, graph: Any, release: Callable[[], None]) -> None:
-        """Batch (epoch, index) was forwarded; `learn(graph, gradient tensors)` applies its update later."""
+        """Batch (epoch, index) was forwarded; `learn(graph, gradient message)` applies its update later."""
         self.awaiting.append(Awaiting(epoch, index, graph, release, self.forwarded))
         self.forwarded += 1
 
@@ -63,7 +63,7 @@ class RemoteGradients:
                 raise RuntimeError(f"stage {self.rank} awaited {self.what(batch.index)} (epoch {batch.epoch}), got "
                                    f"{item.kind.name} for batch {item.index} (epoch {item.epoch})")
             with self.watch.at(batch.epoch, batch.index):  # a late update is named by its own batch
-                self.learn(batch.graph, item.tensors)
+                self.learn(batch.graph, item)
             delay = self.forwarded - 1 - batch.forwarded  # batches forwarded since, with weights without this update
             self.delay_sum, self.delay_max, self.updates = self.delay_sum + delay, max(self.delay_max, delay), self.updates + 1
             batch.release()
@@ -91,6 +91,6 @@ class RemoteGradients:
                 f"{prefix}_delay_max": self.delay_max if self.updates else None}
 
 
-def send_gradient(io: StageIO, msg: Message, tensors: list) -> None:
+def send_gradient(io: StageIO, msg: Message, tensors: list, meta: dict | None = None) -> None:
     """Send batch `msg`'s remote gradient back to the stage(s) awaiting it."""
-    io.put_error(Message(Kind.FEEDBACK, msg.epoch, msg.index, tensors))
+    io.put_error(Message(Kind.FEEDBACK, msg.epoch, msg.index, tensors, meta or {}))

@@ -25,20 +25,12 @@ from typing import Callable
 
 import torch
 
-from pipeline.blocks import Block, LocalBlock
+from pipeline.blocks import LocalBlock
 from pipeline.feedback import keep_weights_at_forward
 from pipeline.message import Message
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.remote_gradient import RemoteGradients, send_gradient
 from pipeline.stage_io import StageIO
-
-
-def layer_state(block: Block, part: str) -> dict[str, torch.Tensor]:
-    """The entries of block.state_dict() that the stage running `part` of it ("whole", "layer", "heads") owns."""
-    state = block.state_dict()
-    if part == "whole":
-        return state
-    return {k: v for k, v in state.items() if k.startswith("heads.") == (part == "heads")}
 
 
 class SplitLayer:
@@ -58,9 +50,10 @@ class SplitLayer:
         self.gradients.expect(msg.epoch, msg.index, h, release)
         return out.detach(), h.detach()
 
-    def _learn(self, h: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-        grad, bad = tensors
-        torch.autograd.backward(h, grad)
+    def _learn(self, h: torch.Tensor, gradient: Message) -> None:
+        grad, bad = gradient.tensors
+        if gradient.meta.get("gradient", True):
+            torch.autograd.backward(h, grad)
         self.block.step(bad.reshape(()))  # the heads' stage reported the flag; the layer only follows it
 
     @torch.no_grad()
@@ -79,12 +72,14 @@ class RemoteHeads:
 
     def learn(self, msg: Message, h: torch.Tensor, y: torch.Tensor) -> None:
         """The heads' loss on the received h, their step, and dL/dh (with the loss's non-finite flag) sent back."""
+        self.block.train()  # the heads' modules in training mode, as forward_train puts the whole block in one process
         leaf = h.detach().requires_grad_(True)  # a new tensor: the flag never sticks to a reused receive buffer
         # heads that would draw from the block's generator are refused at start (factories.splittable): the layer's
         # stage advances that generator, so these draws could not be the sequential trainer's
         bad = self.block.learn(leaf, y)  # steps the heads' parameters only: the layer's have no gradient here
+        # no gradient (a loss that does not depend on h): the layer gets none either, as in one process
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        send_gradient(self.io, msg, [grad, bad.reshape(1)])
+        send_gradient(self.io, msg, [grad, bad.reshape(1)], {"gradient": leaf.grad is not None})
 
     @torch.no_grad()
     def hits(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:

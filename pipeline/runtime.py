@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.blocks import NonFiniteLoss
-from pipeline.checkpoint import load_stage_checkpoint, restore_stage, verify_checkpoint
+from pipeline.checkpoint import latest_checkpoint, load_stage_checkpoint, restore_stage, verify_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.control import agree_backend, device_facts, exchange_strings
 from pipeline.errors import AgreedError
@@ -174,7 +174,11 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
         return resolve_placement(blocks, world, cfg.pipeline.partition), None
     halves = torch.zeros(world, dtype=torch.int64)
     profile = None
-    if rank == 0:
+    resumed = _checkpoint_placement(cfg, world, blocks) if rank == 0 and cfg.run.resume else None
+    if resumed is not None:  # the placement the checkpoint was written with, not a new profile's
+        halves = torch.tensor([int(2 * s) for s in resumed], dtype=torch.int64)
+        profile = {"resumed_placement": list(resumed)}
+    elif rank == 0:
         costs = block_costs(cfg, device, path=path)
         splittable = [cfg.loss.local and splittable_block(cfg, i) is None for i in range(blocks)]
         sizes, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, world)
@@ -189,6 +193,20 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
                    "even_stage_ms": ms(stage_times(costs.compute, costs.send, even))}
     dist.broadcast(halves, src=0)
     return Placement(as_sizes(halves.tolist())), profile
+
+
+def _checkpoint_placement(cfg: Config, world: int, blocks: int) -> tuple | None:
+    """The stage sizes of the checkpoint a --partition auto run resumes from; None where there is none that fits
+    this run (no checkpoint, another stage count, one written without sizes): every stage then refuses it alike
+    when it verifies the checkpoint, or restore_stage refuses a block placed otherwise."""
+    try:
+        _, manifest = latest_checkpoint(cfg.run.checkpoint_dir)
+        sizes = [entry.get("size") for entry in sorted(manifest["files"], key=lambda e: e["stage"])]
+    except (ConfigError, KeyError, TypeError):
+        return None
+    if len(sizes) != world or None in sizes or sum(sizes) != blocks:
+        return None
+    return tuple(sizes)
 
 
 def guarded(rank: int, body) -> int:

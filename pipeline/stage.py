@@ -41,7 +41,7 @@ from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import LineProgress, progress_bar
 from pipeline.remote_heads import RemoteHeads, SplitLayer
 from pipeline.stage_io import StageIO, StallError, release_after
-from pipeline.stage_report import run_summary, stage_report
+from pipeline.stage_report import run_summary, stage_report, stage_size
 from pipeline.transport import Links
 
 __all__ = ["Stage", "StallError", "data_messages", "release_after"]
@@ -198,7 +198,7 @@ class Stage:
 
     def _align(self, msg: Message) -> None:
         """Add this stage's blocks to the ALIGN message; the last stage rebuilds the network and measures."""
-        self.watch.check()  # the weights are read next
+        self._settle()  # the weights are read next: every update before this point in, on both halves of a split block
         flat, manifest = flatten_state(self.blocks)
         meta = {**msg.meta, "manifest": msg.meta.get("manifest", []) + [manifest]}
         tensors = msg.tensors + [flat]
@@ -220,9 +220,10 @@ class Stage:
 
     def _checkpoint(self, msg: Message) -> None:
         """Save this stage's state at the marker's position, pass it on; the last stage completes the checkpoint."""
-        self._settle()  # DFA: no update may be in flight in a checkpoint
+        self._settle()  # no update may be in flight in a checkpoint (a remote gradient awaited)
         root, position, print_ = self.cfg.run.checkpoint_dir, msg.meta["position"], fingerprint(self.cfg)
         entry = save_stage_checkpoint(root, stage_state(self.blocks, self.rank, self.world, position, print_))
+        entry["size"] = stage_size(self.blocks)  # a resumed --partition auto run keeps this placement
         files = msg.meta.get("files", []) + [entry]
         if not self.is_last:
             self.io.put(Message(Kind.CHECKPOINT, meta={**msg.meta, "files": files}))

@@ -1,7 +1,8 @@
 """A stage's helper threads: receive into the input queue, send from the output queues, carry failures back.
 
     inbox ──► [feed thread] ──► in_queue (<= D) ──► compute thread ──► out_queue (<= D) ──► [send thread] ──► outbox
-    DFA:  feedback_in ──► [error feed thread] ──► errors         errors_out ──► [error send thread] ──► every stage
+    remote gradients (DFA's errors, split heads' dL/dh; pipeline/remote_gradient.py):
+          feedback_in ──► [error feed thread] ──► errors         errors_out ──► [error send thread] ──► feedback_out
 
 Each helper thread issues its GPU work on a stream of its own, and every message carries an event from the
 thread that made it to the thread that takes it (see [Note: stage streams] in pipeline/cuda_streams.py).
@@ -36,8 +37,9 @@ class Failure:
 
 def release_after(count: int, release):
     """A callback that calls `release` on its `count`-th call: the buffers of a received message go back only
-    when both its users are done, the compute thread (the blocks' backward reads the input) and the send thread
-    (the labels travel on with the output)."""
+    when all its users are done: the compute thread (the blocks' backward reads the input), the send thread (the
+    labels travel on with the output) and, for a block whose heads run on the next stage, its update when dL/dh
+    comes back (its kept graph reads the input)."""
     lock, calls = threading.Lock(), [0]
 
     def countdown() -> None:
@@ -59,8 +61,8 @@ class StageIO:
         self.stall_timeout, self.stop = stall_timeout, stop
         self.in_queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self.out_queue: queue.Queue = queue.Queue(maxsize=queue_depth)
-        self.errors: queue.Queue = queue.Queue()  # DFA errors that arrived (at most the batches awaiting one)
-        self.errors_out: queue.Queue = queue.Queue()  # last stage: errors on their way back
+        self.errors: queue.Queue = queue.Queue()  # remote gradients that arrived (at most the batches awaiting one)
+        self.errors_out: queue.Queue = queue.Queue()  # remote gradients on their way back to earlier stages
         self.helper_failure: BaseException | None = None
         self.senders: list[threading.Thread] = []
         # timings (seconds) and counts for the stage report
@@ -178,7 +180,7 @@ class StageIO:
         return msg
 
     def next_error(self, what: str, block: bool) -> Message | None:
-        """The next DFA error (waiting for it if `block`), or None if none has arrived."""
+        """The next remote gradient (waiting for it if `block`), or None if none has arrived."""
         if not block:
             try:
                 item = self.errors.get_nowait()
@@ -190,7 +192,9 @@ class StageIO:
             return item
         started = time.perf_counter()
         item = self.take(self.errors, what)
-        self.error_wait_s += time.perf_counter() - started
+        waited = time.perf_counter() - started
+        self.error_wait_s += waited
+        self.slowest_gap = max(self.slowest_gap, waited)  # a slow gradient's stage is not taken for gone when stopping
         return item
 
     def put(self, msg: Message) -> None:
@@ -209,7 +213,7 @@ class StageIO:
         self.blocked_s += time.perf_counter() - started
 
     def put_error(self, msg: Message) -> None:
-        """Last stage (DFA): send a batch's output error back to every earlier stage."""
+        """Send a batch's remote gradient back (DFA's output error to every earlier stage, dL/dh to the layer's stage)."""
         msg.ready = self.streams.record()
         self.errors_out.put(msg)
 

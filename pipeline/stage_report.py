@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from pipeline.stage import Stage
 
 
+def stage_size(blocks: list) -> int | float:
+    """How many blocks a stage holds, the half of a split block counting as a half."""
+    return as_sizes([sum(2 if b.part == "whole" else 1 for b in blocks)])[0]
+
+
 def stage_report(stage: Stage) -> dict[str, Any]:
     """Where a stage's wall time went, how full its input queue was, and what it ran."""
     wall = time.perf_counter() - stage.started
@@ -41,7 +46,7 @@ def stage_report(stage: Stage) -> dict[str, Any]:
         "receive_buffers": getattr(getattr(inbox, "pool", None), "allocated", None),
         "receive_buffer_bytes": getattr(getattr(inbox, "pool", None), "allocated_bytes", None),
         "rejected_messages": getattr(inbox, "rejected", None),
-        "size": as_sizes([sum(2 if b.part == "whole" else 1 for b in stage.blocks)])[0],  # blocks, halves included
+        "size": stage_size(stage.blocks),
         "parts": {str(b.index): b.part for b in stage.blocks if b.part != "whole"},
         **(stage.dfa.report() if stage.dfa is not None else {"dfa_delay_mean": None, "dfa_delay_max": None}),
         **(stage.split.gradients.report("heads") if stage.split else {"heads_delay_mean": None, "heads_delay_max": None}),

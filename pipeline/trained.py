@@ -103,7 +103,8 @@ def read_weights(run_dir: str) -> dict[int, dict[str, torch.Tensor]]:
         if not (isinstance(state, dict) and all(isinstance(k, int) and isinstance(v, dict) for k, v in state.items())
                 and all(isinstance(t, torch.Tensor) for v in state.values() for t in v.values())):
             raise ConfigError(f"{path} is not a weights file of this project (block index -> state dict)")
-        merged.update(state)
+        for index, block_state in state.items():  # a split block's halves come from two stages' files
+            merged.setdefault(index, {}).update(block_state)
     return merged
 
 

@@ -59,13 +59,15 @@ def _strip(lines):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("stages,transport,torchrun,every,dfa", [
-    (1, None, False, "20", False), (2, "dist", False, "20", False), (3, "zmq", False, "20", False),
-    (2, "local", False, "20", False), (3, "zmq", True, "20", False), (2, "local", False, "1e", False),
-    (1, None, False, "1e", True), (2, "local", False, "20", True)],
-    ids=["sequential", "dist", "zmq", "local", "zmq-torchrun", "local-epochs", "sequential-dfa", "local-dfa"])
+@pytest.mark.parametrize("stages,transport,torchrun,every,dfa,extra", [
+    (1, None, False, "20", False, []), (2, "dist", False, "20", False, []), (3, "zmq", False, "20", False, []),
+    (2, "local", False, "20", False, []), (3, "zmq", True, "20", False, []), (2, "local", False, "1e", False, []),
+    (1, None, False, "1e", True, []), (2, "local", False, "20", True, []),
+    (2, "dist", False, "20", False, ["--partition", "1.5,1.5"])],  # block 1's layer on stage 0, its heads on 1
+    ids=["sequential", "dist", "zmq", "local", "zmq-torchrun", "local-epochs", "sequential-dfa", "local-dfa",
+         "dist-split-heads"])
 def test_a_run_stopped_at_a_batch_resumes_there_and_ends_bit_identical(uninterrupted, uninterrupted_dfa, tmp_path,
-                                                                        stages, transport, torchrun, every, dfa):
+                                                                        stages, transport, torchrun, every, dfa, extra):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     launcher = [sys.executable, "-m", "pipeline", "train"]
     if torchrun:
@@ -73,7 +75,7 @@ def test_a_run_stopped_at_a_batch_resumes_there_and_ends_bit_identical(uninterru
                     "-m", "pipeline", "train"]
     args = launcher + [*ARGS, "--checkpoint-dir", str(ckpt), "--checkpoint-every", every, "--out", str(out)]
     if stages > 1:
-        args += ["--stages", str(stages), "--transport", transport]
+        args += ["--stages", str(stages), "--transport", transport, *extra]
     if dfa:
         args = _dfa(args)
     stopped = run_group(args, timeout=180, env={STOP_ENV: STOP})

@@ -79,3 +79,11 @@ def test_what_dumps_writes_reads_back_with_tomllib():
               "inf": math.inf, "yes": True, "no": False, "ints": [4, 7], "empty": [], "mixed-key": "x"}
     back = tomllib.loads(dumps({**values, "left-out": None}, header="two\nlines"))
     assert back == values
+
+
+def test_a_partition_with_halves_reads_back():
+    from pipeline.cli import build_parser, command_parser
+    from pipeline.config_file import to_flags
+
+    train = command_parser(build_parser(), "train")
+    assert to_flags({"partition": [1.5, 2, 0.5]}, train, "x.toml") == ["--partition", "1.5,2,0.5"]

@@ -54,3 +54,22 @@ def test_a_stage_takes_its_local_rank_gpu_or_the_one_it_sees(monkeypatch, visibl
     """(1, 3, 0): SLURM --gpus-per-task=1 shows each process its own GPU as cuda:0."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     assert stage_device(SimpleNamespace(run=SimpleNamespace(device="cuda")), local_rank) == torch.device("cuda", index)
+
+
+def test_a_resumed_auto_run_keeps_the_placement_of_its_checkpoint(tmp_path, monkeypatch):
+    """Rank 0 would profile again and might choose otherwise; the checkpoint's stage files hold the old placement."""
+    import json
+
+    from helpers import small_config
+    from pipeline import runtime
+
+    cfg = small_config(model__num_layers=2, pipeline__stages=2, pipeline__partition="auto",
+                       run__checkpoint_dir=str(tmp_path), run__resume=True)
+    step = tmp_path / "step-000000007"
+    step.mkdir()
+    files = [{"stage": 1, "file": "stage-1.pt", "size": 1.5}, {"stage": 0, "file": "stage-0.pt", "size": 1.5}]
+    (step / "MANIFEST.json").write_text(json.dumps({"format": 1, "position": {}, "stages": 2, "files": files}))
+    monkeypatch.setattr(runtime, "block_costs", lambda *a, **k: pytest.fail("a resumed auto run must not re-profile"))
+    monkeypatch.setattr(runtime.dist, "broadcast", lambda tensor, src: None)
+    placement, profile = runtime.agree_partition(cfg, 0, 2, torch.device("cpu"))
+    assert placement.sizes == (1.5, 1.5) and profile == {"resumed_placement": [1.5, 1.5]}

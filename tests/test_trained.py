@@ -19,11 +19,12 @@ SMALL = ["--dataset", "synthetic", "--synthetic-train-size", "256", "--synthetic
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same network trained sequentially (in this process) and as 3 zmq stages (3 processes)."""
+    """The same network trained sequentially (in this process) and as 3 zmq stages (3 processes), two of its blocks
+    split (their layers on one stage, their heads on the next: each half saved by its own stage)."""
     root = tmp_path_factory.mktemp("runs")
     assert main(["train", *SMALL, "--out", str(root / "seq")]) == 0
     proc = subprocess.run([sys.executable, "-m", "pipeline", "train", *SMALL, "--stages", "3", "--transport", "zmq",
-                           "--out", str(root / "k3")], capture_output=True, text=True, timeout=180)
+                           "--partition", "0.5,1,1.5", "--out", str(root / "k3")], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     return root
 

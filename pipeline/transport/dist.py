@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.message import MAX_HEADER_BYTES, Kind, Message, ProtocolError, decode_header, encode_header
-from pipeline.transport.base import BufferPool, Channel, Links, host_buffer, to_device, to_host
+from pipeline.transport.base import BufferPool, Channel, Links, gradient_source, host_buffer, to_device, to_host
 
 HEADER_FRAME_BYTES = 1024  # one frame holds the usual header; longer ones (end-of-run reports) add an overflow frame
 _LENGTH_BYTES = 4
@@ -146,9 +146,10 @@ def open_dist(rank: int, world: int, compute_device: torch.device, backend: str,
 
     links = Links(inbox=channel(rank - 1, forward[rank - 1]) if rank > 0 else None,
                   outbox=channel(rank + 1, forward[rank]) if rank < last else None)
+    gradient_source(rank, list(gradients))  # one source at most
     for (sender, receiver), group in zip(gradients, errors):
         if receiver == rank:
-            links.feedback_in = channel(sender, group)  # one source at most (gradient_source)
+            links.feedback_in = channel(sender, group)
         if sender == rank:
             links.feedback_out.append(channel(receiver, group))
     return links

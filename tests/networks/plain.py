@@ -31,3 +31,24 @@ class _Scaled(nn.Module):
 
 def data_dependent(ctx: lp.NetworkContext) -> lp.Network:
     return lp.Network([lp.BlockSpec(_Scaled), lp.OutputSpec(lambda: nn.Linear(32, ctx.num_classes))])
+
+
+class _NormedHead(lp.LocalHead):
+    """A head with batch norm: it trains in training mode and classifies in eval mode."""
+
+    def __init__(self, features, classes):
+        super().__init__()
+        self.norm, self.classifier = nn.BatchNorm1d(features), nn.Linear(features, classes)
+
+    def scores(self, h):
+        return self.classifier(self.norm(h))
+
+    def forward(self, h, y):
+        scores = self.scores(h)
+        return nn.functional.cross_entropy(scores, y), scores
+
+
+def normed_heads(ctx: lp.NetworkContext) -> lp.Network:
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU()),
+                                    rule=lambda: _NormedHead(32, ctx.num_classes)),
+                       lp.OutputSpec(lambda: nn.Linear(32, ctx.num_classes))])

@@ -1,0 +1,57 @@
+"""Split heads in one process: a block's layer half and heads half, joined by a fake link, learn what the whole block
+learns, batch for batch, test passes in between (pipeline/remote_heads.py)."""
+
+from collections import deque
+
+import torch
+
+from helpers import small_config
+from pipeline.factories import build_blocks
+from pipeline.message import Kind, Message
+from pipeline.nonfinite import NonFiniteWatch
+from pipeline.remote_heads import RemoteHeads, SplitLayer
+
+
+class _Link:
+    """The two stages' StageIO as the halves use it: what the heads send back is what the layer receives."""
+
+    def __init__(self):
+        self.sent: deque[Message] = deque()
+
+    def put_error(self, msg):
+        self.sent.append(Message(msg.kind, msg.epoch, msg.index, [t.clone() for t in msg.tensors], dict(msg.meta)))
+
+    def next_error(self, what, block):
+        return self.sent.popleft() if self.sent else None
+
+
+def _blocks(model):
+    cfg = small_config(model=model)
+    return build_blocks(cfg, (1, 28, 28), 10, indices=[0])[0]
+
+
+def test_the_two_halves_of_a_block_learn_exactly_what_the_whole_block_learns():
+    whole, layer, heads = (_blocks("networks.plain:normed_heads") for _ in range(3))
+    layer.part, heads.part = "layer", "heads"
+    link = _Link()
+    split = SplitLayer(0, layer, link, NonFiniteWatch().attach([layer]), max_delay=0)
+    remote = RemoteHeads(heads, link)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(4):
+        x, y = torch.randn(16, 1, 28, 28, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+        h, _ = whole.forward_train(x)
+        whole.learn(h, y)
+        msg = Message(Kind.TRAIN, 1, index, [x, y])
+        _, sent_h = split.forward(msg, x, lambda: None)
+        remote.learn(msg, sent_h, y)
+        if index == 1:  # a test pass: the heads classify in eval mode, then must train in training mode again
+            split.gradients.settle()  # as a stage settles before a test
+            test = torch.randn(16, 1, 28, 28, generator=generator)
+            with torch.no_grad():
+                _, expected = whole.evaluate(test, y)
+            assert remote.hits(split.evaluate(test)[1], y) == expected
+    split.gradients.settle()
+    assert layer.owned_state().keys() | heads.owned_state().keys() == whole.state_dict().keys()
+    for name, tensor in whole.state_dict().items():
+        mine = (heads if name.startswith("heads.") else layer).state_dict()[name]
+        assert torch.equal(mine, tensor), name

@@ -2,14 +2,17 @@
 
     python benchmarks/run.py --quick --out benchmarks/results/quick     # a few minutes on a 2-core CPU
     python benchmarks/run.py --out benchmarks/results/full               # K = 1, 2, 4, every transport, auto partition
+    python benchmarks/run.py --vgg-only --steps 30 --out benchmarks/results/vgg_split_heads   # vgg8b x0.25, K = 2, 4
 
 Every contender trains the same network (MLP 3x1024, predsim; backprop for the global-loss contenders) on the
 same synthetic MNIST-shaped batches for --steps steps after --warmup steps, in a fresh process; the median of
 --repeats runs is reported. On CPU every pipeline process gets its own core and one intra-op thread; the
 single-process contenders run once on one core with one thread and once on all cores.
 GPipe and 1F1B run at their best micro-batch count of 1, 2, 4 and 8 (each swept, the sweep in the JSON; 1F1B needs
-at least K), as a user tuning the baseline would. Writes results.json (with speedup_vs_sequential and
-speedup_vs_gpipe), a markdown table on stdout, and PNGs.
+at least K), as a user tuning the baseline would. At K=2 ours also runs with split heads (block 1's layer on
+stage 0, its heads on stage 1); speedup_vs_sequential is the best K=2 configuration, reported beside the
+machine ceiling and the balance ceilings of whole-block and split-heads placements. Writes results.json, a
+markdown table on stdout, and PNGs.
 """
 
 from __future__ import annotations

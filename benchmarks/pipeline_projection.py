@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 
@@ -32,22 +31,13 @@ def _config(flags: list[str]):
     return config_from_args(build_parser().parse_args(["train", "--dataset", "synthetic", *flags]))
 
 
-def _timed(step, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
-
-
 def backprop_costs(flags: list[str], device: torch.device, batch: int, rounds: int = 5) -> list[float]:
     """Seconds per block of forward + backward + optimizer step under global backprop at batch size `batch` (the
     median of `rounds` after one untimed round): the gradient at each block's output is given, as a pipeline stage
     receives it."""
     from pipeline.data import BatchSource
     from pipeline.factories import build_blocks
+    from pipeline.profile import timed
 
     cfg = _config(flags + ["--loss", "backprop", "--batch-size", str(batch)])
     shape, classes = BatchSource.shape_of(cfg.data)
@@ -60,7 +50,7 @@ def backprop_costs(flags: list[str], device: torch.device, batch: int, rounds: i
         for block in blocks:  # forward, each block's input a leaf so that its backward can be timed alone
             x = x.detach().requires_grad_(True)
             held = []
-            times.append(_timed(lambda block=block, x=x: held.append(block.forward_train(x)[1]), device))
+            times.append(timed(lambda block=block, x=x: held.append(block.forward_train(x)[1]), device))
             inputs.append(x)
             outputs.append(held[0])
             x = held[0]
@@ -70,7 +60,7 @@ def backprop_costs(flags: list[str], device: torch.device, batch: int, rounds: i
                 outputs[index].backward(grad)
                 blocks[index].optimizer.step()
                 blocks[index].optimizer.zero_grad(set_to_none=True)
-            times[index] += _timed(backward, device)
+            times[index] += timed(backward, device)
             grad = inputs[index].grad
         if round_:
             for index, elapsed in enumerate(times):

@@ -14,7 +14,7 @@ from pipeline.feedback import output_error
 from pipeline.factories import build_blocks
 
 
-def _timed(step, device: torch.device) -> float:
+def timed(step, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
@@ -40,14 +40,14 @@ def _send_cost(out: torch.Tensor, path: str, device: torch.device) -> float:
       copy within this GPU -- a lower bound for GPUs on other nodes, whose network this profile cannot see.
     """
     if path == "host" and device.type != "cuda":
-        return 2 * _timed(lambda: out.clone(), device)
+        return 2 * timed(lambda: out.clone(), device)
     if path == "host":
         def staged() -> None:
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             host.copy_(out, non_blocking=True)
             torch.cuda.current_stream(device).synchronize()
             host.to(device, non_blocking=True)
-        return _timed(staged, device)
+        return timed(staged, device)
     if path == "peer" and torch.cuda.device_count() > 1:
         other = torch.device("cuda", ((device.index or 0) + 1) % torch.cuda.device_count())
 
@@ -55,8 +55,8 @@ def _send_cost(out: torch.Tensor, path: str, device: torch.device) -> float:
             out.to(other)
             torch.cuda.synchronize(other)
 
-        return _timed(peer_copy, device)
-    return _timed(lambda: out.clone(), device)
+        return timed(peer_copy, device)
+    return timed(lambda: out.clone(), device)
 
 
 @dataclass
@@ -85,7 +85,7 @@ def _block_step(block: Block, x: torch.Tensor, y: torch.Tensor, dfa: bool, class
             block.learn(state, output_error(torch.randn(len(y), classes, device=device), y) if dfa else y)
             held.extend([out.detach(), state.detach()])
 
-        return _timed(whole, device), 0.0, held[0], held[1]
+        return timed(whole, device), 0.0, held[0], held[1]
     held = []
 
     def forward() -> None:
@@ -100,9 +100,9 @@ def _block_step(block: Block, x: torch.Tensor, y: torch.Tensor, dfa: bool, class
         torch.autograd.backward(held[0], held[2])
         block.step()
 
-    layer = _timed(forward, device)
-    heads_s = _timed(heads_step, device)
-    layer += _timed(layer_step, device)
+    layer = timed(forward, device)
+    heads_s = timed(heads_step, device)
+    layer += timed(layer_step, device)
     return layer, heads_s, held[1].detach(), held[0].detach()
 
 

@@ -1,4 +1,4 @@
-"""Block profiling: how long each block's training step takes, for --partition auto."""
+"""Block profiling: how long each block's layer and heads take to train, and its sends cost, for --partition auto."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pipeline.factories import build_blocks
 
 
 def timed(step, device: torch.device) -> float:
+    """Seconds that step() takes, the device synchronised before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()

@@ -222,3 +222,21 @@ def test_a_checkpoint_from_another_device_type_exits_2_with_one_line(checkpointe
                               "--resume"], capture_output=True, text=True, timeout=100)
     assert resumed.returncode == 2, resumed.stderr
     assert resumed.stderr.splitlines() == [f"error: --resume: {where} was written on cuda, this run is on cpu: resume with --device cuda"]
+
+
+def test_a_block_placed_otherwise_than_in_the_checkpoint_is_refused():
+    """A stage restores only the half of a split block it saved: a whole block is not rebuilt from a layer's half."""
+    from pipeline.checkpoint import restore_stage, stage_state
+    from pipeline.config import ConfigError
+    from pipeline.factories import build_blocks
+
+    cfg = _config()
+    blocks = build_blocks(cfg, (1, 28, 28), 10, indices=[0, 1])
+    blocks[1].part = "layer"
+    state = stage_state(blocks, 0, 2, {"epoch": 1, "batch": 3, "step": 3}, {})
+    restore_stage(blocks, state)  # the same placement: fine
+    blocks[1].part = "whole"
+    with pytest.raises(ConfigError, match=r"places block 1's whole on stage 0, but the checkpoint holds its layer"):
+        restore_stage(blocks, state)
+    with pytest.raises(ConfigError, match=r"places block 2's whole on stage 0, but the checkpoint does not hold it"):
+        restore_stage(build_blocks(cfg, (1, 28, 28), 10, indices=[2]), state)

@@ -55,6 +55,18 @@ def test_one_gpu_synchronous_dfa_equals_the_dfa_trainer(sequential_reference, on
     _assert_same(run, sequential_reference("dfa", CONFIGS["dfa"]))
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sizes", [(1.5, 2.5), (1.5, 1, 1.5)], ids=["1.5,2.5", "1.5,1,1.5"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_one_gpu_split_heads_equal_sequential(sequential_reference, one_gpu, tmp_path, transport, sizes):
+    # h goes on and dL/dh comes back across helper threads' streams (pipeline/remote_heads.py)
+    cfg = CONFIGS["mlp"](pipeline__stages=len(sizes), pipeline__partition=sizes, pipeline__transport=transport,
+                         run__out=str(tmp_path))
+    run = _launch(cfg, tmp_path)
+    assert run[0]["partition"] == list(sizes)
+    _assert_same(run, sequential_reference("mlp", CONFIGS["mlp"]))
+
+
 def _async_dfa(stages, **kw):
     # test_equivalence's asynchronous DFA run, on the GPU and not deterministic (the default a user runs)
     return _mlp(loss="dfa", model__nonlin="tanh", optim__lr=5e-3, pipeline__stages=stages, pipeline__queue_depth=2,
@@ -76,6 +88,15 @@ def test_two_gpus_over_nccl_equal_sequential(sequential_reference, tmp_path):
     cfg = CONFIGS["mlp"](pipeline__stages=2, pipeline__transport="dist", run__out=str(tmp_path))
     run = _launch(cfg, tmp_path)
     assert [s["device"] for s in run[0]["stage_stats"]] == ["cuda:0", "cuda:1"]
+    assert [s.get("dist_backend") for s in run[0]["stage_stats"]] == ["nccl", "nccl"]
+    _assert_same(run, sequential_reference("mlp", CONFIGS["mlp"]))
+
+
+@two_gpus
+@pytest.mark.timeout(120)
+def test_two_gpus_split_heads_over_nccl_equal_sequential(sequential_reference, tmp_path):
+    cfg = CONFIGS["mlp"](pipeline__stages=2, pipeline__partition=(1.5, 2.5), pipeline__transport="dist", run__out=str(tmp_path))
+    run = _launch(cfg, tmp_path)
     assert [s.get("dist_backend") for s in run[0]["stage_stats"]] == ["nccl", "nccl"]
     _assert_same(run, sequential_reference("mlp", CONFIGS["mlp"]))
 

@@ -84,14 +84,12 @@ def project(flags: list[str], device: torch.device, ks: tuple[int, ...]) -> dict
               "sequential_local_samples_per_s": batch / sum(costs.compute),
               "sequential_backprop_samples_per_s": batch / sum(backprop[1]), "projected": {}}
     for k in ks:
-        row = {}
-        if k <= len(costs.compute):
+        sizes, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, k, margin=0.0)
+        row = {"local split heads": {"sizes": list(sizes), "samples_per_s": batch / max(times)}}
+        if k <= len(costs.compute):  # whole blocks, and a backprop stage per block at most
             whole = balanced_partition(costs.compute, costs.send, k)
             row["local whole blocks"] = {"sizes": list(whole),
                                          "samples_per_s": batch / max(stage_times(costs.compute, costs.send, whole))}
-        sizes, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, k, margin=0.0)
-        row["local split heads"] = {"sizes": list(sizes), "samples_per_s": batch / max(times)}
-        if k <= len(costs.compute):
             options = {}
             for m, per_block in backprop.items():
                 split = balanced_partition(per_block, [0.0] * len(per_block), k)

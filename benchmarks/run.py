@@ -155,7 +155,7 @@ def measure(spec: dict, steps: int, warmup: int, repeats: int, model: list[str] 
 def balance_ceilings(result: dict) -> tuple[float | None, float | None]:
     """Speedup bounds of K=2 placements from the auto profile's measured costs: all of them over the slowest stage's,
     for the best whole-block split and for the best placement with split heads."""
-    profile = next((s["partition_profile"] for s in result["detail"].get("stage_stats") or [] if "partition_profile" in s), None)
+    profile = _profile(result)
     if not profile:
         return None, None
     total = sum(profile["compute_ms"])
@@ -203,8 +203,9 @@ def partition_study(steps: int, warmup: int, repeats: int) -> list[dict]:
     return rows
 
 
-def _profile(result: dict) -> dict:
-    return next(s["partition_profile"] for s in result["detail"]["stage_stats"] if "partition_profile" in s)
+def _profile(result: dict) -> dict | None:
+    """The --partition auto profile of a pipeline run (None without one)."""
+    return next((s["partition_profile"] for s in result["detail"].get("stage_stats") or [] if "partition_profile" in s), None)
 
 
 def vgg_study(steps: int, warmup: int, repeats: int) -> dict:
@@ -216,10 +217,10 @@ def vgg_study(steps: int, warmup: int, repeats: int) -> dict:
         auto = measure({"ours": flags + ["--stages", str(k), "--partition", "auto"], "k": k}, steps, warmup, repeats, VGG)
         profile = _profile(auto)
         whole = ",".join(str(size) for size in profile["whole_blocks"])
+        auto["profile"] = profile
         rows[f"K={k} auto {profile['chosen']}"] = auto
         rows[f"K={k} whole blocks {profile['whole_blocks']}"] = measure(
             {"ours": flags + ["--stages", str(k), "--partition", whole], "k": k}, steps, warmup, repeats, VGG)
-        rows[f"K={k} auto {profile['chosen']}"]["profile"] = profile
     for name, row in rows.items():
         print(f"  vgg8b {name}: {row['samples_per_s']:.1f} samples/s {[round(r, 1) for r in row['runs']]}", file=sys.stderr, flush=True)
     sequential = rows["sequential, 1 core"]["samples_per_s"]

@@ -116,6 +116,12 @@ class Block(nn.Module):
             generator.set_state(default.get_state())
             default.set_state(saved)
 
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """Where the block's modules run: under its autocast, drawing from its own generator."""
+        with self.precision.autocast(), self.own_randomness():
+            yield
+
     def report(self, bad: torch.Tensor, examples: int, what: str = "loss") -> None:
         """Hand an update's device-side non-finite flag to the watch (a block on its own is checked at once)."""
         if self.watch is not None:
@@ -201,7 +207,7 @@ class LocalBlock(Block):
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         """h: the block's activation, where its local loss is taken; in the compute dtype."""
-        with self.precision.autocast(), self.own_randomness():
+        with self.computing():
             h = self.layer(x)
         return h.to(self.precision.dtype) if isinstance(h, torch.Tensor) else h
 
@@ -209,7 +215,7 @@ class LocalBlock(Block):
         """What goes on to the next block."""
         if self.after is None:
             return h
-        with self.precision.autocast(), self.own_randomness():
+        with self.computing():
             return self.after(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +229,7 @@ class LocalBlock(Block):
     def learn(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # the heads' forward; the built-in heads' loss math is fp32 (LocalHeads.loss); a user's head that draws random
         # numbers draws them from this block's generator too
-        with self.precision.autocast(), self.own_randomness():
+        with self.computing():
             loss, scores = head_loss(self.heads, h, y)
         predictions = None
         if scores is not None:
@@ -235,11 +241,16 @@ class LocalBlock(Block):
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.eval()
         h = self.activation(x)
+        return self.emit(h), self.hits(h, y)
+
+    @torch.no_grad()
+    def hits(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """How many of a test batch its heads' classifier gets right from h (None without a classifier)."""
         classify = getattr(self.heads, "classify", None)
+        if classify is None:
+            return None
         with self.precision.autocast():
-            predictions = classify(h) if classify is not None else None
-        hits = None if predictions is None else (predictions == y).sum()
-        return self.emit(h), hits
+            return (classify(h) == y).sum()
 
     def alignment_weights(self) -> list[torch.Tensor]:
         """The weights whose update direction the alignment angles measure: the layer's."""
@@ -335,7 +346,7 @@ class OutputBlock(Block):
         self.flatten = flatten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.precision.autocast(), self.own_randomness():
+        with self.computing():
             return self.layer(x.flatten(1) if self.flatten else x)
 
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

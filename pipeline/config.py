@@ -309,7 +309,7 @@ class Config:
 
     def __post_init__(self) -> None:
         # what depends on the network itself (its block count against --stages and --partition, whether its blocks
-        # fit together) is judged by pipeline.network.check_network, which builds nothing but knows the factories
+        # fit together) is judged by pipeline.factories.check_network, which knows the factories
         stages = self.pipeline.stages
         _require(not (self.loss.loss in GLOBAL_LOSSES and stages > 1),
                  f"--loss {self.loss.loss} sends the error back through every layer, so it needs the whole network in one process: use --stages 1 (or --loss dfa)")

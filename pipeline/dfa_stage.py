@@ -68,13 +68,6 @@ class ErrorFeedback:
         self.last_updates += 1
         msg.release()
 
-    def settle(self) -> None:
-        """Apply every outstanding update (before a test, a checkpoint or the end)."""
-        self.errors.settle()
-
-    def await_stream_end(self) -> None:
-        self.errors.await_stream_end()
-
     def report(self) -> dict:
         if self.is_last:
             return {"dfa_delay_mean": 0.0 if self.last_updates else None, "dfa_delay_max": 0 if self.last_updates else None}

@@ -174,9 +174,19 @@ def splittable(cfg: Config, index: int) -> str | None:
     return None
 
 
+_RANDOM_HEADS: dict[tuple[str, int], bool] = {}
+
+
 def _heads_draw_random_numbers(cfg: Config, index: int) -> bool:
     """Whether block `index`'s heads draw from the block's generator (dropout in a user's head): their loss on a
-    random batch of 2, built on the CPU, compared with the generator's state before."""
+    random batch of 2, built on the CPU, compared with the generator's state before (once per process and config)."""
+    key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), index)
+    if key not in _RANDOM_HEADS:
+        _RANDOM_HEADS[key] = _probe_heads(cfg, index)
+    return _RANDOM_HEADS[key]
+
+
+def _probe_heads(cfg: Config, index: int) -> bool:
     from pipeline.blocks import head_loss
     from pipeline.data import BatchSource
 
@@ -193,7 +203,9 @@ def _heads_draw_random_numbers(cfg: Config, index: int) -> bool:
 def check_splittable(cfg: Config, index: int) -> None:
     why = splittable(cfg, index)
     if why:
-        raise ConfigError(f"--partition {','.join(f'{p:g}' for p in cfg.pipeline.partition)} puts block {index}'s "
+        from pipeline.partition import format_sizes
+
+        raise ConfigError(f"--partition {format_sizes(cfg.pipeline.partition)} puts block {index}'s "
                           f"heads on another stage than its layer, but {why}")
 
 

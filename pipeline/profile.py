@@ -66,11 +66,14 @@ class BlockCosts:
     on the layer's stage (forward, and backward and step from dL/dh) and the heads' (loss, backward to h, step),
     and what handing on its output (send) and its activation h (send_h) costs."""
 
-    compute: list[float] = field(default_factory=list)
     layer: list[float] = field(default_factory=list)
     heads: list[float] = field(default_factory=list)
     send: list[float] = field(default_factory=list)
     send_h: list[float] = field(default_factory=list)
+
+    @property
+    def compute(self) -> list[float]:
+        return [layer + heads for layer, heads in zip(self.layer, self.heads)]
 
 
 def _block_step(block: Block, x: torch.Tensor, y: torch.Tensor, dfa: bool, classes: int,
@@ -132,7 +135,6 @@ def block_costs(cfg: Config, device: torch.device, batches: int = 6, warmup: int
         layer, heads, send, send_h = (median([s[i] for s in block_samples]) for i in range(4))
         costs.layer.append(layer)
         costs.heads.append(heads)
-        costs.compute.append(layer + heads)
         costs.send.append(send)
         costs.send_h.append(send_h)
     return costs

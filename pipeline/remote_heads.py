@@ -38,14 +38,14 @@ class SplitLayer:
 
     def __init__(self, rank: int, block: LocalBlock, io: StageIO, watch: NonFiniteWatch, max_delay: int):
         self.block, self.max_delay = block, max_delay
+        self.parameters = list(block.parameters())  # their values at forward time are kept under a delay
         self.gradients = RemoteGradients(rank, io, watch, self._learn, max_delay=max_delay,
                                          what=lambda index: f"dL/dh of block {block.index}, batch {index}, from stage {rank + 1}")
 
     def forward(self, msg: Message, x: torch.Tensor, release: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
         """(detached output, detached h) of batch msg; its graph is kept until dL/dh arrives (then `release`)."""
         self.gradients.before_forward()
-        params = list(self.block.parameters())
-        with keep_weights_at_forward(params) if self.max_delay else contextlib.nullcontext():
+        with keep_weights_at_forward(self.parameters) if self.max_delay else contextlib.nullcontext():
             h, out = self.block.forward_train(x)
         self.gradients.expect(msg.epoch, msg.index, h, release)
         return out.detach(), h.detach()
@@ -81,12 +81,7 @@ class RemoteHeads:
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         send_gradient(self.io, msg, [grad, bad.reshape(1)], {"gradient": leaf.grad is not None})
 
-    @torch.no_grad()
     def hits(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """The block's classifier's correct count on a test batch's h (None without a classifier)."""
         self.block.eval()
-        classify = getattr(self.block.heads, "classify", None)
-        if classify is None:
-            return None
-        with self.block.precision.autocast():
-            return (classify(h) == y).sum()
+        return self.block.hits(h, y)

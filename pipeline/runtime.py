@@ -172,17 +172,14 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
     blocks = count_blocks(cfg)
     if cfg.pipeline.partition != "auto":
         return resolve_placement(blocks, world, cfg.pipeline.partition), None
-    halves = torch.zeros(world, dtype=torch.int64)
-    profile = None
+    sizes, profile = (0,) * world, None  # the other ranks receive rank 0's choice
     resumed = _checkpoint_placement(cfg, world, blocks) if rank == 0 and cfg.run.resume else None
     if resumed is not None:  # the placement the checkpoint was written with, not a new profile's
-        halves = torch.tensor([int(2 * s) for s in resumed], dtype=torch.int64)
-        profile = {"resumed_placement": list(resumed)}
+        sizes, profile = resumed, {"resumed_placement": list(resumed)}
     elif rank == 0:
         costs = block_costs(cfg, device, path=path)
         splittable = [cfg.loss.local and splittable_block(cfg, i) is None for i in range(blocks)]
         sizes, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, world)
-        halves = torch.tensor([int(2 * s) for s in sizes], dtype=torch.int64)
         whole = balanced_partition(costs.compute, costs.send, world)
         even = resolve_placement(blocks, world, None).sizes
         ms = lambda values: [1e3 * v for v in values]  # noqa: E731
@@ -191,6 +188,7 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
                    "splittable": splittable, "chosen": list(sizes), "chosen_stage_ms": ms(times),
                    "whole_blocks": list(whole), "whole_blocks_stage_ms": ms(stage_times(costs.compute, costs.send, whole)),
                    "even_stage_ms": ms(stage_times(costs.compute, costs.send, even))}
+    halves = torch.tensor([int(2 * s) for s in sizes], dtype=torch.int64)
     dist.broadcast(halves, src=0)
     return Placement(as_sizes(halves.tolist())), profile
 

@@ -142,18 +142,15 @@ class Stage:
             return
         # the exact overlapped schedule ([Note: the exact overlapped schedule] in pipeline/remote_heads.py)
         release = release_after(2 if self.split is None else 3, msg.release)  # compute, send, the split's update
-        learn_later = []
-        for block in self.front:
-            state, out = block.forward_train(x)
-            x = out.detach()
-            learn_later.append((block, state))
-        tensors = [x, y]
-        if self.split is not None:
-            out, h = self.split.forward(msg, x, release)
-            tensors = [out, y, h]
-        self.io.put(Message(Kind.TRAIN, msg.epoch, msg.index, tensors, msg.meta, release=release))
-        for block, state in learn_later:
-            block.learn(state, y)
+
+        def hand_off(out: torch.Tensor) -> None:  # after the front blocks' forwards, before they learn
+            tensors = [out, y]
+            if self.split is not None:
+                out, h = self.split.forward(msg, out, release)
+                tensors = [out, y, h]
+            self.io.put(Message(Kind.TRAIN, msg.epoch, msg.index, tensors, msg.meta, release=release))
+
+        train_blocks(self.front, x, y, hand_off)
         release()
 
     def _settle(self) -> None:

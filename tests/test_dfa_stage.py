@@ -60,7 +60,7 @@ def test_the_delay_counts_the_batches_forwarded_before_each_update():
     link.deliver(3)
     _train(feedback, 3)  # forwarded, then 0, 1, 2 are applied: after 3, 2 and 1 later batches went forward
     assert [b.index for b in feedback.errors.awaiting] == [3]
-    feedback.settle()  # batch 3's error: nothing went forward after it
+    feedback.errors.settle()  # batch 3's error: nothing went forward after it
     assert feedback.report() == {"dfa_delay_mean": (3 + 2 + 1 + 0) / 4, "dfa_delay_max": 3}
 
 
@@ -69,7 +69,7 @@ def test_a_bounded_delay_waits_for_the_error_that_would_exceed_it():
     for index in range(3):  # each batch waits for the error of the one before it
         _train(feedback, index)
         assert [b.index for b in feedback.errors.awaiting] == [index]
-    feedback.settle()
+    feedback.errors.settle()
     assert feedback.report() == {"dfa_delay_mean": pytest.approx(2 / 3), "dfa_delay_max": 1}
 
 

@@ -247,10 +247,9 @@ class LocalBlock(Block):
     def hits(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """How many of a test batch its heads' classifier gets right from h (None without a classifier)."""
         classify = getattr(self.heads, "classify", None)
-        if classify is None:
-            return None
         with self.precision.autocast():
-            return (classify(h) == y).sum()
+            predictions = classify(h) if classify is not None else None  # None too for heads without a classifier
+        return None if predictions is None else (predictions == y).sum()
 
     def alignment_weights(self) -> list[torch.Tensor]:
         """The weights whose update direction the alignment angles measure: the layer's."""

@@ -84,6 +84,7 @@ class Block(nn.Module):
         self.scaler: torch.amp.GradScaler | None = None  # fp16 only; its state_dict() belongs in a checkpoint
         self.optim_config: OptimConfig | None = None  # its optimizer settings (the run's, or its spec's overrides)
         self.part = "whole"  # or, for a block split over two stages (pipeline/remote_heads.py), "layer" or "heads"
+        self.partner: int | None = None  # the stage that runs the other half of a split block
 
     def owned_state(self) -> dict[str, torch.Tensor]:
         """The entries of state_dict() this process trains: all of them, or its half of a split block (the heads'

@@ -57,13 +57,14 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,1,1, got '{text}'") from None
 
 
-def _partition(text: str) -> tuple[float, ...] | str:
+def _partition(text: str) -> tuple[float | str, ...] | str:
     if text == "auto":
         return text
     try:
-        return tuple(float(part) for part in text.split(","))
+        return tuple(part if part.endswith("h") and float(part[:-1]) else float(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected block counts like 2,1,1 (halves split a block: 1.5,2.5) or auto, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected block counts like 2,1,1 (halves split a block: 1.5,2.5, or with its "
+                                         f"heads first: 1.5h,2.5) or auto, got '{text}'") from None
 
 
 def _every(text: str) -> tuple[int, str]:
@@ -180,7 +181,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stages", type=int, default=None, help="stage processes K (default 1; WORLD_SIZE under torchrun)")
     g.add_argument("--partition", type=_partition, default=None,
                    help="blocks per stage, e.g. 2,1,1; a half splits a block, its layer on one stage and its heads on the "
-                        "next (1.5,2.5); auto: balanced by measured layer and head times (default: even)")
+                        "next (1.5,2.5), or with h its heads first (1.5h,2.5); auto: balanced by measured layer and "
+                        "head times (default: even)")
     g.add_argument("--transport", default=pi.transport, help=f"{', '.join(TRANSPORTS)} (default {pi.transport})")
     g.add_argument("--queue-depth", type=int, default=pi.queue_depth, help="batches in flight between two stages")
     g.add_argument("--zmq-host", default=pi.zmq_host, help="interface zmq stages bind on across hosts")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.partition import Placement, format_sizes
 
 LOCAL_LOSSES = ("predsim", "pred", "sim")
 GLOBAL_LOSSES = ("backprop", "fa")  # one loss at the output, its error sent back through every layer
@@ -173,10 +174,11 @@ class PipelineConfig:
 
     stages: int = 1
     """Number of stage processes K; 1 runs the sequential trainer in this process."""
-    partition: tuple[float, ...] | str | None = None
+    partition: tuple[float | str, ...] | str | None = None
     """Blocks per stage (e.g. 2,1,1), the output classifier counting as the last block; a half splits a hidden
     block, its layer on one stage and its local heads on the next (1.5,2.5: block 1's layer on stage 0, its heads
-    on stage 1); None splits evenly; "auto" times every block's layer and heads and picks the contiguous placement
+    on stage 1), or with an h its heads on one stage and its layer on the next (1.5h,2.5: block 1's heads on
+    stage 0, its layer on stage 1); None splits evenly; "auto" times every block's layer and heads and picks the contiguous placement
     whose slowest stage is fastest, splitting a block only where that helps."""
     transport: str = "dist"
     """dist (torch.distributed: NCCL on GPUs, gloo on CPU), zmq (PUSH/PULL + msgpack) or local (torch.multiprocessing queues)."""
@@ -227,11 +229,19 @@ class PipelineConfig:
         if isinstance(self.partition, str):
             _require(self.partition == "auto", f"--partition takes block counts like 2,1,1 or auto, got '{self.partition}'")
         elif self.partition is not None:
-            shown = ",".join(f"{float(p):g}" for p in self.partition)
-            _require(all(math.isfinite(float(p)) and float(p) * 2 == int(float(p) * 2) for p in self.partition),
+            shown = format_sizes(self.partition)
+            try:
+                sizes = [float(p[:-1] if isinstance(p, str) and p.endswith("h") else p) for p in self.partition]
+            except ValueError:
+                raise ConfigError(f"--partition takes block counts like 2,1,1 (halves split a block: 1.5,2.5; 1.5h,2.5 "
+                                  f"puts the heads first) or auto, got {shown}") from None
+            _require(all(math.isfinite(p) and p * 2 == int(p * 2) for p in sizes),
                      f"--partition sizes are whole or half blocks (1.5 splits a block), got {shown}")
-            self.partition = tuple(int(p) if float(p) == int(float(p)) else float(p) for p in self.partition)
-            _require(all(p >= 0.5 for p in self.partition), f"--partition sizes must be at least a half block, got {shown}")
+            _require(all(p >= 0.5 for p in sizes), f"--partition sizes must be at least a half block, got {shown}")
+            try:
+                self.partition = Placement.parse(self.partition).entries
+            except ValueError as exc:
+                raise ConfigError(f"--{exc}") from None
             _require(len(self.partition) == self.stages, f"--partition has {len(self.partition)} sizes but --stages is {self.stages}")
 
 

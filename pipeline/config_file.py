@@ -72,14 +72,15 @@ def _matches(kind: str, value: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
     ints = isinstance(value, list) and all(integer(v) for v in value)
-    numbers = isinstance(value, list) and all(integer(v) or isinstance(v, float) for v in value)  # --partition 1.5,2.5
+    # --partition 1.5,2.5 or 1.5h,2.5
+    numbers = isinstance(value, list) and all(integer(v) or isinstance(v, (float, str)) for v in value)
     return {"bool": isinstance(value, bool), "int": integer(value), "str": isinstance(value, str),
             "float": integer(value) or isinstance(value, float), "ints": ints,
             "any": isinstance(value, str) or integer(value) or numbers}[kind]
 
 
 KIND_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-              "ints": "an array of integers", "any": "a string, an integer or an array of numbers"}
+              "ints": "an array of integers", "any": "a string, an integer or an array of numbers (or strings like \"1.5h\")"}
 
 
 def to_flags(values: dict[str, Any], parser: argparse.ArgumentParser, path: str) -> list[str]:

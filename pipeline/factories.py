@@ -151,11 +151,12 @@ def check_network(cfg: Config) -> None:
         raise ConfigError(f"--stages {stages} is more than the {blocks} blocks of {name} (output classifier "
                           f"included): use at most {blocks}")
     if isinstance(cfg.pipeline.partition, tuple):
-        if sum(cfg.pipeline.partition) != blocks:
-            raise ConfigError(f"--partition sums to {sum(cfg.pipeline.partition):g} but {name} has {blocks} blocks")
         from pipeline.partition import Placement
 
-        for index in sorted(Placement(cfg.pipeline.partition).split):
+        placement = Placement.parse(cfg.pipeline.partition)
+        if sum(placement.sizes) != blocks:
+            raise ConfigError(f"--partition sums to {sum(placement.sizes):g} but {name} has {blocks} blocks")
+        for index in sorted(placement.split):
             check_splittable(cfg, index)
 
 

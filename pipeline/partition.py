@@ -22,18 +22,18 @@ def stage_ranges(sizes: tuple[int, ...]) -> list[range]:
     return ranges
 
 
-def resolve_partition(num_blocks: int, stages: int, sizes: tuple[float, ...] | None) -> list[range]:
-    """The blocks every stage builds: the explicit sizes if given (halves allowed), else an even split."""
-    return resolve_placement(num_blocks, stages, sizes).ranges
+def resolve_partition(num_blocks: int, stages: int, entries: tuple | None) -> list[range]:
+    """The blocks every stage builds: the explicit partition if given (halves allowed), else an even split."""
+    return resolve_placement(num_blocks, stages, entries).ranges
 
 
-def resolve_placement(num_blocks: int, stages: int, sizes: tuple[float, ...] | None) -> Placement:
-    """The placement of the explicit sizes (checked against the block and stage counts), else the even split."""
-    if sizes is None:
-        sizes = even_partition(num_blocks, stages)
-    if len(sizes) != stages or sum(sizes) != num_blocks or min(sizes) < 0.5:
-        raise ValueError(f"partition {sizes} does not cut {num_blocks} blocks into {stages} non-empty stages")
-    return Placement(tuple(sizes))
+def resolve_placement(num_blocks: int, stages: int, entries: tuple | None) -> Placement:
+    """The placement of the explicit partition entries (checked against the block and stage counts; see
+    Placement.parse), else the even split."""
+    placement = Placement(even_partition(num_blocks, stages)) if entries is None else Placement.parse(entries)
+    if len(placement.sizes) != stages or sum(placement.sizes) != num_blocks:
+        raise ValueError(f"partition {placement.text} does not cut {num_blocks} blocks into {stages} non-empty stages")
+    return placement
 
 
 def balanced_partition(compute: list[float], send: list[float], stages: int,
@@ -86,27 +86,60 @@ def stage_times(compute: list[float], send: list[float], sizes: tuple[int, ...],
     return times
 
 
-# ---- split heads: a block's layer on one stage, its local heads on the next --------------------------------
+# ---- split heads: a block's layer on one stage, its local heads on a neighbouring one -----------------------
 #
-# A partition may count halves: 1.5,2.5 puts block 0 and block 1's layer on stage 0, block 1's heads and
-# blocks 2 and 3 on stage 1. The stage with the layer sends the block's activation h on with the batch; the
-# heads' stage sends dL/dh back (pipeline/remote_heads.py).
+# A partition may count halves: 1.5,2.5 puts block 0 and block 1's layer on stage 0, block 1's heads and blocks
+# 2 and 3 on stage 1. The stage with the layer sends the block's activation h on with the batch; the heads'
+# stage sends dL/dh back (pipeline/remote_heads.py). A half marked h puts the heads first: 1.5h,2.5 puts block 0
+# and block 1's heads on stage 0, block 1's layer and blocks 2 and 3 on stage 1; the layer's stage sends h back
+# to the heads, which send dL/dh on (pipeline/upstream_heads.py). Such a split is the only one of its two stages.
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where every block's layer and heads run: sizes per stage, in blocks, halves allowed (see above)."""
+    """Where every block's layer and heads run: sizes per stage, in blocks, halves allowed, and the stage
+    boundaries k (between stage k and k+1) whose split block has its heads on the earlier stage (see above)."""
 
     sizes: tuple[float, ...]
+    heads_first: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         halves = [2 * s for s in self.sizes]
         if any(h != int(h) or h < 1 for h in halves):
-            raise ValueError(f"partition {format_sizes(self.sizes)}: sizes are whole or half blocks, at least a half")
+            raise ValueError(f"partition {self.text}: sizes are whole or half blocks, at least a half")
+        ends = [end for _, end in self.bounds[:-1]]
+        for k in self.heads_first:
+            if not 0 <= k < len(ends) or ends[k] % 2 == 0:
+                raise ValueError(f"partition {self.text}: an h marks a half that splits a block between two stages")
+            if (k > 0 and ends[k - 1] % 2) or (k + 1 < len(ends) and ends[k + 1] % 2):
+                raise ValueError(f"partition {self.text}: a block with its heads first ({k}h) must be the only split "
+                                 f"block of both its stages")
+
+    @classmethod
+    def parse(cls, entries) -> Placement:
+        """A placement from partition entries: numbers, or strings like "1.5h" for a half that holds the heads."""
+        sizes, first = [], set()
+        for k, entry in enumerate(entries):
+            if isinstance(entry, str):
+                if not entry.endswith("h"):
+                    raise ValueError(f"partition entry '{entry}': a number, or a half followed by h (1.5h)")
+                first.add(k)
+                entry = entry[:-1]
+            sizes.append(float(entry))
+        return cls(tuple(int(s) if s.is_integer() else s for s in sizes), frozenset(first))
+
+    @property
+    def entries(self) -> tuple:
+        """The sizes as --partition writes them: numbers, "1.5h" for a half that holds a block's heads."""
+        return tuple(f"{s:g}h" if k in self.heads_first else s for k, s in enumerate(self.sizes))
+
+    @property
+    def text(self) -> str:
+        return ",".join(e if isinstance(e, str) else f"{e:g}" for e in self.entries)
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
-        """(start, end) of every stage in half-blocks: block i's layer is half 2i, its heads half 2i+1."""
+        """(start, end) of every stage in half-blocks: block i is halves 2i and 2i+1."""
         bounds, start = [], 0
         for size in self.sizes:
             end = start + int(2 * size)
@@ -121,23 +154,37 @@ class Placement:
 
     @property
     def split(self) -> frozenset[int]:
-        """Blocks whose heads run on the stage after their layer's."""
+        """Blocks whose layer and heads run on two stages."""
         return frozenset(end // 2 for _, end in self.bounds[:-1] if end % 2)
 
     def part(self, rank: int, index: int) -> str:
         """What stage `rank` runs of block `index`: "whole", "layer" or "heads"."""
         start, end = self.bounds[rank]
+        if index * 2 < start:  # the second half of a block split at the boundary before this stage
+            return "layer" if rank - 1 in self.heads_first else "heads"
+        if 2 * index + 2 > end:  # the first half of a block split at this stage's end
+            return "heads" if rank in self.heads_first else "layer"
+        return "whole"
+
+    def partner(self, rank: int, index: int) -> int | None:
+        """The stage that runs the other half of block `index`, split with stage `rank`; None if it is whole here."""
+        start, end = self.bounds[rank]
         if index * 2 < start:
-            return "heads"
-        return "layer" if 2 * index + 2 > end else "whole"
+            return rank - 1
+        return rank + 1 if 2 * index + 2 > end else None
 
     def gradient_links(self) -> list[tuple[int, int]]:
-        """(sender, receiver) of every remote-gradient link: the heads' stage to the layer's."""
-        return [(k + 1, k) for k, (_, end) in enumerate(self.bounds[:-1]) if end % 2]
+        """(sender, receiver) of every remote-gradient link: dL/dh from the heads' stage to the layer's, and where
+        the heads come first, h from the layer's stage back to theirs."""
+        links = []
+        for k, (_, end) in enumerate(self.bounds[:-1]):
+            if end % 2:
+                links += [(k + 1, k), (k, k + 1)] if k in self.heads_first else [(k + 1, k)]
+        return links
 
 
 def format_sizes(sizes) -> str:
-    return ",".join(f"{s:g}" for s in sizes)
+    return ",".join(s if isinstance(s, str) else f"{s:g}" for s in sizes)
 
 
 def as_sizes(halves: list[int]) -> tuple[float, ...]:
@@ -146,35 +193,71 @@ def as_sizes(halves: list[int]) -> tuple[float, ...]:
 
 
 def balanced_placement(layer: list[float], heads: list[float], send: list[float], send_h: list[float],
-                       splittable: list[bool], stages: int, margin: float = 0.02) -> tuple[tuple[float, ...], list[float]]:
-    """The placement (sizes, halves allowed) whose slowest stage is fastest, and its estimated stage times.
+                       splittable: list[bool], stages: int, margin: float = 0.02) -> tuple[Placement, list[float]]:
+    """The placement (halves allowed, heads first or last) whose slowest stage is fastest, and its stage times.
 
-    Every block is one item (layer and heads together), or two where it is `splittable`. A cut after a block's
-    layer costs its stage send + send_h (the activation h goes on with the batch) and the heads' stage send_h
-    (dL/dh comes back); a cut after a whole block costs send. Exact dynamic programme over the item boundaries;
-    a split placement is chosen only if its slowest stage beats the best whole-block one by more than `margin`
-    (a split costs a message each way that the estimate does not see).
+    A stage runs from one cut to the next. A cut falls between blocks, or inside a `splittable` block i: after
+    its layer (the heads on the next stage) or after its heads (the layer on the next stage, heads first). A
+    stage pays for what it hands on: send[j] for block j's output after a whole block j or block j's layer (plus
+    send_h[j], h goes on with it), send[j-1] + send_h[j] before block j's layer (the heads first: dL/dh goes on);
+    a stage that starts inside block i pays send_h[i] (dL/dh back, or h back). A stage with its heads first
+    holds no other split half. Exact dynamic programme over the cuts; a split placement is chosen only if its
+    slowest stage beats the best whole-block one by more than `margin` (a split costs a message each way that
+    the estimate does not see).
     """
-    whole_compute = [a + b for a, b in zip(layer, heads)]
-    whole = balanced_partition(whole_compute, send, stages) if stages <= len(layer) else None
-    items = []  # (compute, half-blocks, cost of a cut after it, cost of a stage that starts at it)
-    for i in range(len(layer)):
+    n = len(layer)
+    cuts = [(0, "")]  # (half-block position, "" between blocks, "L" after a layer, "H" after the heads)
+    for i in range(n):
         if splittable[i]:
-            items += [(layer[i], 1, send[i] + send_h[i], 0.0), (heads[i], 1, send[i], send_h[i])]
-        else:
-            items.append((layer[i] + heads[i], 2, send[i], 0.0))
-    compute = [item[0] for item in items]
-    cut = [item[2] for item in items]
-    start = [item[3] for item in items]
-    mixed = balanced_partition(compute, cut, stages, start)
-    halves, end = [], 0
-    for size in mixed:
-        halves.append(sum(item[1] for item in items[end:end + size]))
-        end += size
-    mixed_times = stage_times(compute, cut, mixed, start)
-    if whole is None:
-        return as_sizes(halves), mixed_times
-    whole_times = stage_times(whole_compute, send, whole)
+            cuts += [(2 * i + 1, "L")] + ([(2 * i + 1, "H")] if i > 0 else [])
+        cuts.append((2 * i + 2, ""))
+
+    def cost(a: tuple[int, str], b: tuple[int, str]) -> float:
+        (p, kind_a), (q, kind_b) = a, b
+        if q <= p or (kind_a == "H" and q % 2) or (kind_b == "H" and p % 2):
+            return float("inf")
+        time = 0.0
+        for half in range(p, q):
+            i = half // 2
+            first_is_layer = not ((half == p and kind_a == "H") or (half == q - 1 and kind_b == "H"))
+            is_layer = (half % 2 == 0) == first_is_layer
+            time += layer[i] if is_layer else heads[i]
+        if p % 2:
+            time += send_h[p // 2]
+        j = q // 2
+        if q < 2 * n:
+            time += send[j - 1] if kind_b == "" else send[j] + send_h[j] if kind_b == "L" else send[j - 1] + send_h[j]
+        return time
+
+    def best_of(candidates: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], list[float]]:
+        """The cuts (first and last included) through `candidates` into `stages` groups with the fastest slowest."""
+        m, infinity = len(candidates), float("inf")
+        best = [[infinity] * m for _ in range(stages + 1)]
+        choice = [[0] * m for _ in range(stages + 1)]
+        best[0][0] = 0.0
+        for k in range(1, stages + 1):
+            for j in range(1, m):
+                for i in range(j):
+                    value = max(best[k - 1][i], cost(candidates[i], candidates[j]))
+                    if value < best[k][j]:
+                        best[k][j], choice[k][j] = value, i
+        path, j = [m - 1], m - 1
+        for k in range(stages, 0, -1):
+            j = choice[k][j]
+            path.append(j)
+        path = [candidates[j] for j in reversed(path)]
+        return path, [cost(a, b) for a, b in zip(path, path[1:])]
+
+    if stages > 2 * n:
+        raise ValueError(f"cannot cut {n} blocks into {stages} stages")
+    mixed, mixed_times = best_of(cuts)
+    if max(mixed_times) == float("inf"):
+        raise ValueError(f"cannot cut {n} blocks, {sum(splittable)} of them splittable, into {stages} stages")
+    placement = Placement(as_sizes([q - p for (p, _), (q, _) in zip(mixed, mixed[1:])]),
+                          frozenset(k for k, (_, kind) in enumerate(mixed[1:-1]) if kind == "H"))
+    if stages > n:
+        return placement, mixed_times
+    whole, whole_times = best_of([c for c in cuts if c[1] == ""])
     if max(mixed_times) < (1.0 - margin) * max(whole_times):
-        return as_sizes(halves), mixed_times
-    return whole, whole_times
+        return placement, mixed_times
+    return Placement(as_sizes([q - p for (p, _), (q, _) in zip(whole, whole[1:])])), whole_times

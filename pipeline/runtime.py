@@ -116,7 +116,7 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     spec = DATASETS[cfg.data.shape_source]
     blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=placement.ranges[rank], device=device)
     for block in blocks:
-        block.part = placement.part(rank, block.index)
+        block.part, block.partner = placement.part(rank, block.index), placement.partner(rank, block.index)
     start = None
     if cfg.run.resume:
         folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg)
@@ -159,9 +159,9 @@ def gradient_links(cfg: Config, placement: Placement | None, world: int | None =
     if placement is not None:
         return placement.gradient_links()
     if cfg.pipeline.partition == "auto" and cfg.loss.local:
-        return [(k + 1, k) for k in range(world - 1)]
+        return [link for k in range(world - 1) for link in ((k + 1, k), (k, k + 1))]
     if isinstance(cfg.pipeline.partition, tuple):
-        return Placement(cfg.pipeline.partition).gradient_links()
+        return Placement.parse(cfg.pipeline.partition).gradient_links()
     return []
 
 
@@ -172,39 +172,41 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
     blocks = count_blocks(cfg)
     if cfg.pipeline.partition != "auto":
         return resolve_placement(blocks, world, cfg.pipeline.partition), None
-    sizes, profile = (0,) * world, None  # the other ranks receive rank 0's choice
+    placement, profile = Placement((1,) * world), None  # the other ranks receive rank 0's choice
     resumed = _checkpoint_placement(cfg, world, blocks) if rank == 0 and cfg.run.resume else None
     if resumed is not None:  # the placement the checkpoint was written with, not a new profile's
-        sizes, profile = resumed, {"resumed_placement": list(resumed)}
+        placement, profile = resumed, {"resumed_placement": list(resumed.entries)}
     elif rank == 0:
         costs = block_costs(cfg, device, path=path)
         splittable = [cfg.loss.local and splittable_block(cfg, i) is None for i in range(blocks)]
-        sizes, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, world)
+        placement, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, world)
         whole = balanced_partition(costs.compute, costs.send, world)
         even = resolve_placement(blocks, world, None).sizes
         ms = lambda values: [1e3 * v for v in values]  # noqa: E731
         profile = {"send_path": path, "compute_ms": ms(costs.compute), "layer_ms": ms(costs.layer),
                    "heads_ms": ms(costs.heads), "send_ms": ms(costs.send), "send_h_ms": ms(costs.send_h),
-                   "splittable": splittable, "chosen": list(sizes), "chosen_stage_ms": ms(times),
+                   "splittable": splittable, "chosen": list(placement.entries), "chosen_stage_ms": ms(times),
                    "whole_blocks": list(whole), "whole_blocks_stage_ms": ms(stage_times(costs.compute, costs.send, whole)),
                    "even_stage_ms": ms(stage_times(costs.compute, costs.send, even))}
-    halves = torch.tensor([int(2 * s) for s in sizes], dtype=torch.int64)
+    # half-blocks per stage, negative where the stage ends with a block's heads (heads first)
+    halves = torch.tensor([int(2 * s) * (-1 if k in placement.heads_first else 1) for k, s in enumerate(placement.sizes)])
     dist.broadcast(halves, src=0)
-    return Placement(as_sizes(halves.tolist())), profile
+    chosen = halves.tolist()
+    return Placement(as_sizes([abs(h) for h in chosen]), frozenset(k for k, h in enumerate(chosen) if h < 0)), profile
 
 
-def _checkpoint_placement(cfg: Config, world: int, blocks: int) -> tuple | None:
-    """The stage sizes of the checkpoint a --partition auto run resumes from; None where there is none that fits
+def _checkpoint_placement(cfg: Config, world: int, blocks: int) -> Placement | None:
+    """The placement of the checkpoint a --partition auto run resumes from; None where there is none that fits
     this run (no checkpoint, another stage count, one written without sizes): every stage then refuses it alike
     when it verifies the checkpoint, or restore_stage refuses a block placed otherwise."""
     try:
         _, manifest = latest_checkpoint(cfg.run.checkpoint_dir)
-        sizes = [entry.get("size") for entry in sorted(manifest["files"], key=lambda e: e["stage"])]
-    except (ConfigError, KeyError, TypeError):
+        placement = Placement.parse([entry["size"] for entry in sorted(manifest["files"], key=lambda e: e["stage"])])
+    except (ConfigError, KeyError, TypeError, ValueError):
         return None
-    if len(sizes) != world or None in sizes or sum(sizes) != blocks:
+    if len(placement.sizes) != world or sum(placement.sizes) != blocks:
         return None
-    return tuple(sizes)
+    return placement
 
 
 def guarded(rank: int, body) -> int:

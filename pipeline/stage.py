@@ -8,8 +8,9 @@ The compute thread never waits for anything but its next input (under backpressu
 remote gradient, the gradient its next forward needs). The output is handed to the send thread as soon as the
 blocks' forward passes are done; the blocks learn while it travels. Around this loop:
 - pipeline/stage_io.py: the helper threads and queues;
-- pipeline/remote_gradient.py: batches awaiting a gradient from a later stage, for
-  pipeline/dfa_stage.py (DFA's output errors) and pipeline/remote_heads.py (a block's heads on the next stage);
+- pipeline/remote_gradient.py: batches awaiting a gradient from another stage, for
+  pipeline/dfa_stage.py (DFA's output errors), pipeline/remote_heads.py (a block's heads on the next stage) and
+  pipeline/upstream_heads.py (a block's heads on the previous stage);
 - pipeline/stage_report.py: the stage's report and the run's summary.
 A message's receive buffers go back to the transport once the blocks have learned from it and the message that
 carries its labels on has been sent (see release_after).
@@ -39,10 +40,12 @@ from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_re
 from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import LineProgress, progress_bar
+from pipeline.remote_gradient import send_gradient
 from pipeline.remote_heads import RemoteHeads, SplitLayer
 from pipeline.stage_io import StageIO, StallError, release_after
 from pipeline.stage_report import run_summary, stage_report, stage_size
 from pipeline.transport import Links
+from pipeline.upstream_heads import HeadsFirst, take_heads_weights
 
 __all__ = ["Stage", "StallError", "data_messages", "release_after"]
 
@@ -67,18 +70,27 @@ class Stage:
         self.dfa = ErrorFeedback(rank, blocks, self.io, self.watch, is_last=self.is_last,
                                  has_errors_out=bool(links.feedback_out),
                                  max_delay=cfg.pipeline.dfa_max_delay) if cfg.loss.loss == "dfa" else None
-        # split heads (pipeline/remote_heads.py): the heads of the previous stage's last block run first here, the
-        # layer of this stage's last block may have its heads on the next stage
-        heads = blocks[0] if blocks and blocks[0].part == "heads" else None
-        layer = blocks[-1] if blocks and blocks[-1].part == "layer" else None
-        self.heads = RemoteHeads(heads, self.io) if heads is not None else None
-        self.split = SplitLayer(rank, layer, self.io, self.watch, cfg.pipeline.heads_max_delay) if layer is not None else None
+        # split heads (pipeline/remote_heads.py): the heads of the previous stage's last block may run first here,
+        # the layer of this stage's last block may have its heads on the next stage; heads first
+        # (pipeline/upstream_heads.py): this stage's last block may be the next stage's first block's heads, or
+        # its first block the layer of the previous stage's heads
+        first, last = (blocks[0], blocks[-1]) if blocks else (None, None)
+        ahead = lambda block: block.partner is not None and block.partner > rank  # noqa: E731
+        self.heads = RemoteHeads(first, self.io) if first and first.part == "heads" and not ahead(first) else None
+        self.split = SplitLayer(rank, last, self.io, self.watch, cfg.pipeline.heads_max_delay) \
+            if last and last.part == "layer" and (last.partner is None or ahead(last)) else None
+        self.heads_first = HeadsFirst(rank, last, self.io, self.watch) if last and last.part == "heads" and ahead(last) else None
+        self.late_layer = SplitLayer(rank, first, self.io, self.watch, cfg.pipeline.heads_max_delay) \
+            if first and first.part == "layer" and first.partner is not None and not ahead(first) else None
         self.front = [b for b in blocks if b.part == "whole"]  # the blocks trained here, whole
-        self.scored = [b for b in blocks if b.part != "layer"]  # the blocks whose statistics and hits this stage reports
-        self.remote = self.dfa.errors if self.dfa is not None else self.split.gradients if self.split else None
+        self.scored = [b for b in blocks if b.part != "layer"]  # the blocks whose training statistics this stage reports
+        # and those whose classifier it scores on test batches (where their h is)
+        self.tested = [x.block for x in (self.heads, self.late_layer) if x is not None] + self.front
+        self.remote = (self.dfa.errors if self.dfa is not None else self.split.gradients if self.split
+                       else self.late_layer.gradients if self.late_layer else self.heads_first)
         self.start = start  # resume position
         self._epoch = start["epoch"] if start and start["batch"] > 0 else 0  # mid-epoch: keep its running stats
-        self._eval_hits: list[torch.Tensor | None] = [None] * len(self.scored)
+        self._eval_hits: list[torch.Tensor | None] = [None] * len(self.tested)
         self._eval_examples = 0
         self.timer = self.streams.timer()  # compute seconds (GPU time from CUDA events on a GPU)
         self.started = time.perf_counter()
@@ -136,12 +148,13 @@ class Stage:
         x, y, *activation = msg.tensors
         if self.heads is not None:  # first: the previous stage awaits this dL/dh
             self.heads.learn(msg, activation[0], y)
-        if self.links.outbox is None:
-            train_blocks(self.front, x, y)
-            msg.release()
-            return
-        # the exact overlapped schedule ([Note: the exact overlapped schedule] in pipeline/remote_heads.py)
-        release = release_after(2 if self.split is None else 3, msg.release)  # compute, send, the split's update
+        # the exact overlapped schedule ([Note: the exact overlapped schedule] in pipeline/remote_heads.py); with the
+        # heads first, [Note: the heads-first schedule] in pipeline/upstream_heads.py
+        uses = 1 + (self.links.outbox is not None) + (self.split is not None) + (self.late_layer is not None)
+        release = release_after(uses, msg.release)  # compute, send, the updates that await a remote gradient
+        if self.late_layer is not None:  # its heads, on the previous stage, await h
+            x, h = self.late_layer.forward(msg, x, release)
+            send_gradient(self.io, msg, [h, y.clone()])  # the labels' receive buffer is not held for the send
 
         def hand_off(out: torch.Tensor) -> None:  # after the front blocks' forwards, before they learn
             tensors = [out, y]
@@ -150,7 +163,10 @@ class Stage:
                 tensors = [out, y, h]
             self.io.put(Message(Kind.TRAIN, msg.epoch, msg.index, tensors, msg.meta, release=release))
 
-        train_blocks(self.front, x, y, hand_off)
+        train_blocks(self.front, x, y, hand_off if self.links.outbox is not None else None)
+        if self.heads_first is not None:  # the batch went on: learn from the h of the one before
+            self.heads_first.expect(msg)
+            self.heads_first.learn()
         release()
 
     def _settle(self) -> None:
@@ -162,8 +178,16 @@ class Stage:
     def _eval(self, msg: Message) -> None:
         self._settle()  # the epoch's updates are all in before its test
         x, y, *activation = msg.tensors
+        if self.heads_first is not None:  # the next stage scores their classifier
+            self.heads_first.share_weights()
+        layer = self.late_layer
+        if layer is not None:
+            layer.received_at = take_heads_weights(self.io, layer.block, layer.received_at, layer.gradients.updates, self.rank - 1)
         self.timer.start()
         hits = [self.heads.hits(activation[0], y)] if self.heads is not None else []
+        if layer is not None:
+            x, h = layer.evaluate(x)
+            hits.append(layer.block.hits(h, y))
         out, front_hits = evaluate_blocks(self.front, x, y)
         hits += front_hits
         tensors = [out, y]
@@ -175,9 +199,9 @@ class Stage:
         meta = dict(msg.meta)
         if meta.get("last"):  # this stage's epoch results ride on the last test batch
             meta["train_stats"] = meta.get("train_stats", []) + [b.stats.summary() for b in self.scored]
-            meta["hits"] = meta.get("hits", []) + [None if h is None else int(h) for h in self._eval_hits]
+            meta["hits"] = meta.get("hits", []) + [None if h is None else int(h) for h in self._eval_hits]  # self.tested
             examples = self._eval_examples
-            self._eval_hits, self._eval_examples = [None] * len(self.scored), 0
+            self._eval_hits, self._eval_examples = [None] * len(self.tested), 0
         self.timer.stop()
         if self.links.outbox is not None:
             self.io.put(Message(Kind.EVAL, msg.epoch, msg.index, tensors, meta, release=msg.release))
@@ -220,7 +244,7 @@ class Stage:
         self._settle()  # no update may be in flight in a checkpoint (a remote gradient awaited)
         root, position, print_ = self.cfg.run.checkpoint_dir, msg.meta["position"], fingerprint(self.cfg)
         entry = save_stage_checkpoint(root, stage_state(self.blocks, self.rank, self.world, position, print_))
-        entry["size"] = stage_size(self.blocks)  # a resumed --partition auto run keeps this placement
+        entry["size"] = stage_size(self.blocks, self.rank)  # a resumed --partition auto run keeps this placement
         files = msg.meta.get("files", []) + [entry]
         if not self.is_last:
             self.io.put(Message(Kind.CHECKPOINT, meta={**msg.meta, "files": files}))

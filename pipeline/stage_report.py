@@ -15,15 +15,19 @@ if TYPE_CHECKING:
     from pipeline.stage import Stage
 
 
-def stage_size(blocks: list) -> int | float:
-    """How many blocks a stage holds, the half of a split block counting as a half."""
-    return as_sizes([sum(2 if b.part == "whole" else 1 for b in blocks)])[0]
+def stage_size(blocks: list, rank: int) -> int | float | str:
+    """How many blocks a stage holds, as --partition writes it: the half of a split block counts as a half, marked h
+    where it is the block's heads and its layer runs on the next stage."""
+    size = as_sizes([sum(2 if b.part == "whole" else 1 for b in blocks)])[0]
+    heads_first = any(b.part == "heads" and b.partner is not None and b.partner > rank for b in blocks)
+    return f"{size:g}h" if heads_first else size
 
 
 def stage_report(stage: Stage) -> dict[str, Any]:
     """Where a stage's wall time went, how full its input queue was, and what it ran."""
     wall = time.perf_counter() - stage.started
     io, compute = stage.io, stage.timer.total()
+    layer = stage.split or stage.late_layer  # the layer of a split block, awaiting its dL/dh
     inbox = stage.links.inbox
     return {
         "stage": stage.rank,
@@ -46,10 +50,10 @@ def stage_report(stage: Stage) -> dict[str, Any]:
         "receive_buffers": getattr(getattr(inbox, "pool", None), "allocated", None),
         "receive_buffer_bytes": getattr(getattr(inbox, "pool", None), "allocated_bytes", None),
         "rejected_messages": getattr(inbox, "rejected", None),
-        "size": stage_size(stage.blocks),
+        "size": stage_size(stage.blocks, stage.rank),
         "parts": {str(b.index): b.part for b in stage.blocks if b.part != "whole"},
         **(stage.dfa.report() if stage.dfa is not None else {"dfa_delay_mean": None, "dfa_delay_max": None}),
-        **(stage.split.gradients.report("heads") if stage.split else {"heads_delay_mean": None, "heads_delay_max": None}),
+        **(layer.gradients.report("heads") if layer else {"heads_delay_mean": None, "heads_delay_max": None}),
         "error_wait_s": io.error_wait_s,
         # keyed by the block index as a string, as in summary.json: the report travels on in END's msgpack
         # header, whose maps take string keys only (pipeline/message.py)

@@ -1,0 +1,86 @@
+"""Heads first: a block's local heads on one stage, its layer on the next; h comes back, dL/dh goes on.
+
+    stage k:      its blocks(t+1) ──► [out, y] on ...... heads(h of t): loss, step ──► dL/dh(t) on
+    stage k+1:    layer(t) ──► h(t) back ──► its other blocks(t) ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─► h.backward(dL/dh), step
+
+The mirror image of pipeline/remote_heads.py, for a stage k whose own blocks cost less than the next stage's:
+it takes on the heads of the first block of stage k+1 (1.5h,2.5: stage 0 runs block 0 and block 1's heads,
+stage 1 block 1's layer and blocks 2 and 3). Both stages build the whole block from the same seed and each
+steps its own half, as for split heads.
+
+[Note: the heads-first schedule]
+Stage k+1 forwards the layer for batch t, sends h(t) back, trains its other blocks on t while h and dL/dh
+travel, and applies dL/dh(t) before the layer forwards t+1 (SplitLayer with its heads upstream). Stage k
+trains its own blocks on batch t+1 first, then waits for h(t) and learns from it: h(t) was sent while stage k
+worked, and stage k+1's wait for dL/dh(t) is covered by its other blocks. Every number is the sequential
+trainer's (each half's update is the same function of the same h, y and weights). Stage k lags one batch
+behind for the heads; it waits for h only after handing its next batch on, so neither stage waits on the other
+in a cycle.
+
+Test batches: the block's classifier is scored on stage k+1, where h is. Before a test, after the updates of
+the batches before it are in, stage k sends the heads' weights to stage k+1, which scores with them.
+"""
+
+from __future__ import annotations
+
+
+from pipeline.blocks import LocalBlock
+from pipeline.message import Kind, Message
+from pipeline.nonfinite import NonFiniteWatch
+from pipeline.remote_gradient import RemoteGradients
+from pipeline.remote_heads import RemoteHeads
+from pipeline.stage_io import StageIO
+
+
+class HeadsFirst:
+    """The heads of the first block of the next stage, on this stage: h of batch t arrives while this stage
+    trains its own blocks on t+1, then the heads learn from it and send dL/dh on."""
+
+    def __init__(self, rank: int, block: LocalBlock, io: StageIO, watch: NonFiniteWatch):
+        self.block, self.io = block, io
+        self.heads = RemoteHeads(block, io)
+        self.incoming = RemoteGradients(rank, io, watch, self._learn, max_delay=None,
+                                        what=lambda index: f"h of block {block.index}, batch {index}, from stage {rank + 1}")
+        self.shared_at = -1  # how many batches the heads had learned from when their weights were last sent
+
+    def expect(self, msg: Message) -> None:
+        """Batch msg went on to the layer's stage: its h will come back."""
+        self.incoming.expect(msg.epoch, msg.index, None, lambda: None)
+
+    def learn(self) -> None:
+        """After this stage handed batch t+1 on: learn from h of batch t (waiting for it), and earlier ones."""
+        self.incoming.apply(wait=True, keep=1)
+
+    def _learn(self, _graph, item: Message) -> None:
+        h, y = item.tensors
+        self.heads.learn(item, h, y)
+
+    def settle(self) -> None:
+        self.incoming.settle()
+
+    def await_stream_end(self) -> None:
+        self.incoming.await_stream_end()
+
+    def share_weights(self) -> None:
+        """Before a test: the heads' weights to the layer's stage, which scores the block's classifier."""
+        if self.incoming.updates == self.shared_at:
+            return  # unchanged since they were last sent
+        self.shared_at = self.incoming.updates
+        state = self.block.owned_state()
+        self.io.put_error(Message(Kind.FEEDBACK, tensors=[t.detach().clone() for t in state.values()],
+                                  meta={"heads_weights": list(state)}))
+
+
+def take_heads_weights(io: StageIO, block: LocalBlock, received_at: int, updates: int, source: int) -> int:
+    """On the layer's stage, before a test: load the heads' weights that stage `source` sent after the last dL/dh
+    (sent whenever `updates` changed since `received_at`). Returns the new received_at."""
+    if updates == received_at:
+        return received_at
+    item = io.next_error(f"the weights of block {block.index}'s heads from stage {source}", block=True)
+    names = item.meta.get("heads_weights") if item.kind == Kind.FEEDBACK else None
+    if names is None or len(names) != len(item.tensors):
+        raise RuntimeError(f"awaited the weights of block {block.index}'s heads from stage {source}, got "
+                           f"{item.kind.name} for batch {item.index}")
+    block.load_state_dict(dict(zip(names, item.tensors)), strict=False)
+    item.release()
+    return updates

@@ -84,8 +84,8 @@ def project(flags: list[str], device: torch.device, ks: tuple[int, ...]) -> dict
               "sequential_local_samples_per_s": batch / sum(costs.compute),
               "sequential_backprop_samples_per_s": batch / sum(backprop[1]), "projected": {}}
     for k in ks:
-        sizes, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, k, margin=0.0)
-        row = {"local split heads": {"sizes": list(sizes), "samples_per_s": batch / max(times)}}
+        placement, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, k, margin=0.0)
+        row = {"local split heads": {"sizes": list(placement.entries), "samples_per_s": batch / max(times)}}
         if k <= len(costs.compute):  # whole blocks, and a backprop stage per block at most
             whole = balanced_partition(costs.compute, costs.send, k)
             row["local whole blocks"] = {"sizes": list(whole),

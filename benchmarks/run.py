@@ -10,7 +10,8 @@ same synthetic MNIST-shaped batches for --steps steps after --warmup steps, in a
 single-process contenders run once on one core with one thread and once on all cores.
 GPipe and 1F1B run at their best micro-batch count of 1, 2, 4 and 8 (each swept, the sweep in the JSON; 1F1B needs
 at least K), as a user tuning the baseline would. At K=2 ours also runs with split heads (block 1's layer on
-stage 0, its heads on stage 1); speedup_vs_sequential is the best K=2 configuration, reported beside the
+stage 0 and its heads on stage 1, 1.5,2.5; or its heads on stage 0 and its layer on stage 1, 1.5h,2.5);
+speedup_vs_sequential is the best K=2 configuration, reported beside the
 machine ceiling and the balance ceilings of whole-block and split-heads placements. Writes results.json, a
 markdown table on stdout, and PNGs.
 """
@@ -117,10 +118,12 @@ def contenders(quick: bool) -> list[tuple[str, dict]]:
     for k in ks:
         for transport in transports if k > 1 else ["dist"]:
             entries.append((f"pipeline K={k} {transport}", {"ours": MLP + ["--stages", str(k), "--transport", transport], "k": k}))
-        if k == 2:  # block 1's layer on stage 0, its heads on stage 1 (the placement auto picks for this MLP)
-            for transport in ("dist", "zmq"):
-                entries.append((f"pipeline K=2 {transport}, split heads 1.5,2.5",
-                                {"ours": MLP + ["--stages", "2", "--transport", transport, "--partition", "1.5,2.5"], "k": 2}))
+        if k == 2:  # split heads: block 1's layer on stage 0 and its heads on stage 1 (1.5,2.5), or its heads on
+            # stage 0 and its layer on stage 1 (1.5h,2.5: the placement auto picks for this MLP)
+            for partition in ("1.5,2.5", "1.5h,2.5"):
+                for transport in ("dist", "zmq"):
+                    entries.append((f"pipeline K=2 {transport}, split heads {partition}",
+                                    {"ours": MLP + ["--stages", "2", "--transport", transport, "--partition", partition], "k": 2}))
         if k > 1:
             entries.append((f"pipeline K={k} zmq, auto partition",
                             {"ours": MLP + ["--stages", str(k), "--transport", "zmq", "--partition", "auto"], "k": k}))

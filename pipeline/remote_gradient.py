@@ -1,11 +1,13 @@
-"""Remote gradients: a batch's gradient that a later stage computes and sends back, applied when it arrives.
+"""Remote gradients: a batch's gradient that another stage computes and sends, applied when it arrives.
 
     this stage:   forward t (keep its graph) ──► send t on ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─► learn from g_t
     later stage:                                  receive t ──► g_t ──► send g_t back
 
-Two learning schemes work this way, over the same channels (Links.feedback_in / feedback_out, every transport):
+Three learning schemes work this way, over the same channels (Links.feedback_in / feedback_out, every transport):
 - DFA: g_t is batch t's output error, from the last stage to every earlier one (pipeline/dfa_stage.py);
-- split heads: g_t is dL/dh of a block whose local heads run on the next stage (pipeline/remote_heads.py).
+- split heads: g_t is dL/dh of a block whose local heads run on the next stage (pipeline/remote_heads.py);
+- heads first: the layer's stage awaits dL/dh from the stage before it, which awaits h from the layer's stage
+  (pipeline/upstream_heads.py): the same bookkeeping, with the other stage earlier in the pipeline.
 
 With max_delay 0 the gradient of t is applied before the awaiting blocks forward t+1: exactly the sequential
 trainer. With max_delay D > 0 they forward at most D batches past the oldest batch still awaiting its

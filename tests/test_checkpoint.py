@@ -63,9 +63,10 @@ def _strip(lines):
     (1, None, False, "20", False, []), (2, "dist", False, "20", False, []), (3, "zmq", False, "20", False, []),
     (2, "local", False, "20", False, []), (3, "zmq", True, "20", False, []), (2, "local", False, "1e", False, []),
     (1, None, False, "1e", True, []), (2, "local", False, "20", True, []),
-    (2, "dist", False, "20", False, ["--partition", "1.5,1.5"])],  # block 1's layer on stage 0, its heads on 1
+    (2, "dist", False, "20", False, ["--partition", "1.5,1.5"]),  # block 1's layer on stage 0, its heads on 1
+    (2, "zmq", False, "20", False, ["--partition", "1.5h,1.5"])],  # block 1's heads on stage 0, its layer on 1
     ids=["sequential", "dist", "zmq", "local", "zmq-torchrun", "local-epochs", "sequential-dfa", "local-dfa",
-         "dist-split-heads"])
+         "dist-split-heads", "zmq-heads-first"])
 def test_a_run_stopped_at_a_batch_resumes_there_and_ends_bit_identical(uninterrupted, uninterrupted_dfa, tmp_path,
                                                                         stages, transport, torchrun, every, dfa, extra):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"

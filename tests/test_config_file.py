@@ -87,3 +87,4 @@ def test_a_partition_with_halves_reads_back():
 
     train = command_parser(build_parser(), "train")
     assert to_flags({"partition": [1.5, 2, 0.5]}, train, "x.toml") == ["--partition", "1.5,2,0.5"]
+    assert to_flags({"partition": ["1.5h", 2.5]}, train, "x.toml") == ["--partition", "1.5h,2.5"]  # heads first

@@ -149,27 +149,39 @@ def test_auto_partition_runs_the_placement_its_profile_picks_and_equals_sequenti
     assert all(h > 0 for h in costs["heads"][:3]) and costs["heads"][3] == 0  # the output block has no heads
     assert profile["splittable"] == [True, True, True, False]
     picked, times = balanced_placement(costs["layer"], costs["heads"], costs["send"], costs["send_h"], profile["splittable"], 3)
-    assert run[0]["partition"] == profile["chosen"] == list(picked)  # what every stage ran is what the profile picked
-    assert [s["size"] for s in run[0]["stage_stats"]] == list(picked)
+    assert run[0]["partition"] == profile["chosen"] == list(picked.entries)  # every stage ran what the profile picked
+    assert [s["size"] for s in run[0]["stage_stats"]] == list(picked.entries)
     even = max(stage_times(costs["compute"], costs["send"], (2, 1, 1)))
     assert max(times) <= max(stage_times(costs["compute"], costs["send"], tuple(profile["whole_blocks"]))) <= even
     _assert_same(run, references["mlp"])
 
 
-# split heads: a block's layer on one stage, its heads on the next (pipeline/remote_heads.py); the exact schedule
-SPLIT_HEADS = ([("mlp", sizes, transport) for sizes in ((1.5, 2.5), (1.5, 1, 1.5)) for transport in TRANSPORTS]
-               + [("mlp", (0.5, 3.5), "zmq"), ("vgg8b", (3.5, 4.5), "zmq"), ("vgg8b", (1.5, 3, 3.5), "dist")])
+# split heads: a block's layer on one stage, its heads on the next (pipeline/remote_heads.py), or its heads first,
+# on the stage before its layer's (an h in the partition, pipeline/upstream_heads.py); the exact schedules
+SPLIT_HEADS = ([("mlp", sizes, transport) for sizes in ((1.5, 2.5), (1.5, 1, 1.5), ("1.5h", 2.5)) for transport in TRANSPORTS]
+               + [("mlp", (0.5, 3.5), "zmq"), ("vgg8b", (3.5, 4.5), "zmq"), ("vgg8b", (1.5, 3, 3.5), "dist")]
+               + [("mlp", ("1.5h", 1.5, 1), "zmq"), ("mlp", (1, "1.5h", 1.5), "local"), ("mlp", ("0.5h", 3.5), "dist"),
+                  ("vgg8b", ("3.5h", 4.5), "zmq")])
 PARTS = {  # what each stage runs of its split blocks, written out
     (1.5, 2.5): [{"1": "layer"}, {"1": "heads"}],
     (1.5, 1, 1.5): [{"1": "layer"}, {"1": "heads", "2": "layer"}, {"2": "heads"}],
     (0.5, 3.5): [{"0": "layer"}, {"0": "heads"}],
     (3.5, 4.5): [{"3": "layer"}, {"3": "heads"}],
     (1.5, 3, 3.5): [{"1": "layer"}, {"1": "heads", "4": "layer"}, {"4": "heads"}],
+    ("1.5h", 2.5): [{"1": "heads"}, {"1": "layer"}],
+    ("1.5h", 1.5, 1): [{"1": "heads"}, {"1": "layer"}, {}],
+    (1, "1.5h", 1.5): [{}, {"2": "heads"}, {"2": "layer"}],
+    ("0.5h", 3.5): [{"0": "heads"}, {"0": "layer"}],
+    ("3.5h", 4.5): [{"3": "heads"}, {"3": "layer"}],
 }
 
 
+def _text(sizes) -> str:
+    return ",".join(s if isinstance(s, str) else f"{s:g}" for s in sizes)
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("model,sizes,transport", SPLIT_HEADS, ids=[f"{m}-{','.join(f'{s:g}' for s in p)}-{t}" for m, p, t in SPLIT_HEADS])
+@pytest.mark.parametrize("model,sizes,transport", SPLIT_HEADS, ids=[f"{m}-{_text(p)}-{t}" for m, p, t in SPLIT_HEADS])
 def test_split_heads_pipeline_equals_sequential(references, tmp_path, model, sizes, transport):
     from pipeline.partition import Placement
 
@@ -179,9 +191,9 @@ def test_split_heads_pipeline_equals_sequential(references, tmp_path, model, siz
     run = _results(tmp_path)
     stats = run[0]["stage_stats"]
     assert run[0]["partition"] == list(sizes) and [s["size"] for s in stats] == list(sizes)
-    assert [stage["parts"] for stage in stats] == PARTS[sizes]  # each split block's layer on one stage, heads on the next
-    awaiting = [s for s in stats if s["heads_delay_max"] is not None]
-    assert len(awaiting) == len(Placement(sizes).split) and all(s["heads_delay_max"] == 0 for s in awaiting)
+    assert [stage["parts"] for stage in stats] == PARTS[sizes]  # each split block's halves where the partition says
+    awaiting = [s for s in stats if s["heads_delay_max"] is not None]  # the stages of the layers awaiting dL/dh
+    assert len(awaiting) == len(Placement.parse(sizes).split) and all(s["heads_delay_max"] == 0 for s in awaiting)
     _assert_same(run, references[model])
 
 

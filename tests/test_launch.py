@@ -164,7 +164,9 @@ def test_a_stuck_stage_is_detected_by_the_stall_timeout(transport):
     ("a DFA error", ["--loss", "dfa", "--dfa-sync"],
      "stage 0 waited 3 s for the error of batch 10 from the last stage (--stall-timeout)"),
     # stage 1 runs block 1's heads and never sends batch 10's dL/dh back
-    ("dL/dh", ["--partition", "1.5,2.5"], "stage 0 waited 3 s for dL/dh of block 1, batch 10, from stage 1 (--stall-timeout)")],
+    ("dL/dh", ["--partition", "1.5,2.5"], "stage 0 waited 3 s for dL/dh of block 1, batch 10, from stage 1 (--stall-timeout)"),
+    # stage 1 runs block 1's layer (its heads first, on stage 0) and never sends batch 10's h back
+    ("h", ["--partition", "1.5h,2.5"], "stage 0 waited 3 s for h of block 1, batch 10, from stage 1 (--stall-timeout)")],
     ids=lambda v: v if " " in v else None)
 def test_a_stall_while_sending_or_awaiting_an_error_is_detected(waiting_for, args, message):
     proc, elapsed, left = _run(RUN + ["--stages", "2", "--transport", "zmq", "--synthetic-train-size", "20000",

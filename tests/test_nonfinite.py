@@ -164,3 +164,25 @@ def test_a_pipeline_skips_a_nan_update_exactly_as_the_sequential_trainer_does(tm
         summary, weights = runs[name]
         assert summary["layer_test_errors"] == sequential["layer_test_errors"], name
         assert all(torch.equal(weights[i][k], ref_weights[i][k]) for i in ref_weights for k in ref_weights[i]), name
+
+
+@pytest.mark.timeout(240)
+def test_heads_first_skip_a_nan_update_on_both_halves_as_the_sequential_trainer_does(tmp_path):
+    """Block 0's heads alone on stage 0, its layer on stage 1 (0.5h,2.5): the heads learn from batch t's h while
+    stage 0 trains batch t+1, so a NaN injected at stage 0's batch 7 poisons batch 6's heads update; the flag goes
+    on with dL/dh and the layer skips that update too, as the sequential trainer skips a NaN at batch 6."""
+    import json
+
+    from pipeline.checkpoint import load_weights
+
+    runs = {}
+    for name, args, fault in (("sequential", [], "0:6:nan"),
+                              ("heads first", ["--stages", "2", "--transport", "zmq", "--partition", "0.5h,2.5"], "0:7:nan")):
+        proc = _train(args + ["--skip-nonfinite"], fault, tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text()), load_weights(str(tmp_path / name))
+    (sequential, ref_weights), (summary, weights) = runs["sequential"], runs["heads first"]
+    assert sequential["skipped_updates"] == {"0": 1}
+    assert [s["skipped_updates"] for s in summary["stage_stats"]] == [{"0": 1}, {}]  # counted where the loss is
+    assert summary["layer_test_errors"] == sequential["layer_test_errors"]
+    assert all(torch.equal(weights[i][k], ref_weights[i][k]) for i in ref_weights for k in ref_weights[i])

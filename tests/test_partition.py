@@ -86,19 +86,39 @@ def test_a_half_in_the_partition_splits_a_block_between_two_stages():
     assert [list(r) for r in resolve_partition(4, 2, (1.5, 2.5))] == [[0, 1], [1, 2, 3]]
 
 
-def _placement_time(sizes, layer, heads, send, send_h, splittable):
-    """Slowest stage of a placement, priced independently of balanced_placement (None if it splits a block that
-    cannot be split)."""
+def test_an_h_puts_a_split_blocks_heads_on_the_earlier_stage():
     from pipeline.partition import Placement
 
+    placement = Placement.parse(("1.5h", 2.5))  # block 1's heads on stage 0 with block 0, its layer on stage 1
+    assert placement.sizes == (1.5, 2.5) and placement.heads_first == {0} and placement.text == "1.5h,2.5"
+    assert placement.entries == ("1.5h", 2.5) and placement.ranges == [range(0, 2), range(1, 4)]
+    assert [[placement.part(k, i) for i in r] for k, r in enumerate(placement.ranges)] == [["whole", "heads"], ["layer", "whole", "whole"]]
+    assert placement.partner(0, 1) == 1 and placement.partner(1, 1) == 0 and placement.partner(1, 2) is None
+    assert placement.gradient_links() == [(1, 0), (0, 1)]  # h back to the heads, dL/dh on to the layer
+    assert Placement.parse((1, "1.5h", 1.5)).gradient_links() == [(2, 1), (1, 2)]
+    assert Placement.parse(["0.5h", 3.5]).part(0, 0) == "heads" and Placement.parse(["0.5h", 3.5]).part(1, 0) == "layer"
+    for bad in (("1h", 3), ("1.5h", "2.5h"), ("1.5h", 1, 1.5), (1.5, "1h", 1.5), ("1.5x", 2.5)):
+        with pytest.raises(ValueError):
+            Placement.parse(bad)  # an h on a whole boundary, on the last stage, or beside another split; not a size
+
+
+def _placement_time(placement, layer, heads, send, send_h, splittable):
+    """Slowest stage of a placement, priced independently of balanced_placement (None if it splits a block that
+    cannot be split)."""
     times = []
-    bounds = Placement(tuple(sizes)).bounds
+    bounds, first = placement.bounds, placement.heads_first
     for k, (start, end) in enumerate(bounds):
         if (start % 2 and not splittable[start // 2]) or (end % 2 and not splittable[end // 2]):
             return None
-        time = sum(layer[h // 2] if h % 2 == 0 else heads[h // 2] for h in range(start, end))
+        time = 0.0
+        for h in range(start, end):
+            is_heads = h % 2 == 1
+            if (h == start and h % 2 and k - 1 in first) or (h == end - 1 and end % 2 and k in first):
+                is_heads = not is_heads  # a heads-first block: its heads are the earlier stage's half
+            time += heads[h // 2] if is_heads else layer[h // 2]
         if k < len(bounds) - 1:
-            time += send[end // 2] + send_h[end // 2] if end % 2 else send[end // 2 - 1]
+            j = end // 2
+            time += (send[j - 1] + send_h[j] if k in first else send[j] + send_h[j]) if end % 2 else send[j - 1]
         if start % 2:
             time += send_h[start // 2]
         times.append(time)
@@ -109,10 +129,11 @@ def test_balanced_placement_agrees_with_exhaustive_search_and_splits_only_when_i
     import itertools
     import random
 
-    from pipeline.partition import as_sizes, balanced_placement
+    from pipeline.partition import Placement, as_sizes, balanced_placement
 
     rng = random.Random(1)
-    for _ in range(60):
+    seen_first = 0
+    for _ in range(80):
         n, k = rng.randint(2, 6), rng.randint(1, 4)
         if k > 2 * n - 1:
             continue
@@ -123,20 +144,32 @@ def test_balanced_placement_agrees_with_exhaustive_search_and_splits_only_when_i
         candidates = []
         for cuts in itertools.combinations(range(1, 2 * n), k - 1):
             halves = [b - a for a, b in zip((0,) + cuts, cuts + (2 * n,))]
-            time = _placement_time(as_sizes(halves), layer, heads, send, send_h, splittable)
-            if time is not None:
-                candidates.append((time, any(h % 2 for h in halves)))
+            odd = [i for i, c in enumerate(cuts) if c % 2 and c > 1]  # heads first: a block after the first
+            for first in itertools.chain.from_iterable(itertools.combinations(odd, r) for r in range(len(odd) + 1)):
+                try:
+                    placement = Placement(as_sizes(halves), frozenset(first))
+                except ValueError:  # a heads-first split beside another split
+                    continue
+                time = _placement_time(placement, layer, heads, send, send_h, splittable)
+                if time is not None:
+                    candidates.append((time, any(h % 2 for h in halves)))
         if not candidates:
             continue
         best = min(t for t, _ in candidates)
         best_whole = min((t for t, split in candidates if not split), default=float("inf"))
-        sizes, times = balanced_placement(layer, heads, send, send_h, splittable, k, margin=0.0)
-        assert _placement_time(sizes, layer, heads, send, send_h, splittable) == pytest.approx(max(times))
+        placement, times = balanced_placement(layer, heads, send, send_h, splittable, k, margin=0.0)
+        seen_first += bool(placement.heads_first)
+        assert _placement_time(placement, layer, heads, send, send_h, splittable) == pytest.approx(max(times))
         assert max(times) == pytest.approx(best if best < best_whole else best_whole)
+    assert seen_first >= 5  # the search does pick heads-first placements
     # MLP-like costs (ms): the heads dominate and the third block's layer and heads straddle the middle
     layer, heads = [9.5, 11.7, 11.4, 1.9], [17.6, 17.6, 17.3, 0.0]
-    sizes, times = balanced_placement(layer, heads, [0.15] * 4, [0.08] * 3 + [0.0], [True] * 3 + [False], 2)
-    assert sizes == (1.5, 2.5) and max(times) == pytest.approx(17.6 + 11.4 + 17.3 + 1.9 + 0.08)
+    placement, times = balanced_placement(layer, heads, [0.15] * 4, [0.08] * 3 + [0.0], [True] * 3 + [False], 2)
+    assert placement.text == "1.5h,2.5"  # block 1's heads with block 0: 9.5 + 17.6 + 17.6 against 11.7 + 11.4 + 17.3 + 1.9
+    assert max(times) == pytest.approx(9.5 + 17.6 + 17.6 + 0.15 + 0.08)
+    # and the layer first where that balances better: 1 + 1 + 1 + 1 + 8 | 12 + 1, against 4 + 12 | 8 + 1 heads first
+    placement, times = balanced_placement([1, 1, 8, 1], [1, 1, 12, 0], [0.1] * 4, [0.01] * 4, [True] * 3 + [False], 2)
+    assert placement.text == "2.5,1.5" and max(times) == pytest.approx(12 + 1 + 0.01)
     # a split that gains less than the margin is not worth its extra messages: whole blocks
-    sizes, _ = balanced_placement([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0] * 4, [0.01] * 4, [True] * 3 + [False], 2)
-    assert sizes == (2, 2)
+    placement, _ = balanced_placement([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0] * 4, [0.01] * 4, [True] * 3 + [False], 2)
+    assert placement.sizes == (2, 2) and not placement.heads_first

@@ -73,3 +73,8 @@ def test_a_resumed_auto_run_keeps_the_placement_of_its_checkpoint(tmp_path, monk
     monkeypatch.setattr(runtime.dist, "broadcast", lambda tensor, src: None)
     placement, profile = runtime.agree_partition(cfg, 0, 2, torch.device("cpu"))
     assert placement.sizes == (1.5, 1.5) and profile == {"resumed_placement": [1.5, 1.5]}
+    # heads first: the stage that holds block 1's heads wrote its size as 1.5h
+    files[1]["size"] = "1.5h"
+    (step / "MANIFEST.json").write_text(json.dumps({"format": 1, "position": {}, "stages": 2, "files": files}))
+    placement, profile = runtime.agree_partition(cfg, 0, 2, torch.device("cpu"))
+    assert placement.text == "1.5h,1.5" and profile == {"resumed_placement": ["1.5h", 1.5]}

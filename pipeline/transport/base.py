@@ -38,7 +38,8 @@ def dfa_gradient_links(world: int) -> list[tuple[int, int]]:
 
 
 def gradient_source(rank: int, gradients: list[tuple[int, int]]) -> int | None:
-    """The one stage that sends remote gradients to `rank` (DFA: the last; split heads: the next), if any."""
+    """The one stage that sends remote gradients to `rank` (DFA: the last; split heads: the next; heads first: the
+    other stage of the split block), if any."""
     sources = [sender for sender, receiver in gradients if receiver == rank]
     if len(sources) > 1:
         raise ValueError(f"stage {rank} would receive remote gradients from stages {sources}: one source at most")
@@ -52,8 +53,8 @@ class Links:
 
     inbox: Channel | None = None  # from stage k-1 (None at stage 0: the data source feeds it)
     outbox: Channel | None = None  # to stage k+1 (None at the last stage)
-    feedback_in: Channel | None = None  # remote gradients from a later stage
-    feedback_out: list[Channel] = field(default_factory=list)  # remote gradients to earlier stages (each gets every one)
+    feedback_in: Channel | None = None  # remote gradients (or, heads first, h) from another stage
+    feedback_out: list[Channel] = field(default_factory=list)  # remote gradients to other stages (each gets every one)
 
     def close(self) -> None:
         for channel in [self.inbox, self.outbox, self.feedback_in, *self.feedback_out]:

@@ -56,10 +56,11 @@ def test_one_gpu_synchronous_dfa_equals_the_dfa_trainer(sequential_reference, on
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("sizes", [(1.5, 2.5), (1.5, 1, 1.5)], ids=["1.5,2.5", "1.5,1,1.5"])
+@pytest.mark.parametrize("sizes", [(1.5, 2.5), (1.5, 1, 1.5), ("1.5h", 2.5)], ids=["1.5,2.5", "1.5,1,1.5", "1.5h,2.5"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_one_gpu_split_heads_equal_sequential(sequential_reference, one_gpu, tmp_path, transport, sizes):
-    # h goes on and dL/dh comes back across helper threads' streams (pipeline/remote_heads.py)
+    # h goes on and dL/dh comes back across helper threads' streams (pipeline/remote_heads.py); heads first: h comes
+    # back, dL/dh goes on, and the heads' weights go on before a test (pipeline/upstream_heads.py)
     cfg = CONFIGS["mlp"](pipeline__stages=len(sizes), pipeline__partition=sizes, pipeline__transport=transport,
                          run__out=str(tmp_path))
     run = _launch(cfg, tmp_path)
@@ -94,8 +95,9 @@ def test_two_gpus_over_nccl_equal_sequential(sequential_reference, tmp_path):
 
 @two_gpus
 @pytest.mark.timeout(120)
-def test_two_gpus_split_heads_over_nccl_equal_sequential(sequential_reference, tmp_path):
-    cfg = CONFIGS["mlp"](pipeline__stages=2, pipeline__partition=(1.5, 2.5), pipeline__transport="dist", run__out=str(tmp_path))
+@pytest.mark.parametrize("sizes", [(1.5, 2.5), ("1.5h", 2.5)], ids=["1.5,2.5", "1.5h,2.5"])
+def test_two_gpus_split_heads_over_nccl_equal_sequential(sequential_reference, tmp_path, sizes):
+    cfg = CONFIGS["mlp"](pipeline__stages=2, pipeline__partition=sizes, pipeline__transport="dist", run__out=str(tmp_path))
     run = _launch(cfg, tmp_path)
     assert [s.get("dist_backend") for s in run[0]["stage_stats"]] == ["nccl", "nccl"]
     _assert_same(run, sequential_reference("mlp", CONFIGS["mlp"]))

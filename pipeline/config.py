@@ -194,11 +194,13 @@ class PipelineConfig:
     the time the error takes to come back (on busy cores that return trip can take many batches)."""
     heads_max_delay: int = 0
     """Split heads (a half in --partition): the block's layer forwards at most this many batches past the oldest one
-    whose dL/dh it still awaits; 0 (default) is exactly the sequential trainer (the stage overlaps the blocks before
-    the split one with the gradient's return trip); D > 0 keeps each forward's weights for its delayed update."""
+    whose dL/dh it still awaits; 0 (default) is exactly the sequential trainer (the stage overlaps the gradient's
+    return trip with its other blocks: those before the split one, or with the heads first, those after it); D > 0
+    keeps each forward's weights for its delayed update."""
     stall_timeout: float = 300.0
     """Seconds a stage may wait for its next batch, for room to send one, or for a remote gradient (a DFA error, a
-    split block's dL/dh), before it declares its peer dead or deadlocked and fails the run."""
+    split block's dL/dh, or with the heads first its h or heads' weights), before it declares its peer dead or
+    deadlocked and fails the run."""
     zmq_host: str = "127.0.0.1"
     """Interface the zmq stages bind on when they are on different hosts; ipc:// is used within one host."""
     zmq_curve_keys: str | None = None
@@ -238,11 +240,11 @@ class PipelineConfig:
             _require(all(math.isfinite(p) and p * 2 == int(p * 2) for p in sizes),
                      f"--partition sizes are whole or half blocks (1.5 splits a block), got {shown}")
             _require(all(p >= 0.5 for p in sizes), f"--partition sizes must be at least a half block, got {shown}")
+            _require(len(sizes) == self.stages, f"--partition has {len(sizes)} sizes but --stages is {self.stages}")
             try:
                 self.partition = Placement.parse(self.partition).entries
             except ValueError as exc:
                 raise ConfigError(f"--{exc}") from None
-            _require(len(self.partition) == self.stages, f"--partition has {len(self.partition)} sizes but --stages is {self.stages}")
 
 
 @dataclass(kw_only=True, slots=True)

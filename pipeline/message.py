@@ -32,7 +32,7 @@ class Kind(IntEnum):
     TRAIN = 1  # train on this batch, pass the detached output on
     EVAL = 2  # score the local classifiers on this test batch, pass the output on
     END = 3  # end of stream: save, report, pass it on, stop
-    FEEDBACK = 4  # DFA: the output error of a training batch, from the last stage back to an earlier one
+    FEEDBACK = 4  # on a remote-gradient link: DFA's output error, a split block's dL/dh or h, or its heads' weights
     ALIGN = 5  # held-out batches; each stage adds its blocks' state; the last one measures alignment angles
     CHECKPOINT = 6  # every stage saves its state here, all at the same batch; the last one completes the checkpoint
 

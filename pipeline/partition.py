@@ -110,7 +110,8 @@ class Placement:
         ends = [end for _, end in self.bounds[:-1]]
         for k in self.heads_first:
             if not 0 <= k < len(ends) or ends[k] % 2 == 0:
-                raise ValueError(f"partition {self.text}: an h marks a half that splits a block between two stages")
+                raise ValueError(f"partition {self.text}: an h goes on a stage that ends inside a block (its sizes so "
+                                 f"far add up to a half) and is not the last; stage {k} is not one")
             if (k > 0 and ends[k - 1] % 2) or (k + 1 < len(ends) and ends[k + 1] % 2):
                 raise ValueError(f"partition {self.text}: a block with its heads first ({k}h) must be the only split "
                                  f"block of both its stages")
@@ -197,7 +198,8 @@ def balanced_placement(layer: list[float], heads: list[float], send: list[float]
     """The placement (halves allowed, heads first or last) whose slowest stage is fastest, and its stage times.
 
     A stage runs from one cut to the next. A cut falls between blocks, or inside a `splittable` block i: after
-    its layer (the heads on the next stage) or after its heads (the layer on the next stage, heads first). A
+    its layer (the heads on the next stage) or, for i > 0, after its heads (the layer on the next stage, heads
+    first; for block 0 the input's send is not profiled, so 0.5h is left to an explicit --partition). A
     stage pays for what it hands on: send[j] for block j's output after a whole block j or block j's layer (plus
     send_h[j], h goes on with it), send[j-1] + send_h[j] before block j's layer (the heads first: dL/dh goes on);
     a stage that starts inside block i pays send_h[i] (dL/dh back, or h back). A stage with its heads first

@@ -152,7 +152,7 @@ def agree_network(cfg: Config, rank: int) -> None:
 
 
 def gradient_links(cfg: Config, placement: Placement | None, world: int | None = None) -> list[tuple[int, int]]:
-    """(sender, receiver) of the run's remote-gradient links: DFA's errors, or dL/dh of split blocks. Without a
+    """(sender, receiver) of the run's remote-gradient links: DFA's errors, or dL/dh (and h) of split blocks. Without a
     placement (the local launcher, before --partition auto has chosen): every link a placement could need."""
     if cfg.loss.loss == "dfa":
         return dfa_gradient_links(world or len(placement.sizes))

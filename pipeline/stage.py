@@ -5,7 +5,8 @@
     (stage 0: the data source instead of an inbox)        (last stage: no outbox, it reports)
 
 The compute thread never waits for anything but its next input (under backpressure, room to send; with a
-remote gradient, the gradient its next forward needs). The output is handed to the send thread as soon as the
+remote gradient, the gradient its next forward needs; with a block's heads first on this stage, h of the batch
+before, and the heads' weights for a test on the layer's stage). The output is handed to the send thread as soon as the
 blocks' forward passes are done; the blocks learn while it travels. Around this loop:
 - pipeline/stage_io.py: the helper threads and queues;
 - pipeline/remote_gradient.py: batches awaiting a gradient from another stage, for

@@ -1,7 +1,8 @@
 """A stage's helper threads: receive into the input queue, send from the output queues, carry failures back.
 
     inbox ──► [feed thread] ──► in_queue (<= D) ──► compute thread ──► out_queue (<= D) ──► [send thread] ──► outbox
-    remote gradients (DFA's errors, split heads' dL/dh; pipeline/remote_gradient.py):
+    remote gradients (DFA's errors, split heads' dL/dh; heads first: h, dL/dh and the heads' weights before a
+    test; pipeline/remote_gradient.py):
           feedback_in ──► [error feed thread] ──► errors         errors_out ──► [error send thread] ──► feedback_out
 
 Each helper thread issues its GPU work on a stream of its own, and every message carries an event from the
@@ -61,8 +62,8 @@ class StageIO:
         self.stall_timeout, self.stop = stall_timeout, stop
         self.in_queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self.out_queue: queue.Queue = queue.Queue(maxsize=queue_depth)
-        self.errors: queue.Queue = queue.Queue()  # remote gradients that arrived (at most the batches awaiting one)
-        self.errors_out: queue.Queue = queue.Queue()  # remote gradients on their way back to earlier stages
+        self.errors: queue.Queue = queue.Queue()  # remote gradients (or h, or heads' weights) that arrived
+        self.errors_out: queue.Queue = queue.Queue()  # remote gradients on their way to other stages
         self.helper_failure: BaseException | None = None
         self.senders: list[threading.Thread] = []
         # timings (seconds) and counts for the stage report
@@ -213,7 +214,8 @@ class StageIO:
         self.blocked_s += time.perf_counter() - started
 
     def put_error(self, msg: Message) -> None:
-        """Send a batch's remote gradient back (DFA's output error to every earlier stage, dL/dh to the layer's stage)."""
+        """Send a message on the remote-gradient links (DFA's output error to every earlier stage, dL/dh to the layer's
+        stage, h back to the heads' stage, the heads' weights before a test)."""
         msg.ready = self.streams.record()
         self.errors_out.put(msg)
 

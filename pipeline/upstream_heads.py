@@ -12,10 +12,11 @@ steps its own half, as for split heads.
 Stage k+1 forwards the layer for batch t, sends h(t) back, trains its other blocks on t while h and dL/dh
 travel, and applies dL/dh(t) before the layer forwards t+1 (SplitLayer with its heads upstream). Stage k
 trains its own blocks on batch t+1 first, then waits for h(t) and learns from it: h(t) was sent while stage k
-worked, and stage k+1's wait for dL/dh(t) is covered by its other blocks. Every number is the sequential
-trainer's (each half's update is the same function of the same h, y and weights). Stage k lags one batch
-behind for the heads; it waits for h only after handing its next batch on, so neither stage waits on the other
-in a cycle.
+worked, and stage k+1 waits for dL/dh(t) only for what its other blocks do not cover (their step against the
+rest of stage k's step and the round trip). Every number is the sequential trainer's (each half's update is the
+same function of the same h, y and weights), unless --heads-max-delay D > 0 lets the layer forward up to D
+batches ahead of its dL/dh (as for split heads). Stage k lags one batch behind for the heads; it waits for h
+only after handing its next batch on, so neither stage waits on the other in a cycle.
 
 Test batches: the block's classifier is scored on stage k+1, where h is. Before a test, after the updates of
 the batches before it are in, stage k sends the heads' weights to stage k+1, which scores with them.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 
 from pipeline.blocks import LocalBlock
+from pipeline.checkpoint import flatten_state, unflatten_state
 from pipeline.message import Kind, Message
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.remote_gradient import RemoteGradients
@@ -62,13 +64,13 @@ class HeadsFirst:
         self.incoming.await_stream_end()
 
     def share_weights(self) -> None:
-        """Before a test: the heads' weights to the layer's stage, which scores the block's classifier."""
+        """Before a test: the heads' weights to the layer's stage, which scores the block's classifier. One frame
+        and a manifest, as for ALIGN (a user's heads may hold more tensors than a message carries frames)."""
         if self.incoming.updates == self.shared_at:
             return  # unchanged since they were last sent
         self.shared_at = self.incoming.updates
-        state = self.block.owned_state()
-        self.io.put_error(Message(Kind.FEEDBACK, tensors=[t.detach().clone() for t in state.values()],
-                                  meta={"heads_weights": list(state)}))
+        flat, manifest = flatten_state([self.block])  # a copy: the heads may step before the send thread reads it
+        self.io.put_error(Message(Kind.FEEDBACK, tensors=[flat], meta={"heads_weights": manifest}))
 
 
 def take_heads_weights(io: StageIO, block: LocalBlock, received_at: int, updates: int, source: int) -> int:
@@ -76,11 +78,14 @@ def take_heads_weights(io: StageIO, block: LocalBlock, received_at: int, updates
     (sent whenever `updates` changed since `received_at`). Returns the new received_at."""
     if updates == received_at:
         return received_at
-    item = io.next_error(f"the weights of block {block.index}'s heads from stage {source}", block=True)
-    names = item.meta.get("heads_weights") if item.kind == Kind.FEEDBACK else None
-    if names is None or len(names) != len(item.tensors):
-        raise RuntimeError(f"awaited the weights of block {block.index}'s heads from stage {source}, got "
-                           f"{item.kind.name} for batch {item.index}")
-    block.load_state_dict(dict(zip(names, item.tensors)), strict=False)
+    what = f"the weights of block {block.index}'s heads from stage {source}"
+    item = io.next_error(what, block=True)
+    manifest = item.meta.get("heads_weights") if item.kind == Kind.FEEDBACK else None
+    if manifest is None:
+        raise RuntimeError(f"awaited {what}, got {item.kind.name} for batch {item.index}")
+    state = unflatten_state(item.tensors[0], manifest)[block.index]
+    unexpected = block.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"{what} name entries this block lacks: {unexpected}")
     item.release()
     return updates

@@ -57,11 +57,17 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,1,1, got '{text}'") from None
 
 
+def _size(part: str) -> float | str:
+    """One --partition entry: a number, or a half marked h, kept as text for Placement.parse."""
+    number = float(part[:-1] if part.endswith("h") else part)
+    return part if part.endswith("h") else number
+
+
 def _partition(text: str) -> tuple[float | str, ...] | str:
     if text == "auto":
         return text
     try:
-        return tuple(part if part.endswith("h") and float(part[:-1]) else float(part) for part in text.split(","))
+        return tuple(_size(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected block counts like 2,1,1 (halves split a block: 1.5,2.5, or with its "
                                          f"heads first: 1.5h,2.5) or auto, got '{text}'") from None

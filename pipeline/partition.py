@@ -259,7 +259,9 @@ def balanced_placement(layer: list[float], heads: list[float], send: list[float]
                           frozenset(k for k, (_, kind) in enumerate(mixed[1:-1]) if kind == "H"))
     if stages > n:
         return placement, mixed_times
-    whole, whole_times = best_of([c for c in cuts if c[1] == ""])
+    whole_compute = [a + b for a, b in zip(layer, heads)]
+    whole = balanced_partition(whole_compute, send, stages)
+    whole_times = stage_times(whole_compute, send, whole)
     if max(mixed_times) < (1.0 - margin) * max(whole_times):
         return placement, mixed_times
-    return Placement(as_sizes([q - p for (p, _), (q, _) in zip(whole, whole[1:])])), whole_times
+    return Placement(whole), whole_times

@@ -39,9 +39,8 @@ class SplitLayer:
     def __init__(self, rank: int, block: LocalBlock, io: StageIO, watch: NonFiniteWatch, max_delay: int):
         self.block, self.max_delay = block, max_delay
         self.parameters = list(block.parameters())  # their values at forward time are kept under a delay
-        self.received_at = -1  # heads first: updates applied when the heads' weights last came (for tests)
         self.gradients = RemoteGradients(rank, io, watch, self._learn, max_delay=max_delay,
-                                         what=lambda index: f"dL/dh of block {block.index}, batch {index}, from stage {rank + 1 if block.partner is None else block.partner}")
+                                         what=lambda index: f"dL/dh of block {block.index}, batch {index}, from stage {block.partner}")
 
     def forward(self, msg: Message, x: torch.Tensor, release: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
         """(detached output, detached h) of batch msg; its graph is kept until dL/dh arrives (then `release`)."""

@@ -41,12 +41,11 @@ from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_re
 from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import LineProgress, progress_bar
-from pipeline.remote_gradient import send_gradient
 from pipeline.remote_heads import RemoteHeads, SplitLayer
 from pipeline.stage_io import StageIO, StallError, release_after
 from pipeline.stage_report import run_summary, stage_report, stage_size
 from pipeline.transport import Links
-from pipeline.upstream_heads import HeadsFirst, take_heads_weights
+from pipeline.upstream_heads import HeadsFirst, LayerAfterHeads
 
 __all__ = ["Stage", "StallError", "data_messages", "release_after"]
 
@@ -75,14 +74,13 @@ class Stage:
         # the layer of this stage's last block may have its heads on the next stage; heads first
         # (pipeline/upstream_heads.py): this stage's last block may be the next stage's first block's heads, or
         # its first block the layer of the previous stage's heads
-        first, last = (blocks[0], blocks[-1]) if blocks else (None, None)
-        ahead = lambda block: block.partner is not None and block.partner > rank  # noqa: E731
-        self.heads = RemoteHeads(first, self.io) if first and first.part == "heads" and not ahead(first) else None
-        self.split = SplitLayer(rank, last, self.io, self.watch, cfg.pipeline.heads_max_delay) \
-            if last and last.part == "layer" and (last.partner is None or ahead(last)) else None
-        self.heads_first = HeadsFirst(rank, last, self.io, self.watch) if last and last.part == "heads" and ahead(last) else None
-        self.late_layer = SplitLayer(rank, first, self.io, self.watch, cfg.pipeline.heads_max_delay) \
-            if first and first.part == "layer" and first.partner is not None and not ahead(first) else None
+        first = blocks[0] if blocks and blocks[0].partner == rank - 1 else None  # its other half upstream
+        last = blocks[-1] if blocks and blocks[-1].partner == rank + 1 else None  # its other half downstream
+        delay = cfg.pipeline.heads_max_delay
+        self.heads = RemoteHeads(first, self.io) if first and first.part == "heads" else None
+        self.late_layer = LayerAfterHeads(rank, first, self.io, self.watch, delay) if first and first.part == "layer" else None
+        self.split = SplitLayer(rank, last, self.io, self.watch, delay) if last and last.part == "layer" else None
+        self.heads_first = HeadsFirst(rank, last, self.io, self.watch) if last and last.part == "heads" else None
         self.front = [b for b in blocks if b.part == "whole"]  # the blocks trained here, whole
         self.scored = [b for b in blocks if b.part != "layer"]  # the blocks whose training statistics this stage reports
         # and those whose classifier it scores on test batches (where their h is)
@@ -154,8 +152,7 @@ class Stage:
         uses = 1 + (self.links.outbox is not None) + (self.split is not None) + (self.late_layer is not None)
         release = release_after(uses, msg.release)  # compute, send, the updates that await a remote gradient
         if self.late_layer is not None:  # its heads, on the previous stage, await h
-            x, h = self.late_layer.forward(msg, x, release)
-            send_gradient(self.io, msg, [h, y.clone()])  # the labels' receive buffer is not held for the send
+            x, _ = self.late_layer.forward(msg, x, release)
 
         def hand_off(out: torch.Tensor) -> None:  # after the front blocks' forwards, before they learn
             tensors = [out, y]
@@ -182,8 +179,8 @@ class Stage:
         if self.heads_first is not None:  # the next stage scores their classifier
             self.heads_first.share_weights()
         layer = self.late_layer
-        if layer is not None:
-            layer.received_at = take_heads_weights(self.io, layer.block, layer.received_at, layer.gradients.updates, self.rank - 1)
+        if layer is not None:  # it scores the block's classifier, with the heads' weights as of this test
+            layer.take_heads_weights()
         self.timer.start()
         hits = [self.heads.hits(activation[0], y)] if self.heads is not None else []
         if layer is not None:

@@ -19,7 +19,7 @@ def stage_size(blocks: list, rank: int) -> int | float | str:
     """How many blocks a stage holds, as --partition writes it: the half of a split block counts as a half, marked h
     where it is the block's heads and its layer runs on the next stage."""
     size = as_sizes([sum(2 if b.part == "whole" else 1 for b in blocks)])[0]
-    heads_first = any(b.part == "heads" and b.partner is not None and b.partner > rank for b in blocks)
+    heads_first = any(b.part == "heads" and b.partner == rank + 1 for b in blocks)
     return f"{size:g}h" if heads_first else size
 
 

@@ -24,13 +24,17 @@ the batches before it are in, stage k sends the heads' weights to stage k+1, whi
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
+
 
 from pipeline.blocks import LocalBlock
 from pipeline.checkpoint import flatten_state, unflatten_state
 from pipeline.message import Kind, Message
 from pipeline.nonfinite import NonFiniteWatch
-from pipeline.remote_gradient import RemoteGradients
-from pipeline.remote_heads import RemoteHeads
+from pipeline.remote_gradient import RemoteGradients, send_gradient
+from pipeline.remote_heads import RemoteHeads, SplitLayer
 from pipeline.stage_io import StageIO
 
 
@@ -73,19 +77,36 @@ class HeadsFirst:
         self.io.put_error(Message(Kind.FEEDBACK, tensors=[flat], meta={"heads_weights": manifest}))
 
 
-def take_heads_weights(io: StageIO, block: LocalBlock, received_at: int, updates: int, source: int) -> int:
-    """On the layer's stage, before a test: load the heads' weights that stage `source` sent after the last dL/dh
-    (sent whenever `updates` changed since `received_at`). Returns the new received_at."""
-    if updates == received_at:
-        return received_at
-    what = f"the weights of block {block.index}'s heads from stage {source}"
-    item = io.next_error(what, block=True)
-    manifest = item.meta.get("heads_weights") if item.kind == Kind.FEEDBACK else None
-    if manifest is None:
-        raise RuntimeError(f"awaited {what}, got {item.kind.name} for batch {item.index}")
-    state = unflatten_state(item.tensors[0], manifest)[block.index]
-    unexpected = block.load_state_dict(state, strict=False).unexpected_keys
-    if unexpected:
-        raise RuntimeError(f"{what} name entries this block lacks: {unexpected}")
-    item.release()
-    return updates
+class LayerAfterHeads(SplitLayer):
+    """The layer half of a heads-first block, on the stage after its heads': h goes back, dL/dh comes on."""
+
+    def __init__(self, rank: int, block: LocalBlock, io: StageIO, watch: NonFiniteWatch, max_delay: int):
+        super().__init__(rank, block, io, watch, max_delay)
+        self.io = io
+        self.received_at = -1  # how many updates were in when the heads' weights last came
+
+    def forward(self, msg: Message, x: torch.Tensor, release: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As SplitLayer.forward; h goes back to the heads' stage with the batch's labels (a copy: their receive
+        buffer is not held for the send)."""
+        out, h = super().forward(msg, x, release)
+        send_gradient(self.io, msg, [h, msg.tensors[1].clone()])
+        return out, h
+
+    def take_heads_weights(self) -> None:
+        """Before a test: load the heads' weights their stage sent after the last dL/dh (whenever the updates
+        changed since they last came)."""
+        updates = self.gradients.updates
+        if updates == self.received_at:
+            return
+        self.received_at = updates
+        block = self.block
+        what = f"the weights of block {block.index}'s heads from stage {block.partner}"
+        item = self.io.next_error(what, block=True)
+        manifest = item.meta.get("heads_weights") if item.kind == Kind.FEEDBACK else None
+        if manifest is None:
+            raise RuntimeError(f"awaited {what}, got {item.kind.name} for batch {item.index}")
+        state = unflatten_state(item.tensors[0], manifest)[block.index]
+        unexpected = block.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"{what} name entries this block lacks: {unexpected}")
+        item.release()

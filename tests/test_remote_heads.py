@@ -32,7 +32,7 @@ def _blocks(model):
 
 def test_the_two_halves_of_a_block_learn_exactly_what_the_whole_block_learns():
     whole, layer, heads = (_blocks("networks.plain:normed_heads") for _ in range(3))
-    layer.part, heads.part = "layer", "heads"
+    (layer.part, layer.partner), (heads.part, heads.partner) = ("layer", 1), ("heads", 0)
     link = _Link()
     split = SplitLayer(0, layer, link, NonFiniteWatch().attach([layer]), max_delay=0)
     remote = RemoteHeads(heads, link)

@@ -24,12 +24,14 @@ from torch import nn
 
 from pipeline.feedback import direct_feedback
 from pipeline.heads import LocalHeads
+from pipeline.metrics import error_percent
 from pipeline.nonfinite import NonFiniteLoss, NonFiniteWatch  # noqa: F401 (NonFiniteLoss: also imported from here)
 from pipeline.optim import learning_rate, make_optimizer  # noqa: F401 (a block's optimizer; imported from here too)
 from pipeline.precision import Precision
 
 if TYPE_CHECKING:
     from pipeline.config import OptimConfig
+    from pipeline.memory import MemoryMeter
 
 
 class EpochStats:
@@ -64,7 +66,7 @@ class EpochStats:
         if not self.examples:
             return {"loss": None, "error": None}
         loss = float(self.loss_sum) / self.examples
-        error = 100.0 * (1.0 - float(self.hits) / self.examples) if self.scored else None
+        error = error_percent(int(self.hits), self.examples) if self.scored else None
         return {"loss": loss, "error": error}
 
 
@@ -85,6 +87,7 @@ class Block(nn.Module):
         self.optim_config: OptimConfig | None = None  # its optimizer settings (the run's, or its spec's overrides)
         self.part = "whole"  # or, for a block split over two stages (pipeline/remote_heads.py), "layer" or "heads"
         self.partner: int | None = None  # the stage that runs the other half of a split block
+        self.memory: MemoryMeter | None = None  # the process's memory accounting (pipeline/memory.py), if any
 
     def owned_state(self) -> dict[str, torch.Tensor]:
         """The entries of state_dict() this process trains: all of them, or its half of a split block (the heads'
@@ -146,6 +149,8 @@ class Block(nn.Module):
     def step(self, bad: torch.Tensor | None = None) -> None:
         """Apply and clear the gradients accumulated in this block's parameters; where the 0-dim device flag `bad`
         is set, the fused optimizer leaves parameters and state untouched, without the host reading the flag."""
+        if self.memory is not None:
+            self.memory.before_step()
         if self.scaler is not None:
             if bad is not None:
                 _mark_non_finite(self.optimizer, bad)
@@ -230,7 +235,7 @@ class LocalBlock(Block):
     def learn(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # the heads' forward; the built-in heads' loss math is fp32 (LocalHeads.loss); a user's head that draws random
         # numbers draws them from this block's generator too
-        with self.computing():
+        with self.computing(), self.memory.part("heads") if self.memory else contextlib.nullcontext():
             loss, scores = head_loss(self.heads, h, y)
         predictions = None
         if scores is not None:

@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from pipeline.errors import AgreedError
 
-STRING_BYTES = 512
 HOST_ENV = "PIPELINE_HOST_NAME"
 
 
@@ -30,15 +29,17 @@ def host_name() -> str:
 
 
 def exchange_strings(value: str) -> list[str]:
-    """Every rank's `value`, gathered over the default (control) process group as fixed-size byte tensors."""
-    data = value.encode()
-    if len(data) > STRING_BYTES:
-        raise ValueError(f"'{value}' is longer than {STRING_BYTES} bytes")
-    mine = torch.zeros(STRING_BYTES, dtype=torch.uint8)
-    mine[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    """Every rank's `value`, gathered over the default (control) process group: their lengths first, then the
+    strings as byte tensors padded to the longest."""
+    data = torch.tensor(list(value.encode()), dtype=torch.uint8)
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(lengths, torch.tensor([len(data)]))
+    longest = max(int(n) for n in lengths)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine[:len(data)] = data
+    gathered = [torch.zeros_like(mine) for _ in lengths]
     dist.all_gather(gathered, mine)
-    return [bytes(t.tolist()).rstrip(b"\0").decode() for t in gathered]
+    return [bytes(t[:int(n)].tolist()).decode() for t, n in zip(gathered, lengths)]
 
 
 def physical_gpu(device: torch.device) -> str:

@@ -71,11 +71,15 @@ def _running_script(path: str):
 
 
 def make_network(cfg: Config, input_shape: tuple[int, int, int], num_classes: int) -> tuple[Network, NetworkContext]:
-    """Call the run's network factory (cheap: nothing is built) and check what it returns."""
+    """Call the run's network factory and check what it returns. It is called under a seed derived from the run's
+    only, so a factory that builds its modules up front gives the same weights in every process."""
+    from pipeline.seeding import seeded_init
+
     ctx = NetworkContext(tuple(input_shape), num_classes, cfg)
     factory = load_factory(cfg.model.name)
     try:
-        network = factory(ctx)
+        with seeded_init(cfg.run.seed, "factory"):
+            network = factory(ctx)
     except ConfigError:
         raise
     except Exception as exc:
@@ -217,24 +221,49 @@ def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: in
     do not depend on the device."""
     from pipeline.blocks import make_optimizer
     from pipeline.precision import Precision
-    from pipeline.seeding import generator, seeded_init
+    from pipeline.seeding import generator
 
     network, ctx, shape = resolve(cfg, tuple(input_shape), num_classes)
     chosen = range(len(network)) if indices is None else list(indices)
     precision = Precision(cfg.run.precision, torch.device(device).type)
     blocks = []
     for index in chosen:
-        spec, seen = network.blocks[index], shape.blocks[index]
-        with seeded_init(cfg.run.seed, "block", index):
-            block = built(spec, BlockContext(index, ctx, seen.input, seen.activation, seen.output))
+        block = _fresh_block(cfg, network, ctx, shape, index)
         block.to(device)
         block.skip_nonfinite = cfg.run.skip_nonfinite
         block.precision, block.scaler = precision, precision.scaler()
-        block.optim_config = _optim_config(cfg, spec, index)
+        block.optim_config = _optim_config(cfg, network.blocks[index], index)
         block.attach(make_optimizer(block.parameters(), block.optim_config),
                      generator(cfg.run.seed, "dropout", index, device=device))
         blocks.append(block)
     return blocks
+
+
+def weights_checksum(module: torch.nn.Module) -> str:
+    """A hash of a module's parameters and buffers, names and bytes: equal exactly when their values are."""
+    digest = hashlib.blake2b(digest_size=12)
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def initial_checksums(cfg: Config, indices: Sequence[int]) -> dict[int, str]:
+    """The checksum of each block at `indices` as this process builds it (on the CPU, one at a time, freed after)."""
+    from pipeline.data import BatchSource
+
+    network, ctx, shape = resolve(cfg, *BatchSource.shape_of(cfg.data))
+    return {index: weights_checksum(_fresh_block(cfg, network, ctx, shape, index)) for index in indices}
+
+
+def _fresh_block(cfg: Config, network: Network, ctx: NetworkContext, shape: NetworkShape, index: int) -> Block:
+    """Block `index` as built, under its own seed, on the CPU."""
+    from pipeline.seeding import seeded_init
+
+    seen = shape.blocks[index]
+    with seeded_init(cfg.run.seed, "block", index):
+        return built(network.blocks[index], BlockContext(index, ctx, seen.input, seen.activation, seen.output))
 
 
 def _optim_config(cfg: Config, spec: Any, index: int):

@@ -52,9 +52,13 @@ class Precision:
         return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
 
 
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+
+
 def float32_math(device_type: str) -> ContextManager:
-    """Inside: autocast is off, so loss math on float tensors runs in fp32 (nothing to do when it was off)."""
-    if torch.is_autocast_enabled(device_type):
+    """Inside: autocast is off, so loss math on float tensors runs in fp32 (nothing to do when it was off, or on a
+    device type autocast does not know, such as the meta device of the dry run)."""
+    if device_type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import glob
+import json
 import os
 import socket
 import sys
@@ -29,7 +30,7 @@ from pipeline.errors import AgreedError
 from pipeline.data import DATASETS, BatchSource
 from pipeline.determinism import use_deterministic
 from pipeline.interrupt import StopRequest
-from pipeline.factories import build_blocks, count_blocks, fingerprint
+from pipeline.factories import build_blocks, count_blocks, fingerprint, initial_checksums, weights_checksum
 from pipeline.factories import splittable as splittable_block
 from pipeline.partition import Placement, as_sizes, balanced_partition, balanced_placement, resolve_placement, stage_times
 from pipeline.profile import block_costs, send_path
@@ -115,6 +116,7 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     placement, profile = agree_partition(cfg, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
     spec = DATASETS[cfg.data.shape_source]
     blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=placement.ranges[rank], device=device)
+    agree_initial_weights(cfg, rank, world, blocks, placement)
     for block in blocks:
         block.part, block.partner = placement.part(rank, block.index), placement.partner(rank, block.index)
     start = None
@@ -149,6 +151,28 @@ def agree_network(cfg: Config, rank: int) -> None:
         odd = next(r for r, p in enumerate(prints) if p != prints[0])
         raise AgreedError(f"--model {cfg.model.name} built different networks on different ranks (stage 0 and "
                           f"stage {odd} differ): the factory must depend on its context only")
+
+
+def agree_initial_weights(cfg: Config, rank: int, world: int, blocks: list, placement: Placement) -> None:
+    """Every block starts from the same weights in every process (collective). The factory and each block are built
+    under seeds derived from the run's alone, which covers torch's, Python's and numpy's global generators; what
+    they cannot cover (a factory that seeds from the process id, reads a file that differs) is caught here: each
+    stage builds the blocks of the next stage too, and a block whose checksums differ is refused on every rank."""
+    if world == 1:
+        return
+    mine = {block.index: weights_checksum(block) for block in blocks}
+    mine.update(initial_checksums(cfg, placement.ranges[(rank + 1) % world]))
+    seen: dict[int, list[tuple[int, str]]] = {}
+    for other, text in enumerate(exchange_strings(json.dumps(mine))):
+        for index, checksum in json.loads(text).items():
+            seen.setdefault(int(index), []).append((other, checksum))
+    for index in sorted(seen):
+        (first, expected), *others = seen[index]
+        odd = next((r for r, checksum in others if checksum != expected), None)
+        if odd is not None:
+            raise AgreedError(f"--model {cfg.model.name}: block {index} starts from different weights in stage "
+                              f"{first} and stage {odd}: the factory draws random numbers or reads values that "
+                              f"differ between processes (build modules in the specs, or only from the run's seed)")
 
 
 def gradient_links(cfg: Config, placement: Placement | None, world: int | None = None) -> list[tuple[int, int]]:

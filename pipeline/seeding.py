@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
+import sys
 from typing import Iterator
 
 import torch
@@ -24,7 +26,22 @@ def generator(seed: int, *parts: object, device: str | torch.device = "cpu") -> 
 
 @contextlib.contextmanager
 def seeded_init(seed: int, *parts: object) -> Iterator[None]:
-    """Run module construction under a derived seed without touching the caller's global CPU random state."""
+    """Run code that draws from the global generators (module construction, a network factory that builds its
+    modules up front) under a derived seed, without touching the caller's random state: torch's CPU generator,
+    Python's `random` and, where numpy is loaded, numpy's global one. So the code draws the same numbers in every
+    process, whatever that process drew before."""
+    derived = derive_seed(seed, *parts)
+    numpy = sys.modules.get("numpy")
+    python_state = random.getstate()
+    numpy_state = numpy.random.get_state() if numpy is not None else None
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, *parts))
-        yield
+        torch.manual_seed(derived)
+        random.seed(derived)
+        if numpy is not None:
+            numpy.random.seed(derived % (1 << 32))
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            if numpy is not None:
+                numpy.random.set_state(numpy_state)

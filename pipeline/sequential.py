@@ -22,6 +22,7 @@ from pipeline.determinism import use_deterministic
 from pipeline.feedback import output_error
 from pipeline.faults import InjectedFault
 from pipeline.interrupt import StopRequest, injected_stop_at
+from pipeline.memory import MemoryMeter
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
 from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
@@ -39,6 +40,7 @@ class SequentialTrainer:
         self.source = source or BatchSource(cfg.data, cfg.run.seed, self.device)
         self.blocks: list[Block] = build_blocks(cfg, self.source.input_shape, self.source.num_classes, device=self.device)
         self.watch = NonFiniteWatch(device=self.device).attach(self.blocks)  # read before weights or stats are
+        self.memory = MemoryMeter().attach(self.blocks)
         self.throughput = Throughput(cfg.run.warmup_batches)
         self.position = {"epoch": 1, "batch": 0, "step": 0}  # what comes next (see pipeline/checkpoint.py)
         if cfg.run.resume:
@@ -94,7 +96,7 @@ class SequentialTrainer:
         try:
             for batch in self.source.train_batches(epoch, start):
                 self.watch.begin(epoch, batch.index)  # checks the flags of the batches before, every N batches
-                with self.fault.around(batch.index, self.blocks):
+                with self.fault.around(batch.index, self.blocks), self.memory.saving():
                     self.train_batch(batch.x, batch.y)
                 self.throughput.batch_done(len(batch.y))
                 self.steps += 1
@@ -159,6 +161,7 @@ class SequentialTrainer:
             "train_samples_per_s": self.throughput.rate(),
             "wall_s": time.perf_counter() - started,
             "epochs": self.cfg.run.epochs,
+            "memory": self.memory.report(self.device),
             "config": self.cfg.to_dict(),
         }
         self.watch.check()

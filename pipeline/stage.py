@@ -36,6 +36,7 @@ from pipeline.data import BatchSource
 from pipeline.dfa_stage import ErrorFeedback
 from pipeline.faults import InjectedFault
 from pipeline.message import Kind, Message
+from pipeline.memory import MemoryMeter
 from pipeline.message_stream import data_messages
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
 from pipeline.factories import build_blocks
@@ -63,8 +64,9 @@ class Stage:
         self.device, self.host = device, host
         self.is_last = rank == world - 1
         self.streams = streams or stage_streams(device)
+        self.memory = MemoryMeter().attach(blocks)  # saved tensors, gradients, messages (pipeline/memory.py)
         self.io = StageIO(rank, links, self._incoming, queue_depth=cfg.pipeline.queue_depth,
-                          stall_timeout=cfg.pipeline.stall_timeout, streams=self.streams, stop=stop)
+                          stall_timeout=cfg.pipeline.stall_timeout, streams=self.streams, stop=stop, memory=self.memory)
         # every block's update flags, read every few batches and before anything reads weights or statistics
         self.watch = NonFiniteWatch(device=device, where=f"stage {rank}, ").attach(blocks)
         self.dfa = ErrorFeedback(rank, blocks, self.io, self.watch, is_last=self.is_last,
@@ -132,7 +134,7 @@ class Stage:
         blocked, waited = io.blocked_s, io.error_wait_s
         self.watch.begin(msg.epoch, msg.index)  # the flags of earlier batches are read here every few batches
         self.timer.start()
-        with self.fault.around(msg.index, self.blocks):
+        with self.fault.around(msg.index, self.blocks), self.memory.saving():
             self._train_step(msg)
         self.timer.stop(excluded_s=(io.blocked_s - blocked) + (io.error_wait_s - waited))
         io.raise_helper_failure()

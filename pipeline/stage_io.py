@@ -18,6 +18,7 @@ import time
 from typing import Callable, Iterator
 
 from pipeline.cuda_streams import NoStreams
+from pipeline.memory import MemoryMeter
 from pipeline.message import Kind, Message
 from pipeline.transport import Channel, Links
 
@@ -57,8 +58,10 @@ class StageIO:
     """The queues and helper threads of stage `rank`, and the compute thread's side of them (waits, timings)."""
 
     def __init__(self, rank: int, links: Links, incoming: Callable[[], Iterator[Message]], *, queue_depth: int,
-                 stall_timeout: float, streams: NoStreams, stop: threading.Event | None = None):
+                 stall_timeout: float, streams: NoStreams, stop: threading.Event | None = None,
+                 memory: MemoryMeter | None = None):
         self.rank, self.links, self.incoming, self.streams = rank, links, incoming, streams
+        self.memory = memory  # counts the bytes of every message from arrival (or creation) to its release
         self.stall_timeout, self.stop = stall_timeout, stop
         self.in_queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self.out_queue: queue.Queue = queue.Queue(maxsize=queue_depth)
@@ -100,6 +103,7 @@ class StageIO:
             with self.streams.using(self.streams.new_stream()):
                 for msg in messages:
                     msg.ready = self.streams.record()
+                    self._count(msg)
                     into.put(msg)
                     if msg.kind == Kind.END:
                         return
@@ -198,9 +202,14 @@ class StageIO:
         self.slowest_gap = max(self.slowest_gap, waited)  # a slow gradient's stage is not taken for gone when stopping
         return item
 
+    def _count(self, msg: Message) -> None:
+        if self.memory is not None:
+            msg.release = self.memory.hold_message(msg.tensors, msg.release)
+
     def put(self, msg: Message) -> None:
         """Hand a message to the send thread; blocks while the output queue is full (backpressure)."""
         msg.ready = self.streams.record()
+        self._count(msg)
         started = time.perf_counter()
         while True:
             self.raise_helper_failure()
@@ -217,6 +226,7 @@ class StageIO:
         """Send a message on the remote-gradient links (DFA's output error to every earlier stage, dL/dh to the layer's
         stage, h back to the heads' stage, the heads' weights before a test)."""
         msg.ready = self.streams.record()
+        self._count(msg)
         self.errors_out.put(msg)
 
     def raise_helper_failure(self) -> None:

@@ -60,6 +60,7 @@ def stage_report(stage: Stage) -> dict[str, Any]:
         "skipped_updates": {str(b.index): b.skipped for b in stage.blocks if b.skipped},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated(stage.device) / 2**20 if stage.device.type == "cuda" else None,
+        "memory": stage.memory.report(stage.device),  # what the process holds, by kind (pipeline/memory.py)
         **stage.notes,
     }
 
@@ -78,6 +79,8 @@ def run_summary(stage: Stage, stages: list[dict[str, Any]], stopped: dict | None
         "wall_s": time.perf_counter() - stage.started,
         "epochs": stage.cfg.run.epochs,
         "busy_fraction": [s["busy_fraction"] for s in stages],
+        # the stage that needs most: the per-device peak a pipeline must fit
+        "memory": max((dict(s["memory"], stage=s["stage"]) for s in stages), key=lambda m: m["accounted_peak_bytes"]),
         "stage_stats": stages,
         "config": stage.cfg.to_dict(),
     }

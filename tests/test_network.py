@@ -251,3 +251,90 @@ def test_a_checkpoint_of_a_factory_that_changed_since_is_refused(tmp_path):
     resumed = run_group(run + ["--resume", "--epochs", "2"], timeout=60)
     assert resumed.returncode == 2 and resumed.stderr.count("\n") == 1, resumed.stderr
     assert "was written by another run (network differ)" in resumed.stderr
+
+
+EAGER = os.path.join(HERE, "networks", "eager.py")
+
+
+def _eager(out, **kw):
+    return small_config(model=f"{EAGER}:build", data__synthetic_train_size=96, data__synthetic_test_size=32,
+                        data__batch_size=16, run__out=str(out), **kw)
+
+
+@pytest.mark.timeout(240)
+def test_a_factory_that_builds_its_modules_up_front_gives_the_same_weights_in_every_process(tmp_path):
+    """The factory runs under the run's seed in every process, whatever each process drew before (the launcher has
+    run the dry run and drawn its data order; a stage process has not)."""
+    lp.train(_eager(tmp_path / "sequential"))
+    reference = _results(tmp_path / "sequential")
+    for stages, transport in ((2, "zmq"), (3, "dist")):
+        lp.train(_eager(tmp_path / f"{stages}", pipeline__stages=stages, pipeline__transport=transport))
+        _assert_same(_results(tmp_path / f"{stages}"), reference)
+
+
+@pytest.mark.timeout(120)
+def test_a_factory_whose_weights_differ_between_processes_is_refused(tmp_path):
+    proc = run_group([sys.executable, "-m", "pipeline", "train", *SMALL, "--model", f"{EAGER}:by_process",
+                      "--stages", "3", "--threads", "1"], timeout=100)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        f"error: stage 0: --model {EAGER}:by_process: block 0 starts from different weights in stage 0 and stage 2: "
+        "the factory draws random numbers or reads values that differ between processes (build modules in the specs, "
+        "or only from the run's seed)"]
+
+
+def _torchvision(out, **kw):
+    return small_config(model="networks.torchvision_resnet:build", like="cifar10", data__synthetic_train_size=24,
+                        data__synthetic_test_size=8, data__batch_size=8, run__out=str(out), **kw)
+
+
+@pytest.mark.timeout(240)
+def test_torchvision_resnet18_through_from_modules_as_1_2_and_3_stages_is_bit_identical(tmp_path):
+    from pipeline.factories import build_blocks
+
+    lp.train(_torchvision(tmp_path / "1"))
+    reference = _results(tmp_path / "1")
+    blocks = build_blocks(_torchvision(None), (3, 32, 32), 10)
+    assert len(blocks) == 6  # stem, layer1..4, the output (avgpool, flatten, fc)
+    assert sum(p.numel() for b in blocks for p in b.layer.parameters()) == 11_181_642  # torchvision's, 10 classes
+    counts = [sum(p.numel() for p in b.parameters()) for b in blocks]  # heads included
+    for stages, transport in ((2, "dist"), (3, "zmq")):
+        summary = lp.train(_torchvision(tmp_path / f"{stages}", pipeline__stages=stages, pipeline__transport=transport))
+        _assert_same(_results(tmp_path / f"{stages}"), reference)
+        for stats in summary["stage_stats"]:  # each stage process holds its own blocks' parameters, no others
+            assert stats["memory"]["parameters"] == sum(counts[i] for i in stats["blocks"]) < sum(counts)
+
+
+def test_from_modules_materializes_only_the_blocks_asked_for(monkeypatch):
+    """The model is made on the meta device; a block materializes its own children and nothing else."""
+    from pipeline.factories import build_blocks, resolve
+
+    materialized = []
+    to_empty = torch.nn.Module.to_empty
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda self, **kw: materialized.append(
+        sum(p.numel() for p in self.parameters())) or to_empty(self, **kw))
+    cfg = _torchvision(None, run__seed=11)
+    resolve(cfg)  # the factory and the dry run (on the meta device)
+    assert materialized == []
+    (block,) = build_blocks(cfg, (3, 32, 32), 10, indices=[4])
+    assert materialized == [8_393_728]  # layer4 of resnet18, alone
+    assert not any(p.is_meta for p in block.parameters())
+
+
+def test_from_modules_refuses_what_it_cannot_cut_or_initialise():
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.weight[:, None, None]
+
+    with pytest.raises(lp.ConfigError, match="no child named 'layer9'"):
+        lp.from_modules(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Linear(3, 2)), starts=["layer9"])
+    with pytest.raises(lp.ConfigError, match="2 rules for 1 hidden blocks"):
+        lp.from_modules(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Linear(3, 2)), rules=[None, None])
+    network = lp.from_modules(lambda: torch.nn.Sequential(Scale(), torch.nn.Flatten(), torch.nn.Linear(3 * 4, 2)),
+                              starts=[0, 1])
+    with pytest.raises(lp.ConfigError, match=r"Scale \(0\) has parameters or buffers but no reset_parameters"):
+        network.blocks[0].layer()

@@ -6,7 +6,7 @@
 K processes over gloo, each pinned to its own core with one intra-op thread; the block list is the one the
 local-learning pipeline uses (without local heads: --loss backprop) and is cut the same way. The batch is split
 into --microbatches micro-batches (default 4K). Prints one JSON line: steady-state samples/s (after --warmup
-steps), each stage's peak resident memory, and with --epochs the test accuracy after each epoch with its wall
+steps), each stage's peak resident memory and the same memory accounting as our stages (pipeline/memory.py), and with --epochs the test accuracy after each epoch with its wall
 time (for time-to-accuracy plots). Full batches only: a last smaller batch is dropped (micro-batch shapes are
 fixed once the schedule has run).
 """
@@ -29,6 +29,7 @@ from torch import nn
 from pipeline.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig
 from pipeline.data import BatchSource
 from pipeline.factories import build_blocks, count_blocks
+from pipeline.memory import MemoryMeter
 from pipeline.partition import resolve_partition
 from pipeline.runtime import pin_cores
 
@@ -40,7 +41,7 @@ def _config(args: argparse.Namespace) -> Config:
         loss=LossConfig(loss="backprop"),
         optim=OptimConfig(lr=args.lr),
         data=DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=False, batch_size=args.batch_size,
-                        synthetic_train_size=args.synthetic_train_size),
+                        synthetic_like=args.synthetic_like, synthetic_train_size=args.synthetic_train_size),
         pipeline=PipelineConfig(stages=1),  # builds the blocks only; this script cuts them into stages itself
         run=RunConfig(epochs=max(1, args.epochs), seed=args.seed, progress=False),
     )
@@ -58,6 +59,7 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
     ranges = resolve_partition(count_blocks(cfg), world, None)
     blocks = build_blocks(cfg, shape, classes, indices=ranges[rank])
     module = nn.Sequential(*blocks)
+    meter = MemoryMeter().attach(blocks)  # the accounting our stages get (pipeline/memory.py)
     stage = PipelineStage(module, rank, world, torch.device("cpu"))
     schedule_class = ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B
     schedule = schedule_class(stage, n_microbatches=args.microbatches or 4 * world, loss_fn=F.cross_entropy)
@@ -72,12 +74,14 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
                 break
             for block in blocks:
                 block.optimizer.zero_grad(set_to_none=True)
-            if first:
-                schedule.step(batch.x)
-            elif last:
-                schedule.step(target=batch.y)
-            else:
-                schedule.step()
+            with meter.saving():  # every micro-batch's forward and backward run in this call, in this thread
+                if first:
+                    schedule.step(batch.x)
+                elif last:
+                    schedule.step(target=batch.y)
+                else:
+                    schedule.step()
+            meter.before_step()  # every gradient of the stage is alive now
             for block in blocks:
                 block.optimizer.step()
             steps += 1
@@ -90,7 +94,7 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
                             "test_accuracy": _evaluate(schedule, module, source, first, last, cfg)})
     rate = timed_samples / (time.perf_counter() - timed_from) if timed_from and timed_samples else None
     results.put((rank, {"samples_per_s": rate, "steps": steps, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                        "history": history}))
+                        "history": history, "memory": meter.report()}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -138,7 +142,8 @@ def run(args: argparse.Namespace) -> dict:
         process.join()
     last = collected[args.stages - 1]
     return {"schedule": args.schedule, "stages": args.stages, "samples_per_s": last["samples_per_s"],
-            "peak_rss_mib": [collected[r]["peak_rss_mib"] for r in range(args.stages)], "history": last["history"]}
+            "peak_rss_mib": [collected[r]["peak_rss_mib"] for r in range(args.stages)], "history": last["history"],
+            "memory": [collected[r]["memory"] for r in range(args.stages)]}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -156,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data-dir", default="data")
+    p.add_argument("--synthetic-like", default="mnist", help="the shapes of synthetic data (mnist, cifar10, ...)")
     p.add_argument("--synthetic-train-size", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=0, help="timed steps after warm-up (0: whole epochs)")

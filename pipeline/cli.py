@@ -162,6 +162,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dim-in-decoder", type=int, default=lo.dim_in_decoder, help="max features into a conv block's pred head")
     g.add_argument("--target-proj-size", type=int, default=lo.target_proj_size, help="bio label projection size")
     g.add_argument("--no-similarity-std", action="store_true", help="no std reduction of feature maps in the similarity matrix")
+    g.add_argument("--sim-pool", type=int, default=lo.sim_pool, help="average-pool kernel before a conv block's sim head (1: none)")
+    g.add_argument("--sim-dim", type=int, default=lo.sim_dim, help="width of the sim head's learned map (0: the block's width)")
     g.add_argument("--no-feedback-normalization", action="store_true", help="DFA feedback matrices N(0,1), not scaled")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optim", default=o.optim, help=f"{', '.join(OPTIMIZERS)}")
@@ -191,6 +193,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "head times (default: even)")
     g.add_argument("--transport", default=pi.transport, help=f"{', '.join(TRANSPORTS)} (default {pi.transport})")
     g.add_argument("--queue-depth", type=int, default=pi.queue_depth, help="batches in flight between two stages")
+    g.add_argument("--stage-order", default=pi.stage_order,
+                   help="overlap: hand the batch on after the forwards, then learn; lean: learn each block after its "
+                        "forward (one graph held at a time), then hand on (default %(default)s)")
     g.add_argument("--zmq-host", default=pi.zmq_host, help="interface zmq stages bind on across hosts")
     g.add_argument("--zmq-curve-keys", default=None, metavar="DIR", help="CURVE keys: encrypted zmq, only key holders join")
     g.add_argument("--master-port", type=int, default=pi.master_port, help="local launcher rendezvous port (0: any free)")
@@ -254,6 +259,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                           nonlin=chosen("nonlin"), dropout=a.dropout, batch_norm=chosen("batch_norm")),
         loss=LossConfig(loss=a.loss, bio=a.bio, beta=a.beta, dim_in_decoder=a.dim_in_decoder,
                         target_proj_size=a.target_proj_size, similarity_std=not a.no_similarity_std,
+                        sim_pool=a.sim_pool, sim_dim=a.sim_dim,
                         feedback_normalization=not a.no_feedback_normalization),
         optim=OptimConfig(optim=a.optim, lr=chosen("lr"), momentum=a.momentum, weight_decay=a.weight_decay,
                           lr_decay_milestones=tuple(chosen("lr_decay_milestones")), lr_decay_fact=chosen("lr_decay_fact")),
@@ -262,7 +268,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                         synthetic_train_size=a.synthetic_train_size, synthetic_test_size=a.synthetic_test_size,
                         limit_train_batches=a.limit_train_batches, limit_eval_batches=a.limit_eval_batches),
         pipeline=PipelineConfig(stages=1 if stages is None else stages, partition=a.partition, transport=a.transport,
-                                queue_depth=a.queue_depth, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync,
+                                queue_depth=a.queue_depth, stage_order=a.stage_order, zmq_host=a.zmq_host, dfa_sync=a.dfa_sync,
                                 dfa_max_delay=chosen("dfa_max_delay"), heads_max_delay=a.heads_max_delay, stall_timeout=a.stall_timeout, master_port=a.master_port,
                                 zmq_curve_keys=a.zmq_curve_keys, dist_backend=a.dist_backend),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,

@@ -18,6 +18,7 @@ OPTIMIZERS = ("adam", "amsgrad", "sgd")
 NONLINEARITIES = ("relu", "leakyrelu", "tanh")
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("dist", "zmq", "local")
+STAGE_ORDERS = ("overlap", "lean")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 
@@ -84,6 +85,12 @@ class LossConfig:
     """Size of the bio variant's fixed random projection of the labels."""
     similarity_std: bool = True
     """Reduce feature maps to per-channel standard deviations before the similarity matrix."""
+    sim_pool: int = 1
+    """Average-pool a conv block's activation with this kernel (and stride) before its sim head's 3x3 conv: a
+    cheaper head (k*k fewer positions to convolve and to keep for backward); 1 = none, as the reference."""
+    sim_dim: int = 0
+    """Output width of the sim head's learned map (channels of its 3x3 conv, features of its linear map): a
+    narrower, cheaper head; 0 = the block's own width, as the reference."""
     feedback_normalization: bool = True
     """DFA feedback matrices with entries of variance 1/(width * classes), as Launay et al.; else N(0, 1)."""
 
@@ -92,6 +99,8 @@ class LossConfig:
         _require(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
         _require(self.dim_in_decoder >= 1, f"--dim-in-decoder must be >= 1, got {self.dim_in_decoder}")
         _require(self.target_proj_size >= 1, f"--target-proj-size must be >= 1, got {self.target_proj_size}")
+        _require(self.sim_pool >= 1, f"--sim-pool must be >= 1, got {self.sim_pool}")
+        _require(self.sim_dim >= 0, f"--sim-dim must be >= 0 (0: the block's width), got {self.sim_dim}")
         _require(not self.bio or self.loss in LOCAL_LOSSES, f"--bio changes the local heads and has no effect with --loss {self.loss}: drop one")
 
     @property
@@ -185,6 +194,10 @@ class PipelineConfig:
     queue_depth: int = 4
     """Batches D that may wait in each of a stage's input and output queues; a faster stage blocks beyond that,
     so it runs at most 2D + 4 batches ahead of the next (the queues, the batches in hand, the one on the link)."""
+    stage_order: str = "overlap"
+    """How a stage trains its whole blocks on a batch: overlap (all forwards, hand the output on, then each block
+    learns: the next stage starts sooner, but every block's graph is held until its turn) or lean (each block
+    learns right after its forward, then the output goes on: one block's graph at a time). The same numbers."""
     dfa_sync: bool = False
     """DFA: each stage waits for batch t's error before it forwards batch t+1 (exactly the sequential DFA trainer);
     the same as dfa_max_delay 0."""
@@ -216,6 +229,7 @@ class PipelineConfig:
         _require(self.stages >= 1, f"--stages must be >= 1, got {self.stages}")
         _choice(self.transport, TRANSPORTS, "--transport")
         _require(self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}")
+        _choice(self.stage_order, STAGE_ORDERS, "--stage-order")
         _require(self.dfa_max_delay is None or self.dfa_max_delay >= 0, f"--dfa-max-delay must be >= 0, got {self.dfa_max_delay}")
         _require(self.heads_max_delay >= 0, f"--heads-max-delay must be >= 0, got {self.heads_max_delay}")
         _require(self.stall_timeout > 0, f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")

@@ -44,7 +44,8 @@ class LocalHeads(LocalHead):
     features: the block's activation h before dropout, (B, C, H, W) for conv blocks, (B, F) for linear ones.
     - pred: [average pool] -> linear classifier (zero-initialised) -> cross-entropy;
       bio: -> feedback-alignment linear to a fixed random projection of the labels -> BCE with its sign.
-    - sim:  3x3 conv (conv blocks) / bias-free linear (linear blocks) -> similarity matrix vs the labels';
+    - sim:  [average pool, --sim-pool] -> 3x3 conv (conv blocks) / bias-free linear (linear blocks), as wide as the
+      block or --sim-dim -> similarity matrix vs the labels';
       bio: no learned map (conv blocks: the average-pooled features) vs the projected labels' similarity.
     """
 
@@ -66,8 +67,12 @@ class LocalHeads(LocalHead):
             self.decoder = LinearFA(features, cfg.target_proj_size) if self.bio else nn.Linear(features, num_classes)
             nn.init.zeros_(self.decoder.weight)
         self.sim_map: nn.Module | None = None
+        self.sim_pool: nn.Module | None = None
         if self.uses_sim and not self.bio:
-            self.sim_map = nn.Conv2d(channels, channels, 3, padding=1, bias=False) if conv else nn.Linear(channels, channels, bias=False)
+            width = cfg.sim_dim or channels  # --sim-dim: a narrower map; the reference's is the block's width
+            self.sim_map = nn.Conv2d(channels, width, 3, padding=1, bias=False) if conv else nn.Linear(channels, width, bias=False)
+            if conv and min(cfg.sim_pool, size) > 1:  # --sim-pool: fewer positions to convolve and to keep
+                self.sim_pool = nn.AvgPool2d(min(cfg.sim_pool, size), ceil_mode=True)
         if self.bio:  # fixed random label projection (classes, P), drawn like a bias-free nn.Linear(classes, P)
             bound = 1.0 / math.sqrt(num_classes)
             self.register_buffer("projection", torch.empty(num_classes, cfg.target_proj_size).uniform_(-bound, bound))
@@ -93,7 +98,7 @@ class LocalHeads(LocalHead):
             if self.bio:
                 features = self.pool(h) if self.pool is not None else h
             else:
-                features = self.sim_map(h)
+                features = self.sim_map(self.sim_pool(h) if self.sim_pool is not None else h)
         with float32_math(h.device.type):
             targets = self._label_targets(y)  # (B, classes) one-hot, or (B, P) projected
             if logits is not None:

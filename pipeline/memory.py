@@ -22,6 +22,7 @@ import threading
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from pipeline.blocks import Block
@@ -82,7 +83,7 @@ class _Saved:
         self.tensor, self.version, self.live = tensor.detach(), tensor._version, live
         # a parameter or buffer saved by its layer (or a view of one, such as a transposed weight) is held anyway
         # and counted with the parameters, not as saved for backward
-        key = None if tensor.is_leaf and tensor.requires_grad else live.key(tensor)
+        key = live.key(tensor)
         self.key = live.hold(tensor, tag) if key is not None and key not in held_anyway else None
 
     def __del__(self) -> None:
@@ -100,7 +101,12 @@ class MemoryMeter:
         self.gradient_peak = 0
         self._part = threading.local()
 
-    def attach(self, blocks: list[Block]) -> MemoryMeter:
+    def __deepcopy__(self, memo: dict) -> MemoryMeter:
+        return self  # one accountant per process: a copied block (an alignment twin) reports to the same one
+
+    def attach(self, blocks: list[nn.Module]) -> MemoryMeter:
+        """Account for these blocks (a process's own, or a baseline's stage modules): their parameters, buffers,
+        gradients and optimizer state (`.optimizer`, where they have one); their blocks report their steps here."""
         self.blocks = list(blocks)
         for block in blocks:
             block.memory = self
@@ -156,7 +162,7 @@ class MemoryMeter:
     def report(self, device: torch.device | None = None) -> dict:
         """Peak bytes of each kind (summary.json's `memory`, and each stage's in stage_stats)."""
         parameters = [p for block in self.blocks for p in block.parameters()]
-        optimizer = sum(t.nbytes for block in self.blocks if block.optimizer is not None
+        optimizer = sum(t.nbytes for block in self.blocks if getattr(block, "optimizer", None) is not None
                         for state in block.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
         saved = self.saved.peak_by_tag
         report = {

@@ -193,8 +193,19 @@ def as_sizes(halves: list[int]) -> tuple[float, ...]:
     return tuple(h // 2 if h % 2 == 0 else h / 2 for h in halves)
 
 
+def split_chain(layer: list[float], heads: list[float], send: list[float], send_h: list[float], index: int,
+                heads_first: bool) -> float:
+    """The least time per batch of block `index` split over two stages in the exact schedule, whatever else its
+    stages hold: its layer's forward of t+1 needs the update of t, which needs dL/dh of t, which needs the heads'
+    loss of t, which needs h of t, so layer, heads and the messages between them run one after another
+    (heads last: out and h on, dL/dh back; heads first: h back, dL/dh on)."""
+    messages = 2 * send_h[index] if heads_first else send[index] + 2 * send_h[index]
+    return layer[index] + heads[index] + messages
+
+
 def balanced_placement(layer: list[float], heads: list[float], send: list[float], send_h: list[float],
-                       splittable: list[bool], stages: int, margin: float = 0.02) -> tuple[Placement, list[float]]:
+                       splittable: list[bool], stages: int, margin: float = 0.02,
+                       exact: bool = True) -> tuple[Placement, list[float]]:
     """The placement (halves allowed, heads first or last) whose slowest stage is fastest, and its stage times.
 
     A stage runs from one cut to the next. A cut falls between blocks, or inside a `splittable` block i: after
@@ -205,7 +216,8 @@ def balanced_placement(layer: list[float], heads: list[float], send: list[float]
     a stage that starts inside block i pays send_h[i] (dL/dh back, or h back). A stage with its heads first
     holds no other split half. Exact dynamic programme over the cuts; a split placement is chosen only if its
     slowest stage beats the best whole-block one by more than `margin` (a split costs a message each way that
-    the estimate does not see).
+    the estimate does not see). `exact` (no --heads-max-delay): a stage that ends inside a block takes at least
+    the split block's serial chain (split_chain), so a split never looks faster than it can run.
     """
     n = len(layer)
     cuts = [(0, "")]  # (half-block position, "" between blocks, "L" after a layer, "H" after the heads)
@@ -229,6 +241,8 @@ def balanced_placement(layer: list[float], heads: list[float], send: list[float]
         j = q // 2
         if q < 2 * n:
             time += send[j - 1] if kind_b == "" else send[j] + send_h[j] if kind_b == "L" else send[j - 1] + send_h[j]
+        if exact and kind_b:
+            time = max(time, split_chain(layer, heads, send, send_h, j, kind_b == "H"))
         return time
 
     def best_of(candidates: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], list[float]]:

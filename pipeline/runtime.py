@@ -203,7 +203,8 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
     elif rank == 0:
         costs = block_costs(cfg, device, path=path)
         splittable = [cfg.loss.local and splittable_block(cfg, i) is None for i in range(blocks)]
-        placement, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, world)
+        placement, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, world,
+                                              exact=cfg.pipeline.heads_max_delay == 0)
         whole = balanced_partition(costs.compute, costs.send, world)
         even = resolve_placement(blocks, world, None).sizes
         ms = lambda values: [1e3 * v for v in values]  # noqa: E731

@@ -163,7 +163,8 @@ class Stage:
                 tensors = [out, y, h]
             self.io.put(Message(Kind.TRAIN, msg.epoch, msg.index, tensors, msg.meta, release=release))
 
-        train_blocks(self.front, x, y, hand_off if self.links.outbox is not None else None)
+        train_blocks(self.front, x, y, hand_off if self.links.outbox is not None else None,
+                     lean=self.cfg.pipeline.stage_order == "lean")
         if self.heads_first is not None:  # the batch went on: learn from the h of the one before
             self.heads_first.expect(msg)
             self.heads_first.learn()

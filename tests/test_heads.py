@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline import losses
@@ -77,3 +78,21 @@ def test_bio_classifier_picks_the_class_whose_code_fits_the_logits_best():
         heads.projection.copy_(torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]]))  # codes 101 and 011
     logits = torch.tensor([[5.0, -5.0, 0.0], [-5.0, 5.0, 0.0]])
     assert torch.equal(heads.predictions(logits), torch.tensor([0, 1]))
+
+
+def test_cheaper_sim_heads_pool_and_narrow_the_map_and_default_to_the_reference():
+    """--sim-pool averages k x k positions before the sim head's conv, --sim-dim narrows its map; both off by default."""
+    h, y = torch.randn(6, 32, 8, 8), torch.arange(6) % 3
+    reference = LocalHeads(LossConfig(loss="sim"), num_classes=3, channels=32, size=8)
+    assert reference.sim_pool is None and reference.sim_map.weight.shape == (32, 32, 3, 3)
+    cheap = LocalHeads(LossConfig(loss="sim", sim_pool=2, sim_dim=8), num_classes=3, channels=32, size=8)
+    assert cheap.sim_map.weight.shape == (8, 32, 3, 3)
+    with torch.no_grad():
+        cheap.sim_map.weight.copy_(reference.sim_map.weight[:8])
+    features = F.conv2d(F.avg_pool2d(h, 2), reference.sim_map.weight[:8], padding=1)  # (6, 8, 4, 4)
+    target = losses.similarity_matrix(losses.one_hot(y, 3))
+    assert torch.allclose(cheap.loss(h, y)[0], losses.sim_loss(features, target), atol=1e-6)
+    linear = LocalHeads(LossConfig(loss="sim", sim_pool=4, sim_dim=5), num_classes=3, channels=32, size=None)
+    assert linear.sim_pool is None and linear.sim_map.weight.shape == (5, 32)  # pooling is for feature maps only
+    deep = LocalHeads(LossConfig(loss="sim", sim_pool=4), num_classes=3, channels=32, size=2)
+    assert deep.loss(torch.randn(6, 32, 2, 2), y)[0].isfinite()  # a kernel larger than the map pools all of it

@@ -102,9 +102,9 @@ def test_an_h_puts_a_split_blocks_heads_on_the_earlier_stage():
             Placement.parse(bad)  # an h on a whole boundary, on the last stage, or beside another split; not a size
 
 
-def _placement_time(placement, layer, heads, send, send_h, splittable):
+def _placement_time(placement, layer, heads, send, send_h, splittable, exact=False):
     """Slowest stage of a placement, priced independently of balanced_placement (None if it splits a block that
-    cannot be split)."""
+    cannot be split); `exact`: a split block also takes its layer, its heads and the messages between them in turn."""
     times = []
     bounds, first = placement.bounds, placement.heads_first
     for k, (start, end) in enumerate(bounds):
@@ -121,6 +121,9 @@ def _placement_time(placement, layer, heads, send, send_h, splittable):
             time += (send[j - 1] + send_h[j] if k in first else send[j] + send_h[j]) if end % 2 else send[j - 1]
         if start % 2:
             time += send_h[start // 2]
+        if exact and end % 2 and k < len(bounds) - 1:
+            i = end // 2
+            time = max(time, layer[i] + heads[i] + (0 if k in first else send[i]) + 2 * send_h[i])
         times.append(time)
     return max(times)
 
@@ -150,17 +153,19 @@ def test_balanced_placement_agrees_with_exhaustive_search_and_splits_only_when_i
                     placement = Placement(as_sizes(halves), frozenset(first))
                 except ValueError:  # a heads-first split beside another split
                     continue
-                time = _placement_time(placement, layer, heads, send, send_h, splittable)
-                if time is not None:
-                    candidates.append((time, any(h % 2 for h in halves)))
+                for exact in (False, True):
+                    time = _placement_time(placement, layer, heads, send, send_h, splittable, exact)
+                    if time is not None:
+                        candidates.append((exact, time, any(h % 2 for h in halves)))
         if not candidates:
             continue
-        best = min(t for t, _ in candidates)
-        best_whole = min((t for t, split in candidates if not split), default=float("inf"))
-        placement, times = balanced_placement(layer, heads, send, send_h, splittable, k, margin=0.0)
-        seen_first += bool(placement.heads_first)
-        assert _placement_time(placement, layer, heads, send, send_h, splittable) == pytest.approx(max(times))
-        assert max(times) == pytest.approx(best if best < best_whole else best_whole)
+        for exact in (False, True):
+            best = min(t for e, t, _ in candidates if e == exact)
+            best_whole = min((t for e, t, split in candidates if e == exact and not split), default=float("inf"))
+            placement, times = balanced_placement(layer, heads, send, send_h, splittable, k, margin=0.0, exact=exact)
+            seen_first += bool(placement.heads_first) and not exact
+            assert _placement_time(placement, layer, heads, send, send_h, splittable, exact) == pytest.approx(max(times))
+            assert max(times) == pytest.approx(best if best < best_whole else best_whole)
     assert seen_first >= 5  # the search does pick heads-first placements
     # MLP-like costs (ms): the heads dominate and the third block's layer and heads straddle the middle
     layer, heads = [9.5, 11.7, 11.4, 1.9], [17.6, 17.6, 17.3, 0.0]
@@ -168,8 +173,14 @@ def test_balanced_placement_agrees_with_exhaustive_search_and_splits_only_when_i
     assert placement.text == "1.5h,2.5"  # block 1's heads with block 0: 9.5 + 17.6 + 17.6 against 11.7 + 11.4 + 17.3 + 1.9
     assert max(times) == pytest.approx(9.5 + 17.6 + 17.6 + 0.15 + 0.08)
     # and the layer first where that balances better: 1 + 1 + 1 + 1 + 8 | 12 + 1, against 4 + 12 | 8 + 1 heads first
-    placement, times = balanced_placement([1, 1, 8, 1], [1, 1, 12, 0], [0.1] * 4, [0.01] * 4, [True] * 3 + [False], 2)
+    placement, times = balanced_placement([1, 1, 8, 1], [1, 1, 12, 0], [0.1] * 4, [0.01] * 4, [True] * 3 + [False], 2,
+                                          exact=False)
     assert placement.text == "2.5,1.5" and max(times) == pytest.approx(12 + 1 + 0.01)
+    # ...which only a delayed update can run that fast: exactly, block 2's layer, heads, out and h on and dL/dh back
+    # take 8 + 12 + 0.1 + 0.02 one after another; with its heads first, h back and dL/dh on, 8 + 12 + 0.02, which is
+    # still a little faster than whole blocks (1 + 1 + 1 + 1 | 8 + 12 + 1)
+    placement, times = balanced_placement([1, 1, 8, 1], [1, 1, 12, 0], [0.1] * 4, [0.01] * 4, [True] * 3 + [False], 2)
+    assert placement.text == "2.5h,1.5" and max(times) == pytest.approx(8 + 12 + 0.02)
     # a split that gains less than the margin is not worth its extra messages: whole blocks
     placement, _ = balanced_placement([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0] * 4, [0.01] * 4, [True] * 3 + [False], 2)
     assert placement.sizes == (2, 2) and not placement.heads_first

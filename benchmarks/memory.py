@@ -1,0 +1,167 @@
+"""Memory per device at equal batch: ours against single-process backprop and GPipe / 1F1B, one accounting for all.
+
+    python benchmarks/memory.py --out benchmarks/results/memory                       # vgg8b x1 and resnet18, K = 1, 4
+    python benchmarks/memory.py --models mlp vgg8b-x0.5 --stages 1 2 4 --out DIR
+
+Every contender trains the same network on the same synthetic batches (batch 128; CIFAR-10 shapes, MNIST's for
+the MLP) for a few steps, and reports what pipeline/memory.py counts in each process ([Note: memory accounting]):
+the bytes autograd saved for backward (by storage; the peak), parameters and buffers, the gradients alive at once,
+the optimizer state and the messages in flight. Ours runs as `python -m pipeline train` (its stage_stats), at K = 1
+as the sequential trainer; the peers run benchmarks/gpipe.py, whose stage modules get the same meter around each
+schedule step, at every micro-batch count swept (their samples/s over these few steps ride along, to name the
+fastest count; it is a rough figure: benchmarks/run.py measures throughput). Ours: whole blocks in the default
+(overlap) order and in the lean order, and the lean order with cheaper heads (--sim-pool 2). Writes results.json,
+table.md and memory.png; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIB = 2 ** 20
+MODELS = {
+    "mlp": ["--model", "mlp", "--num-layers", "3", "--num-hidden", "1024", "--dropout", "0.1", "--nonlin", "leakyrelu"],
+    "vgg8b-x0.5": ["--model", "vgg8b", "--feat-mult", "0.5", "--dropout", "0.1", "--synthetic-like", "cifar10"],
+    "vgg8b-x1": ["--model", "vgg8b", "--feat-mult", "1", "--dropout", "0.1", "--synthetic-like", "cifar10"],
+    "resnet18": ["--model", "resnet18", "--dropout", "0.1", "--synthetic-like", "cifar10"],
+}
+OURS = {"ours overlap": [], "ours lean": ["--stage-order", "lean"], "ours lean, --sim-pool 2": ["--stage-order", "lean", "--sim-pool", "2"]}
+KEYS = ("saved_peak_bytes", "saved_peak_layer_bytes", "saved_peak_heads_bytes", "parameter_bytes", "gradient_peak_bytes",
+        "optimizer_bytes", "messages_peak_bytes", "accounted_peak_bytes")
+
+
+def _ours(model: list[str], stages: int, extra: list[str], batch: int, steps: int) -> list[dict]:
+    """Each stage's memory report (one entry at K=1: the sequential trainer's)."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "pipeline", "train", "--dataset", "synthetic", "--batch-size", str(batch),
+                   "--synthetic-train-size", str(batch * steps), "--synthetic-test-size", str(batch),
+                   "--limit-eval-batches", "1", "--epochs", "1", "--no-progress", "--stages", str(stages),
+                   "--transport", "dist", "--out", out, *model, *extra]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)}\n{proc.stderr[-3000:]}")
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+    if stages == 1:
+        return [summary["memory"]]
+    return [s["memory"] for s in sorted(summary["stage_stats"], key=lambda s: s["stage"])]
+
+
+def _peer(model: list[str], schedule: str, stages: int, microbatches: int, batch: int, steps: int) -> dict:
+    flags = [f for f in model]
+    command = [sys.executable, os.path.join(HERE, "gpipe.py"), "--schedule", schedule, "--stages", str(stages),
+               "--microbatches", str(microbatches), "--steps", str(steps), "--warmup", "1", "--batch-size", str(batch),
+               "--synthetic-train-size", str(batch * (steps + 2)), *_gpipe_flags(flags)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _gpipe_flags(model: list[str]) -> list[str]:
+    """gpipe.py takes the model flags it knows; the rest (nonlinearity and layer counts have its defaults) go."""
+    known = {"--model", "--num-layers", "--num-hidden", "--feat-mult", "--dropout", "--nonlin", "--synthetic-like"}
+    flags, i = [], 0
+    while i < len(model):
+        if model[i] in known:
+            flags += model[i:i + 2]
+        i += 2
+    return flags
+
+
+def _row(name: str, model: str, stages: int, reports: list[dict], **extra) -> dict:
+    worst = max(reports, key=lambda r: r["accounted_peak_bytes"])
+    return {"contender": name, "model": model, "stages": stages, "per_stage": reports,
+            "max_stage": {k: worst.get(k, 0) for k in KEYS}, **extra}
+
+
+def measure(models: list[str], stage_counts: list[int], batch: int, steps: int, microbatches: list[int]) -> list[dict]:
+    rows = []
+    for model in models:
+        flags = MODELS[model]
+        for stages in stage_counts:
+            for name, extra in OURS.items():
+                if stages == 1 and name != "ours overlap" and "--sim-pool" not in extra:
+                    continue  # one process learns block by block anyway
+                rows.append(_row(name, model, stages, _ours(flags, stages, extra, batch, steps)))
+                print(json.dumps(rows[-1]["max_stage"]), name, model, stages, file=sys.stderr, flush=True)
+            if stages == 1:
+                rows.append(_row("backprop", model, 1, _ours(flags, 1, ["--loss", "backprop"], batch, steps)))
+                continue
+            for schedule in ("gpipe", "1f1b"):
+                for m in microbatches:
+                    if schedule == "1f1b" and m < stages:
+                        continue  # torch.distributed.pipelining's 1F1B needs at least K micro-batches
+                    result = _peer(flags, schedule, stages, m, batch, steps)
+                    rows.append(_row(f"{schedule} M={m}", model, stages, result["memory"], samples_per_s=result["samples_per_s"]))
+                    print(json.dumps(rows[-1]["max_stage"]), schedule, m, model, stages, file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | K | contender | largest stage: accounted | saved for backward (layer + heads) | parameters | gradients | optimizer | messages | vs backprop saved |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    backprop = {r["model"]: r["max_stage"]["saved_peak_bytes"] for r in rows if r["contender"] == "backprop"}
+    for r in rows:
+        m = r["max_stage"]
+        ratio = m["saved_peak_bytes"] / backprop[r["model"]] if backprop.get(r["model"]) else None
+        lines.append(f"| {r['model']} | {r['stages']} | {r['contender']} | {m['accounted_peak_bytes'] / MIB:.0f} MiB | "
+                     f"{m['saved_peak_bytes'] / MIB:.0f} ({m['saved_peak_layer_bytes'] / MIB:.0f} + {m['saved_peak_heads_bytes'] / MIB:.0f}) MiB | "
+                     f"{m['parameter_bytes'] / MIB:.0f} MiB | {m['gradient_peak_bytes'] / MIB:.0f} MiB | {m['optimizer_bytes'] / MIB:.0f} MiB | "
+                     f"{m['messages_peak_bytes'] / MIB:.1f} MiB | {'' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["model"], r["stages"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.5), squeeze=False)
+    for ax, (model, stages) in zip(axes[0], groups):
+        chosen = [r for r in rows if (r["model"], r["stages"]) == (model, stages)]
+        names = [r["contender"] for r in chosen]
+        bottom = [0.0] * len(chosen)
+        for key, label in (("saved_peak_layer_bytes", "saved: layers"), ("saved_peak_heads_bytes", "saved: heads"),
+                           ("parameter_bytes", "parameters"), ("gradient_peak_bytes", "gradients"),
+                           ("optimizer_bytes", "optimizer"), ("messages_peak_bytes", "messages")):
+            values = [r["max_stage"][key] / MIB for r in chosen]
+            ax.barh(names, values, left=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_title(f"{model}, K={stages}: the largest stage")
+        ax.set_xlabel("MiB (accounted)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["vgg8b-x1", "resnet18"], choices=list(MODELS))
+    p.add_argument("--stages", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--microbatches", nargs="+", type=int, default=[1, 4, 8, 32])
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = measure(args.models, args.stages, args.batch_size, args.steps, args.microbatches)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"batch_size": args.batch_size, "steps": args.steps, "rows": rows}, f, indent=1)
+    text = table(rows)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    plot(rows, os.path.join(args.out, "memory.png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

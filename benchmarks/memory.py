@@ -9,8 +9,8 @@ the bytes autograd saved for backward (by storage; the peak), parameters and buf
 the optimizer state and the messages in flight. Ours runs as `python -m pipeline train` (its stage_stats), at K = 1
 as the sequential trainer; the peers run benchmarks/gpipe.py, whose stage modules get the same meter around each
 schedule step, at every micro-batch count swept (their samples/s over these few steps ride along, to name the
-fastest count; it is a rough figure: benchmarks/run.py measures throughput). Ours: whole blocks in the default
-(overlap) order and in the lean order, and the lean order with cheaper heads (--sim-pool 2). Writes results.json,
+fastest count; it is a rough figure: benchmarks/run.py measures throughput). Ours: whole blocks (even split) in
+the default (overlap) order and in the lean order, with the reference's heads and with cheaper ones (--sim-pool). Writes results.json,
 table.md and memory.png; prints the table.
 """
 
@@ -31,7 +31,8 @@ MODELS = {
     "vgg8b-x1": ["--model", "vgg8b", "--feat-mult", "1", "--dropout", "0.1", "--synthetic-like", "cifar10"],
     "resnet18": ["--model", "resnet18", "--dropout", "0.1", "--synthetic-like", "cifar10"],
 }
-OURS = {"ours overlap": [], "ours lean": ["--stage-order", "lean"], "ours lean, --sim-pool 2": ["--stage-order", "lean", "--sim-pool", "2"]}
+OURS = {"ours": [], "ours, --sim-pool 2": ["--sim-pool", "2"], "ours, --sim-pool 4": ["--sim-pool", "4"],
+        "ours lean": ["--stage-order", "lean"], "ours lean, --sim-pool 4": ["--stage-order", "lean", "--sim-pool", "4"]}
 KEYS = ("saved_peak_bytes", "saved_peak_layer_bytes", "saved_peak_heads_bytes", "parameter_bytes", "gradient_peak_bytes",
         "optimizer_bytes", "messages_peak_bytes", "accounted_peak_bytes")
 
@@ -87,7 +88,7 @@ def measure(models: list[str], stage_counts: list[int], batch: int, steps: int, 
         flags = MODELS[model]
         for stages in stage_counts:
             for name, extra in OURS.items():
-                if stages == 1 and name != "ours overlap" and "--sim-pool" not in extra:
+                if stages == 1 and "lean" in name:
                     continue  # one process learns block by block anyway
                 rows.append(_row(name, model, stages, _ours(flags, stages, extra, batch, steps)))
                 print(json.dumps(rows[-1]["max_stage"]), name, model, stages, file=sys.stderr, flush=True)

@@ -163,7 +163,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-proj-size", type=int, default=lo.target_proj_size, help="bio label projection size")
     g.add_argument("--no-similarity-std", action="store_true", help="no std reduction of feature maps in the similarity matrix")
     g.add_argument("--sim-pool", type=int, default=lo.sim_pool, help="average-pool kernel before a conv block's sim head (1: none)")
-    g.add_argument("--sim-dim", type=int, default=lo.sim_dim, help="width of the sim head's learned map (0: the block's width)")
+    g.add_argument("--sim-dim", type=int, default=lo.sim_dim, help="most width of the sim head's learned map (0: the block's width)")
     g.add_argument("--no-feedback-normalization", action="store_true", help="DFA feedback matrices N(0,1), not scaled")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optim", default=o.optim, help=f"{', '.join(OPTIMIZERS)}")

@@ -89,8 +89,8 @@ class LossConfig:
     """Average-pool a conv block's activation with this kernel (and stride) before its sim head's 3x3 conv: a
     cheaper head (k*k fewer positions to convolve and to keep for backward); 1 = none, as the reference."""
     sim_dim: int = 0
-    """Output width of the sim head's learned map (channels of its 3x3 conv, features of its linear map): a
-    narrower, cheaper head; 0 = the block's own width, as the reference."""
+    """Most output width of the sim head's learned map (channels of its 3x3 conv, features of its linear map): a
+    narrower, cheaper head where the block is wider; 0 = the block's own width, as the reference."""
     feedback_normalization: bool = True
     """DFA feedback matrices with entries of variance 1/(width * classes), as Launay et al.; else N(0, 1)."""
 

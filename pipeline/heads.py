@@ -69,7 +69,7 @@ class LocalHeads(LocalHead):
         self.sim_map: nn.Module | None = None
         self.sim_pool: nn.Module | None = None
         if self.uses_sim and not self.bio:
-            width = cfg.sim_dim or channels  # --sim-dim: a narrower map; the reference's is the block's width
+            width = min(cfg.sim_dim, channels) if cfg.sim_dim else channels  # --sim-dim: at most that wide
             self.sim_map = nn.Conv2d(channels, width, 3, padding=1, bias=False) if conv else nn.Linear(channels, width, bias=False)
             if conv and min(cfg.sim_pool, size) > 1:  # --sim-pool: fewer positions to convolve and to keep
                 self.sim_pool = nn.AvgPool2d(min(cfg.sim_pool, size), ceil_mode=True)

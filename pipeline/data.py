@@ -173,7 +173,12 @@ class BatchSource:
 
     @property
     def num_train_batches(self) -> int:
-        return self._count(len(self.train_set.labels), self.cfg.limit_train_batches)
+        """Training batches per epoch; a last batch of a single example is dropped (batch norm cannot train on one;
+        the next epoch's order differs, so no example is left out for good)."""
+        examples, size = len(self.train_set.labels), self.cfg.batch_size
+        if size > 1 and examples % size == 1:
+            examples -= 1
+        return self._count(examples, self.cfg.limit_train_batches)
 
     @property
     def num_eval_batches(self) -> int:

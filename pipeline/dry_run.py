@@ -34,6 +34,7 @@ class BlockShape:
     feedback: bool  # trained by DFA (from the output error) rather than by heads of its own
     heads: bool  # has local heads (a local rule or a user's head)
     structure: str  # parameter and buffer names and shapes, for the fingerprint
+    batch_norm: bool = False  # has a batch norm (it cannot train on a batch of one)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> Net
         shapes.append(BlockShape(in_shape, shaped.activation_shape, shaped.output_shape,
                                  sum(p.numel() for p in block.parameters() if p.requires_grad),
                                  bool(getattr(heads, "uses_sim", False)), isinstance(block, FeedbackTrained), heads is not None,
-                                 f"{type(block).__name__}[{structure}]"))
+                                 f"{type(block).__name__}[{structure}]",
+                                 any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in block.modules())))
         x = out
     return NetworkShape(shapes)
 

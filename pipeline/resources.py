@@ -50,10 +50,18 @@ def train_examples(cfg: Config) -> int:
 
 
 def check_batch_size(cfg: Config) -> None:
+    """A batch the training set can fill, and, with batch norm, more than one example (training batch norm takes a
+    variance over the batch; a last batch of one is dropped, pipeline/data.py)."""
+    from pipeline.factories import resolve
+
     examples, batch = train_examples(cfg), cfg.data.batch_size
     if batch > examples:
         raise ConfigError(f"--batch-size {batch} is larger than the {examples} examples of the {cfg.data.dataset} "
                           f"training set: use at most {examples}")
+    normed = [i for i, block in enumerate(resolve(cfg)[2].blocks) if block.batch_norm]
+    if batch == 1 and normed:
+        raise ConfigError(f"--batch-size 1 cannot train batch norm (block {normed[0]} has it, and a batch of one has no "
+                          f"variance): use a batch of at least 2, or a network without batch norm")
 
 
 def block_bytes(cfg: Config) -> list[tuple[int, int]]:

@@ -21,6 +21,15 @@ def test_batches_are_numbered_and_cover_the_split_with_a_smaller_last_batch():
     assert batches[0].x.shape == (32, 1, 28, 28) and batches[0].x.dtype == torch.float32
 
 
+def test_a_last_training_batch_of_one_is_dropped_and_test_batches_are_all_kept():
+    cfg = DataConfig(dataset="synthetic", synthetic_train_size=65, synthetic_test_size=33, batch_size=32)
+    src = BatchSource(cfg, seed=7)
+    assert [len(b.y) for b in src.train_batches(epoch=1)] == [32, 32]  # batch norm cannot train on one example
+    assert [len(b.y) for b in src.eval_batches()] == [32, 1] and src.num_train_batches == 2
+    ones = BatchSource(DataConfig(dataset="synthetic", synthetic_train_size=3, synthetic_test_size=3, batch_size=1), seed=7)
+    assert ones.num_train_batches == 3  # batches of one by choice: kept (refused before start with batch norm)
+
+
 def test_same_seed_and_epoch_give_identical_batches_other_epochs_differ():
     a = list(_source().train_batches(epoch=2))
     b = list(_source().train_batches(epoch=2))

@@ -94,6 +94,18 @@ def test_the_lean_stage_order_equals_sequential_and_holds_one_graph_at_a_time(re
     assert 0 < saved["lean"][0] < saved["overlap"][0] and saved["lean"][1] == saved["overlap"][1], saved
 
 
+@pytest.mark.timeout(180)
+def test_a_training_set_that_leaves_a_last_batch_of_one_trains_alike_in_one_process_and_two(tmp_path):
+    """65 examples in batches of 32: the last batch of one is dropped (batch norm cannot train on it), alike in the
+    sequential trainer and in every stage, so the run ends instead of failing after its epoch."""
+    kw = dict(model__num_layers=3, model__num_hidden=48, data__synthetic_train_size=65, data__batch_size=32, run__epochs=2)
+    SequentialTrainer(small_config(run__out=str(tmp_path / "one"), **kw)).run()
+    assert launch(small_config(pipeline__stages=2, pipeline__transport="zmq", run__out=str(tmp_path / "two"), **kw)) == 0
+    reference = _results(tmp_path / "one")
+    assert reference[0]["layer_test_errors"] and all(e is not None for e in reference[0]["layer_test_errors"])
+    _assert_same(_results(tmp_path / "two"), reference)
+
+
 def _dfa(**kw):
     return _mlp(loss="dfa", model__nonlin="tanh", **kw)
 

@@ -135,6 +135,11 @@ class Block(nn.Module):
         alone.report(self, bad, examples, what)
         alone.check()
 
+    def forward_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what learn() takes, the detached output): the forward of a block that learns on its own."""
+        state, out = self.forward_train(x)
+        return state, out.detach()
+
     def attach(self, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
         self.optimizer, self.generator = optimizer, generator
 
@@ -232,6 +237,15 @@ class LocalBlock(Block):
         h = self.activation(x)
         return h, self.emit(h)
 
+    def forward_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, the detached output): the local loss is taken on h, so nothing after it is ever differentiated, and
+        `after` (dropout, pooling) runs without a graph: what it would save for backward (a max pool's input and
+        indices) is never kept. The same numbers as forward_train."""
+        self.train()
+        h = self.activation(x)
+        with torch.no_grad():
+            return h, self.emit(h)
+
     def learn(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # the heads' forward; the built-in heads' loss math is fp32 (LocalHeads.loss); a user's head that draws random
         # numbers draws them from this block's generator too
@@ -307,6 +321,8 @@ class HiddenBlock(LocalBlock):
 class FeedbackTrained:
     """A hidden block trained by direct feedback alignment: the output error e, through this block's fixed random
     matrix B, is the gradient at its output; so its update is (B e) * f'(a) with its own input (Launay et al.)."""
+
+    forward_local = Block.forward_local  # the error enters at the output: the whole block's graph is needed
 
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.train()
@@ -385,8 +401,7 @@ def train_blocks(blocks: list[Block], x: torch.Tensor, y: torch.Tensor, hand_off
     """
     pending = []
     for block in blocks:
-        h, out = block.forward_train(x)
-        x = out.detach()
+        h, x = block.forward_local(x)
         if hand_off is None or lean:
             block.learn(h, y)
         else:

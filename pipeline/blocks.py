@@ -244,7 +244,7 @@ class LocalBlock(Block):
         self.train()
         h = self.activation(x)
         with torch.no_grad():
-            return h, self.emit(h)
+            return h, self.emit(h).detach()  # (without `after`, emit gives h itself)
 
     def learn(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # the heads' forward; the built-in heads' loss math is fp32 (LocalHeads.loss); a user's head that draws random

@@ -48,7 +48,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace) -> None:
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleZBVZeroBubble
 
     pin_cores(rank, world)  # the placement our stages get: a core each, or the scheduler's when there are more
     torch.set_num_threads(1)
@@ -56,14 +56,27 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     cfg = _config(args)
     shape, classes = BatchSource.shape_of(cfg.data)
-    ranges = resolve_partition(count_blocks(cfg), world, None)
-    blocks = build_blocks(cfg, shape, classes, indices=ranges[rank])
-    module = nn.Sequential(*blocks)
+    microbatches = args.microbatches or 4 * world
+    if args.schedule == "zbv":
+        # zero bubble, V-shaped: 2K virtual stages, this rank holds stage `rank` and stage 2K-1-rank (so rank 0 has
+        # the first and the last); backward split into input and weight gradients to fill the bubble
+        ranges = resolve_partition(count_blocks(cfg), 2 * world, None)
+        chunks = [build_blocks(cfg, shape, classes, indices=ranges[i]) for i in (rank, 2 * world - 1 - rank)]
+        blocks = chunks[0] + chunks[1]
+        module = nn.ModuleList([nn.Sequential(*c) for c in chunks])
+        stages = [PipelineStage(module[j], i, 2 * world, torch.device("cpu"))
+                  for j, i in enumerate((rank, 2 * world - 1 - rank))]
+        schedule = ScheduleZBVZeroBubble(stages, n_microbatches=microbatches, loss_fn=F.cross_entropy)
+        first = last = rank == 0
+    else:
+        ranges = resolve_partition(count_blocks(cfg), world, None)
+        blocks = build_blocks(cfg, shape, classes, indices=ranges[rank])
+        module = nn.Sequential(*blocks)
+        stage = PipelineStage(module, rank, world, torch.device("cpu"))
+        schedule_class = ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B
+        schedule = schedule_class(stage, n_microbatches=microbatches, loss_fn=F.cross_entropy)
+        first, last = rank == 0, rank == world - 1
     meter = MemoryMeter().attach(blocks)  # the accounting our stages get (pipeline/memory.py)
-    stage = PipelineStage(module, rank, world, torch.device("cpu"))
-    schedule_class = ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B
-    schedule = schedule_class(stage, n_microbatches=args.microbatches or 4 * world, loss_fn=F.cross_entropy)
-    first, last = rank == 0, rank == world - 1
     source = BatchSource(cfg.data, cfg.run.seed)  # every rank walks the batches: the middle ones to keep count
     steps, timed_from, timed_samples, history = 0, None, 0, []
     started = time.perf_counter()
@@ -75,7 +88,9 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
             for block in blocks:
                 block.optimizer.zero_grad(set_to_none=True)
             with meter.saving():  # every micro-batch's forward and backward run in this call, in this thread
-                if first:
+                if first and last:  # zbv: rank 0 holds the first and the last stage
+                    schedule.step(batch.x, target=batch.y)
+                elif first:
                     schedule.step(batch.x)
                 elif last:
                     schedule.step(target=batch.y)
@@ -120,6 +135,8 @@ def _evaluate(schedule, module, source, first: bool, last: bool, cfg: Config) ->
 
 def run(args: argparse.Namespace) -> dict:
     """Run the K processes; the last stage's rate and history, and every stage's peak memory."""
+    if args.schedule == "zbv" and args.epochs:
+        raise SystemExit("error: --schedule zbv runs --steps only (its evaluation is not wired): drop --epochs")
     context = mp.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     results = context.Queue()
@@ -149,7 +166,8 @@ def run(args: argparse.Namespace) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe")
+    p.add_argument("--schedule", choices=["gpipe", "1f1b", "zbv"], default="gpipe",
+                   help="zbv: torch's ScheduleZBVZeroBubble, two virtual stages per rank (no --epochs: steps only)")
     p.add_argument("--microbatches", type=int, default=None, help="default: 4 x stages")
     p.add_argument("--model", default="mlp")
     p.add_argument("--num-layers", type=int, default=3)

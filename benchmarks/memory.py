@@ -7,8 +7,8 @@ Every contender trains the same network on the same synthetic batches (batch 128
 the MLP) for a few steps, and reports what pipeline/memory.py counts in each process ([Note: memory accounting]):
 the bytes autograd saved for backward (by storage; the peak), parameters and buffers, the gradients alive at once,
 the optimizer state and the messages in flight. Ours runs as `python -m pipeline train` (its stage_stats), at K = 1
-as the sequential trainer; the peers run benchmarks/gpipe.py, whose stage modules get the same meter around each
-schedule step, at every micro-batch count swept (their samples/s over these few steps ride along, to name the
+as the sequential trainer; the peers (GPipe, 1F1B and the V-shaped zero-bubble schedule) run benchmarks/gpipe.py,
+whose stage modules get the same meter around each schedule step, at every micro-batch count swept (their samples/s over these few steps ride along, to name the
 fastest count; it is a rough figure: benchmarks/run.py measures throughput). Ours: whole blocks (even split) in
 the default (overlap) order and in the lean order, with the reference's heads and with cheaper ones (--sim-pool). Writes results.json,
 table.md and memory.png; prints the table.
@@ -82,24 +82,30 @@ def _row(name: str, model: str, stages: int, reports: list[dict], **extra) -> di
             "max_stage": {k: worst.get(k, 0) for k in KEYS}, **extra}
 
 
-def measure(models: list[str], stage_counts: list[int], batch: int, steps: int, microbatches: list[int]) -> list[dict]:
+def measure(models: list[str], stage_counts: list[int], batch: int, steps: int, microbatches: list[int],
+            schedules: tuple[str, ...] = ("gpipe", "1f1b", "zbv"), ours: bool = True) -> list[dict]:
     rows = []
     for model in models:
         flags = MODELS[model]
         for stages in stage_counts:
-            for name, extra in OURS.items():
+            for name, extra in OURS.items() if ours else ():
                 if stages == 1 and "lean" in name:
                     continue  # one process learns block by block anyway
                 rows.append(_row(name, model, stages, _ours(flags, stages, extra, batch, steps)))
                 print(json.dumps(rows[-1]["max_stage"]), name, model, stages, file=sys.stderr, flush=True)
             if stages == 1:
-                rows.append(_row("backprop", model, 1, _ours(flags, 1, ["--loss", "backprop"], batch, steps)))
+                if ours:
+                    rows.append(_row("backprop", model, 1, _ours(flags, 1, ["--loss", "backprop"], batch, steps)))
                 continue
-            for schedule in ("gpipe", "1f1b"):
+            for schedule in schedules:
                 for m in microbatches:
                     if schedule == "1f1b" and m < stages:
                         continue  # torch.distributed.pipelining's 1F1B needs at least K micro-batches
-                    result = _peer(flags, schedule, stages, m, batch, steps)
+                    try:
+                        result = _peer(flags, schedule, stages, m, batch, steps)
+                    except RuntimeError as exc:  # a schedule that refuses this count: say so, go on
+                        print(f"{schedule} M={m} {model} K={stages} failed: {str(exc).splitlines()[-1]}", file=sys.stderr)
+                        continue
                     rows.append(_row(f"{schedule} M={m}", model, stages, result["memory"], samples_per_s=result["samples_per_s"]))
                     print(json.dumps(rows[-1]["max_stage"]), schedule, m, model, stages, file=sys.stderr, flush=True)
     return rows
@@ -151,10 +157,17 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--microbatches", nargs="+", type=int, default=[1, 4, 8, 32])
+    p.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "zbv"], help="the peers (benchmarks/gpipe.py)")
+    p.add_argument("--peers-only", action="store_true", help="only the peers (merged into an existing results.json)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    rows = measure(args.models, args.stages, args.batch_size, args.steps, args.microbatches)
+    rows = measure(args.models, args.stages, args.batch_size, args.steps, args.microbatches, tuple(args.schedules),
+                   ours=not args.peers_only)
+    existing = os.path.join(args.out, "results.json")
+    if args.peers_only and os.path.exists(existing):
+        with open(existing) as f:
+            rows = json.load(f)["rows"] + rows
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"batch_size": args.batch_size, "steps": args.steps, "rows": rows}, f, indent=1)
     text = table(rows)

@@ -158,19 +158,41 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _fsync_folder(folder: str) -> None:
+    """Make the folder's entries (a file renamed into it, a new subfolder) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_replace(tmp: str, path: str) -> None:
+    """Rename a written file into place durably: its bytes reach the disk first (fsync), then the rename (an fsync of
+    its folder), so that after a crash the name never points at bytes that were lost. (POSIX leaves the order in
+    which a file's data and a rename reach the disk to the file system; fsync is the only promise.)"""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_folder(os.path.dirname(path))
+
+
 def save_stage_checkpoint(root: str, state: dict) -> dict:
-    """Write one stage's state into the checkpoint folder of its step; returns its manifest entry."""
+    """Write one stage's state into the checkpoint folder of its step, durably; returns its manifest entry."""
     folder = _folder(root, state["position"]["step"])
-    os.makedirs(folder, exist_ok=True)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, exist_ok=True)
+        _fsync_folder(root)
     path = os.path.join(folder, f"stage-{state['stage']}.pt")
     torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    _durable_replace(path + ".tmp", path)
     return {"stage": state["stage"], "file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": _sha256(path),
             "device": state["device"]}
 
 
 def finish_checkpoint(root: str, position: dict, world: int, files: list[dict], print_: dict) -> str:
-    """Mark a checkpoint complete with its manifest (atomically), then drop all but the newest few."""
+    """Mark a checkpoint complete with its manifest (atomically and durably, after every stage's file is durable: each
+    stage made its own so before it reported its entry), then drop all but the newest few."""
     folder = _folder(root, position["step"])
     devices = {entry.get("device") for entry in files}  # one kind: every stage has the run's --device
     manifest = {"format": CHECKPOINT_FORMAT, "position": position, "stages": world, "files": files, "fingerprint": print_,
@@ -178,8 +200,8 @@ def finish_checkpoint(root: str, position: dict, world: int, files: list[dict], 
     path = os.path.join(folder, MANIFEST)
     with open(path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
-    complete = sorted(glob.glob(os.path.join(root, "step-*", MANIFEST)))
+    _durable_replace(path + ".tmp", path)
+    complete = sorted(glob.glob(os.path.join(root, "step-*", MANIFEST)))  # older ones go once this one is durable
     for old in complete[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(os.path.dirname(old), ignore_errors=True)
     return folder

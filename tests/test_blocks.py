@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from helpers import small_config
-from pipeline.blocks import EpochStats, learning_rate, train_blocks
+from pipeline.blocks import learning_rate, train_blocks
+from pipeline.epoch_stats import EpochStats
 from pipeline.config import OptimConfig
 from pipeline.factories import build_blocks
 

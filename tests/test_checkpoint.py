@@ -241,3 +241,30 @@ def test_a_block_placed_otherwise_than_in_the_checkpoint_is_refused():
         restore_stage(blocks, state)
     with pytest.raises(ConfigError, match=r"places block 2's whole on stage 0, but the checkpoint does not hold it"):
         restore_stage(build_blocks(cfg, (1, 28, 28), 10, indices=[2]), state)
+
+
+def test_a_checkpoint_is_durable_before_its_manifest_names_it_and_before_older_ones_go(tmp_path, monkeypatch):
+    """Every stage file's bytes, then its rename (its folder), are on disk before the manifest is written; the
+    manifest's own bytes and rename too before an older checkpoint is deleted."""
+    import shutil
+
+    from pipeline import checkpoint
+
+    events = []
+    fsync, replace, rmtree = os.fsync, os.replace, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or replace(a, b))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: events.append(("rmtree", str(path))) or rmtree(path, **kw))
+    root = str(tmp_path)
+    for step in (1, 2, 3):  # the third makes the first go (the newest two are kept)
+        events.clear()
+        position = {"epoch": 1, "batch": step, "step": step}
+        files = [checkpoint.save_stage_checkpoint(root, {"stage": k, "position": position, "device": "cpu"}) for k in (0, 1)]
+        checkpoint.finish_checkpoint(root, position, 2, files, {})
+    folder = os.path.join(root, "step-000000003")
+    stage0, stage1, manifest = (os.path.join(folder, name) for name in ("stage-0.pt", "stage-1.pt", MANIFEST))
+    assert events == [("fsync", root),  # the new step folder's entry
+                    ("fsync", stage0 + ".tmp"), ("replace", stage0), ("fsync", folder),
+                    ("fsync", stage1 + ".tmp"), ("replace", stage1), ("fsync", folder),
+                    ("fsync", manifest + ".tmp"), ("replace", manifest), ("fsync", folder),
+                    ("rmtree", os.path.join(root, "step-000000001"))]

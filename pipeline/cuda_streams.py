@@ -100,7 +100,9 @@ def stage_streams(device: torch.device) -> NoStreams:
 
 class ComputeTimer:
     """Seconds of compute: wall time on CPU; on a GPU, the time between CUDA events on the compute stream,
-    read only once they have completed (no host sync to time a step)."""
+    read only once they have completed (no host sync to time a step). A wait for another stage inside a timed
+    span (paused()) ends the span and starts a new one after it, so neither count includes it: on a GPU the
+    stream idles while the host waits, and events around the wait would count that idle time as compute."""
 
     def __init__(self, device: torch.device | None):
         self.device = device
@@ -115,14 +117,28 @@ class ComputeTimer:
             self._started = torch.cuda.Event(enable_timing=True)
             self._started.record(torch.cuda.current_stream(self.device))
 
-    def stop(self, excluded_s: float = 0.0) -> None:
-        """End a timed span; `excluded_s` is CPU time inside it spent waiting (only on CPU is it wall time)."""
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave what runs inside (a wait for a peer) out of the timed span, if one is running."""
+        if self._started is None:
+            yield
+            return
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
+
+    def stop(self) -> None:
+        """End a timed span."""
         if self.device is None:
-            self.seconds += time.perf_counter() - self._started - excluded_s
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
             return
         end = torch.cuda.Event(enable_timing=True)
         end.record(torch.cuda.current_stream(self.device))
         self._pending.append((self._started, end))
+        self._started = None
         while self._pending and self._pending[0][1].query():  # completed spans: their time is known, no sync
             begin, done = self._pending.pop(0)
             self.seconds += begin.elapsed_time(done) / 1e3

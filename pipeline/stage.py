@@ -94,6 +94,7 @@ class Stage:
         self._eval_hits: list[torch.Tensor | None] = [None] * len(self.tested)
         self._eval_examples = 0
         self.timer = self.streams.timer()  # compute seconds (GPU time from CUDA events on a GPU)
+        self.io.pause = self.timer.paused  # a wait for a peer is not compute
         self.started = time.perf_counter()
         self.fault = InjectedFault(rank)  # none unless a fault test asks for one (pipeline/faults.py)
         # the last stage keeps the run's metrics
@@ -131,12 +132,11 @@ class Stage:
         elif self.is_last and self._bar is None:  # resumed in the middle of this epoch
             self._begin_epoch(msg, reset=False)
         io = self.io
-        blocked, waited = io.blocked_s, io.error_wait_s
         self.watch.begin(msg.epoch, msg.index)  # the flags of earlier batches are read here every few batches
-        self.timer.start()
+        self.timer.start()  # waits for a peer inside are left out (io.pause)
         with self.fault.around(msg.index, self.blocks), self.memory.saving():
             self._train_step(msg)
-        self.timer.stop(excluded_s=(io.blocked_s - blocked) + (io.error_wait_s - waited))
+        self.timer.stop()
         io.raise_helper_failure()
         if self.is_last:
             self.throughput.batch_done(len(msg.tensors[1]))

@@ -12,10 +12,11 @@ Exceptions in a helper thread are carried to the compute thread and re-raised th
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 from pipeline.cuda_streams import NoStreams
 from pipeline.memory import MemoryMeter
@@ -62,6 +63,7 @@ class StageIO:
                  memory: MemoryMeter | None = None):
         self.rank, self.links, self.incoming, self.streams = rank, links, incoming, streams
         self.memory = memory  # counts the bytes of every message from arrival (or creation) to its release
+        self.pause: Callable[[], ContextManager] = contextlib.nullcontext  # what a wait for a peer runs under
         self.stall_timeout, self.stop = stall_timeout, stop
         self.in_queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self.out_queue: queue.Queue = queue.Queue(maxsize=queue_depth)
@@ -196,7 +198,8 @@ class StageIO:
             self.streams.accept(item.tensors, item.ready)
             return item
         started = time.perf_counter()
-        item = self.take(self.errors, what)
+        with self.pause():
+            item = self.take(self.errors, what)
         waited = time.perf_counter() - started
         self.error_wait_s += waited
         self.slowest_gap = max(self.slowest_gap, waited)  # a slow gradient's stage is not taken for gone when stopping
@@ -214,12 +217,18 @@ class StageIO:
         while True:
             self.raise_helper_failure()
             try:
-                self.out_queue.put(msg, timeout=POLL_S)
+                self.out_queue.put_nowait(msg)
                 break
             except queue.Full:
-                waited = time.perf_counter() - started
-                if waited > self.patience():
-                    raise self.stalled(waited, f"stage {self.rank + 1} to take a batch") from None
+                pass
+            with self.pause():  # backpressure: the next stage is behind
+                try:
+                    self.out_queue.put(msg, timeout=POLL_S)
+                    break
+                except queue.Full:
+                    waited = time.perf_counter() - started
+                    if waited > self.patience():
+                        raise self.stalled(waited, f"stage {self.rank + 1} to take a batch") from None
         self.blocked_s += time.perf_counter() - started
 
     def put_error(self, msg: Message) -> None:

@@ -170,3 +170,46 @@ def test_no_device_wide_synchronize_in_a_stage_run(monkeypatch):
     fake, stages, streams = _two_stages(monkeypatch, cfg)
     _run(stages, fake, streams)
     assert sorted(fake.device_syncs) == ["compute0", "compute1"]
+
+
+class _ClockEvent:
+    """A CUDA event on a fake stream that runs as the host does: record() reads the host clock."""
+
+    def __init__(self, enable_timing=False):
+        self.at = None
+
+    def record(self, stream=None):
+        import time
+
+        self.at = time.perf_counter()
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return 1e3 * (other.at - self.at)
+
+
+def test_gpu_compute_time_leaves_out_the_waits_for_a_peer(monkeypatch):
+    """On a GPU, compute time is measured between events on the compute stream; a wait for dL/dh (or for room
+    downstream) inside the span must end it, or the stream's idle time counts as compute (issue: split stages'
+    busy_fraction overstated). The wait runs under io.pause, as in Stage._train."""
+    import time
+
+    from pipeline.cuda_streams import ComputeTimer
+
+    monkeypatch.setattr(torch.cuda, "Event", _ClockEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    timer = ComputeTimer(torch.device("cuda", 0))
+    timer.start()
+    time.sleep(0.05)  # compute
+    with timer.paused():
+        time.sleep(0.3)  # waiting for a peer
+    time.sleep(0.05)
+    timer.stop()
+    with timer.paused():  # outside a span: nothing to leave out
+        time.sleep(0.01)
+    assert 0.09 <= timer.total() < 0.25

@@ -42,6 +42,7 @@ class Block(nn.Module):
         self.index = index
         self.optimizer: torch.optim.Optimizer | None = None
         self.generator: torch.Generator | None = None
+        self.host_generator: torch.Generator | None = None  # a GPU block's CPU draws (torch.randperm(n) without device=)
         self.stats = EpochStats()
         self.skip_nonfinite = False  # skip an update whose loss is not finite instead of stopping the run
         self.skipped = 0  # updates skipped so far, counted when the watch reads their flags
@@ -67,7 +68,9 @@ class Block(nn.Module):
         a user's layer): the same numbers in any process, whatever else that process draws.
 
         The default generator of the block's device takes the block generator's state for the duration and hands
-        the advanced state back, so it is as if the modules had been given the block's generator.
+        the advanced state back, so it is as if the modules had been given the block's generator. A block on a GPU
+        also has a generator of its own for what its modules draw on the CPU, swapped in the same way: every
+        generator a block can draw from is its own.
         """
         generator = self.generator
         if generator is None:
@@ -76,13 +79,18 @@ class Block(nn.Module):
         device = generator.device
         default = torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[
             device.index if device.index is not None else torch.cuda.current_device()]
-        saved = default.get_state()
-        default.set_state(generator.get_state())
+        pairs = [(default, generator)]
+        if self.host_generator is not None:
+            pairs.append((torch.default_generator, self.host_generator))
+        saved = [d.get_state() for d, _ in pairs]
+        for d, own in pairs:
+            d.set_state(own.get_state())
         try:
             yield
         finally:
-            generator.set_state(default.get_state())
-            default.set_state(saved)
+            for (d, own), state in zip(pairs, saved):
+                own.set_state(d.get_state())
+                d.set_state(state)
 
     @contextlib.contextmanager
     def computing(self) -> Iterator[None]:

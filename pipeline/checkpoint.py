@@ -100,6 +100,7 @@ def stage_state(blocks: list[Block], rank: int, world: int, position: dict, prin
             "model": block.state_dict(),
             "optimizer": block.optimizer.state_dict(),
             "generator": block.generator.get_state(),
+            "host_generator": block.host_generator.get_state() if block.host_generator is not None else None,
             "part": block.part,  # whole, or the half of a split block this stage trains
             "stats": {"loss_sum": torch.as_tensor(stats.loss_sum), "hits": torch.as_tensor(stats.hits),
                       "examples": stats.examples, "scored": stats.scored},
@@ -136,6 +137,8 @@ def restore_stage(blocks: list[Block], state: dict) -> None:
         block.load_state_dict(saved["model"])
         block.optimizer.load_state_dict(saved["optimizer"])
         block.generator.set_state(saved["generator"].to("cpu"))
+        if block.host_generator is not None and saved.get("host_generator") is not None:
+            block.host_generator.set_state(saved["host_generator"])
         stats = saved["stats"]
         device = next(block.parameters()).device
         block.stats.loss_sum = stats["loss_sum"].to(device)

@@ -235,6 +235,8 @@ def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: in
         block.optim_config = _optim_config(cfg, network.blocks[index], index)
         block.attach(make_optimizer(block.parameters(), block.optim_config),
                      generator(cfg.run.seed, "dropout", index, device=device))
+        if torch.device(device).type != "cpu":
+            block.host_generator = generator(cfg.run.seed, "host draws", index)
         blocks.append(block)
     return blocks
 

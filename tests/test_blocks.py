@@ -160,3 +160,39 @@ def test_epoch_stats_leave_out_a_flagged_update_once_the_watch_reads_it():
     assert block.skipped == 0  # nothing read yet
     watch.check()
     assert block.skipped == 1 and block.stats.summary() == {"loss": 2.0, "error": 50.0}
+
+
+class _FakeCudaGenerator:
+    """Stands in for a CUDA generator (the block's device generator, and the device's default one)."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self):
+        self.state = torch.tensor([0])
+
+    def get_state(self):
+        return self.state.clone()
+
+    def set_state(self, state):
+        self.state = state.clone()
+
+
+def test_a_gpu_blocks_cpu_draws_come_from_its_own_generator(monkeypatch):
+    """A block on a GPU whose module draws on the CPU (torch.randperm(n) without device=) draws the same numbers in
+    every process: own_randomness swaps in the block's host generator as well as its device one."""
+    from pipeline.seeding import generator
+
+    monkeypatch.setattr(torch.cuda, "default_generators", [_FakeCudaGenerator()], raising=False)
+    block = build_blocks(small_config(), (1, 28, 28), 10)[0]
+    block.generator, block.host_generator = _FakeCudaGenerator(), generator(3, "host draws", 0)
+    draws = []
+    for noise in (0, 7):  # two processes that drew differently before
+        block.host_generator = generator(3, "host draws", 0)
+        torch.manual_seed(noise)
+        torch.rand(noise)
+        global_before = torch.default_generator.get_state()
+        with block.own_randomness():
+            draws.append(torch.randperm(10))
+        assert torch.equal(torch.default_generator.get_state(), global_before)  # the process's own stream untouched
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(draws[0], torch.randperm(10, generator=generator(3, "host draws", 0)))

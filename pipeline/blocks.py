@@ -182,6 +182,8 @@ def head_loss(heads: nn.Module, h: torch.Tensor, y: torch.Tensor) -> tuple[torch
 class LocalBlock(Block):
     """A hidden block of a user's network: layer(x) = h, where its heads take their loss; after(h) goes on."""
 
+    _after_in_place: bool | None = None  # whether `after` changes h in place; None until forward_local finds out
+
     def __init__(self, index: int, layer: nn.Module, heads: nn.Module | None, after: nn.Module | None = None):
         super().__init__(index)
         self.layer = layer
@@ -212,9 +214,16 @@ class LocalBlock(Block):
     def forward_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, the detached output): the local loss is taken on h, so nothing after it is ever differentiated, and
         `after` (dropout, pooling) runs without a graph: what it would save for backward (a max pool's input and
-        indices) is never kept. The same numbers as forward_train."""
+        indices) is never kept. The same numbers as forward_train. An `after` that changes h in place (a
+        ReLU(inplace=True)) changes what the heads see, and its graph must then stay: the first step finds out, with
+        a graph, from h's version counter, and such a block keeps running `after` with one."""
         self.train()
         h = self.activation(x)
+        if self._after_in_place is not False:  # not known yet, or known to change h in place
+            version = h._version
+            out = self.emit(h)
+            self._after_in_place = h._version != version
+            return h, out.detach()
         with torch.no_grad():
             return h, self.emit(h).detach()  # (without `after`, emit gives h itself)
 

@@ -118,8 +118,13 @@ class MemoryMeter:
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
         """Count what the graphs made in this thread save, until they release it."""
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
-            yield
+        previous = getattr(_ACTIVE, "meter", None)
+        _ACTIVE.meter = self
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
+                yield
+        finally:
+            _ACTIVE.meter = previous
 
     @contextlib.contextmanager
     def part(self, name: str) -> Iterator[None]:
@@ -180,6 +185,19 @@ class MemoryMeter:
         if device is not None and device.type == "cuda":
             report["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         return report
+
+
+_ACTIVE = threading.local()  # the meter counting in this thread, if any
+
+
+def saved_tensors_hooks_under_meter(pack) -> contextlib.AbstractContextManager:
+    """torch.autograd.graph.saved_tensors_hooks(pack, ...) that still reports to the meter counting in this thread:
+    PyTorch runs only the innermost pair of hooks, so hooks of one's own inside MemoryMeter.saving() would
+    otherwise hide every saved tensor from it (what `pack` returns is what the graph keeps, and is counted)."""
+    meter = getattr(_ACTIVE, "meter", None)
+    if meter is None:
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    return torch.autograd.graph.saved_tensors_hooks(lambda tensor: meter._pack(pack(tensor)), _unpack)
 
 
 def _unpack(saved: _Saved) -> torch.Tensor:

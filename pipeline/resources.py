@@ -61,7 +61,8 @@ def check_batch_size(cfg: Config) -> None:
     normed = [i for i, block in enumerate(resolve(cfg)[2].blocks) if block.batch_norm]
     if batch == 1 and normed:
         raise ConfigError(f"--batch-size 1 cannot train batch norm (block {normed[0]} has it, and a batch of one has no "
-                          f"variance): use a batch of at least 2, or a network without batch norm")
+                          f"variance where it normalises one value per channel): use a batch of at least 2, or a "
+                          f"network without batch norm")
 
 
 def block_bytes(cfg: Config) -> list[tuple[int, int]]:

@@ -160,11 +160,12 @@ def agree_initial_weights(cfg: Config, rank: int, world: int, blocks: list, plac
     stage builds the blocks of the next stage too, and a block whose checksums differ is refused on every rank."""
     if world == 1:
         return
-    mine = {block.index: weights_checksum(block) for block in blocks}
-    mine.update(initial_checksums(cfg, placement.ranges[(rank + 1) % world]))
+    # the blocks it trains and its rebuilds of the next stage's, kept apart: a split block is in both
+    mine = [[block.index, weights_checksum(block)] for block in blocks]
+    mine += [[index, checksum] for index, checksum in initial_checksums(cfg, placement.ranges[(rank + 1) % world]).items()]
     seen: dict[int, list[tuple[int, str]]] = {}
     for other, text in enumerate(exchange_strings(json.dumps(mine))):
-        for index, checksum in json.loads(text).items():
+        for index, checksum in json.loads(text):
             seen.setdefault(int(index), []).append((other, checksum))
     for index in sorted(seen):
         (first, expected), *others = seen[index]

@@ -196,3 +196,21 @@ def test_a_gpu_blocks_cpu_draws_come_from_its_own_generator(monkeypatch):
         assert torch.equal(torch.default_generator.get_state(), global_before)  # the process's own stream untouched
     assert torch.equal(draws[0], draws[1])
     assert torch.equal(draws[0], torch.randperm(10, generator=generator(3, "host draws", 0)))
+
+
+def test_an_after_that_changes_h_in_place_keeps_its_graph():
+    """after = ReLU(inplace=True) changes the h the heads learn from: the gradient must go through it, as it did
+    before `after` ran without a graph (forward_local finds such an after out on the first step)."""
+    import copy
+
+    def run(local: bool):
+        block = copy.deepcopy(template)
+        x, y = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10
+        for _ in range(2):  # the second step takes the path the first one chose
+            h, _ = block.forward_local(x) if local else block.forward_train(x)
+            block.learn(h, y)
+        return block.layer[1].weight.detach()
+
+    template = build_blocks(small_config(model="networks.plain:in_place_after"), (1, 28, 28), 10)[0]
+    assert torch.equal(run(local=True), run(local=False))
+

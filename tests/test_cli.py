@@ -63,7 +63,7 @@ BAD_INPUT = [
     (["--stages", "0"], "--stages must be >= 1, got 0"),
     (["--stages", "-3"], "--stages must be >= 1, got -3"),
     (["--batch-size", "65"], "--batch-size 65 is larger than the 64 examples of the synthetic training set"),
-    (["--batch-size", "1"], "--batch-size 1 cannot train batch norm (block 0 has it, and a batch of one has no variance)"),
+    (["--batch-size", "1"], "--batch-size 1 cannot train batch norm (block 0 has it, and a batch of one has no variance where it normalises one value per channel)"),
     (["--out", "/proc/nope"], "--out /proc/nope cannot be written"),
     (["--checkpoint-dir", "/proc/nope", "--checkpoint-every", "5"], "--checkpoint-dir /proc/nope cannot be written"),
 ]

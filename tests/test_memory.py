@@ -100,3 +100,19 @@ def test_gradients_and_messages_are_counted_while_alive():
     assert meter.messages.total == x.nbytes + y.nbytes
     release()
     assert released and meter.messages.total == 0 and meter.messages.peak == x.nbytes + y.nbytes
+
+
+def test_hooks_of_a_delayed_update_inside_the_meter_are_still_counted():
+    """Delayed updates (async DFA, --heads-max-delay) keep the forward-time weights with saved-tensor hooks of their
+    own; PyTorch runs only the innermost hooks, so they report to the meter themselves."""
+    from pipeline.feedback import keep_weights_at_forward
+
+    layer = torch.nn.Linear(50, 50)
+    meter = MemoryMeter()
+    x = torch.randn(200, 50, requires_grad=True)  # (so that the weight is saved too, for x's gradient)
+    with meter.saving(), keep_weights_at_forward(list(layer.parameters())):
+        out = torch.tanh(layer(x))
+    # x (40000 bytes), tanh's output (40000) and the kept copy of the weight (10000)
+    assert meter.saved_now() == x.nbytes + out.nbytes + layer.weight.nbytes
+    out.sum().backward()
+    assert meter.saved_now() == 0 and layer.weight.grad is not None

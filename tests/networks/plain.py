@@ -52,3 +52,9 @@ def normed_heads(ctx: lp.NetworkContext) -> lp.Network:
     return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU()),
                                     rule=lambda: _NormedHead(32, ctx.num_classes)),
                        lp.OutputSpec(lambda: nn.Linear(32, ctx.num_classes))])
+
+
+def in_place_after(ctx: lp.NetworkContext) -> lp.Network:
+    """A block whose `after` changes its activation in place (the heads then learn from relu(h))."""
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32)), after=lambda: nn.ReLU(inplace=True)),
+                       lp.OutputSpec(lambda: nn.Linear(32, ctx.num_classes))])

@@ -215,8 +215,9 @@ class LocalBlock(Block):
         """(h, the detached output): the local loss is taken on h, so nothing after it is ever differentiated, and
         `after` (dropout, pooling) runs without a graph: what it would save for backward (a max pool's input and
         indices) is never kept. The same numbers as forward_train. An `after` that changes h in place (a
-        ReLU(inplace=True)) changes what the heads see, and its graph must then stay: the first step finds out, with
-        a graph, from h's version counter, and such a block keeps running `after` with one."""
+        ReLU(inplace=True)) changes what the heads see, and its graph must then stay: the dry run finds out from h's
+        version counter (a block built otherwise finds out on its first step, with a graph), and such a block keeps
+        running `after` with one."""
         self.train()
         h = self.activation(x)
         if self._after_in_place is not False:  # not known yet, or known to change h in place

@@ -35,6 +35,7 @@ class BlockShape:
     heads: bool  # has local heads (a local rule or a user's head)
     structure: str  # parameter and buffer names and shapes, for the fingerprint
     batch_norm: bool = False  # has a batch norm (it cannot train on a batch of one)
+    after_in_place: bool = False  # its `after` changes the activation in place (see LocalBlock.forward_local)
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,13 @@ def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> Net
                     raise
                 raise _BlockFailed(f"block {index} cannot take {where}, shape {in_shape} per example "
                                    f"({type(exc).__name__}: {first_line(exc)})") from None
+            in_place = False
             if index < last:
                 _tensor(h, index, "its layer")
                 try:
+                    version = h._version
                     out = bare.emit(h)
+                    in_place = h._version != version
                 except Exception as exc:
                     if device.type == "meta":
                         raise
@@ -121,7 +125,8 @@ def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> Net
                                  sum(p.numel() for p in block.parameters() if p.requires_grad),
                                  bool(getattr(heads, "uses_sim", False)), isinstance(block, FeedbackTrained), heads is not None,
                                  f"{type(block).__name__}[{structure}]",
-                                 any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in block.modules())))
+                                 any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in block.modules()),
+                                 in_place))
         x = out
     return NetworkShape(shapes)
 

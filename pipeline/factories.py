@@ -229,6 +229,8 @@ def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: in
     blocks = []
     for index in chosen:
         block = _fresh_block(cfg, network, ctx, shape, index)
+        if hasattr(block, "_after_in_place"):  # known from the dry run: no step with a graph to find out
+            block._after_in_place = shape.blocks[index].after_in_place
         block.to(device)
         block.skip_nonfinite = cfg.run.skip_nonfinite
         block.precision, block.scaler = precision, precision.scaler()

@@ -212,5 +212,9 @@ def test_an_after_that_changes_h_in_place_keeps_its_graph():
         return block.layer[1].weight.detach()
 
     template = build_blocks(small_config(model="networks.plain:in_place_after"), (1, 28, 28), 10)[0]
+    assert template._after_in_place is True  # the dry run saw it
     assert torch.equal(run(local=True), run(local=False))
+    template._after_in_place = None  # a block built outside build_blocks finds out on its first step
+    assert torch.equal(run(local=True), run(local=False))
+    assert build_blocks(small_config(), (1, 28, 28), 10)[0]._after_in_place is False  # dropout: no graph from step 1
 

@@ -104,6 +104,10 @@ def _maker(children: OrderedDict, lazy: bool) -> Callable[[], nn.Module]:
         device = torch.get_default_device()
         if device.type == "meta":  # the dry run: shapes only
             return part
+        shared = len({id(p) for p in part.parameters()}) < len(list(part.named_parameters(remove_duplicate=False)))
+        if shared:  # to_empty would give each use a tensor of its own: the tie would be lost without a word
+            raise ConfigError("from_modules: a block shares parameters between its modules (tied weights), which "
+                              "lazy building cannot keep: pass the model built, not a function")
         part.to_empty(device=device)
         _initialise(part)
         return part

@@ -334,6 +334,13 @@ def test_from_modules_refuses_what_it_cannot_cut_or_initialise():
         lp.from_modules(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Linear(3, 2)), starts=["layer9"])
     with pytest.raises(lp.ConfigError, match="2 rules for 1 hidden blocks"):
         lp.from_modules(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Linear(3, 2)), rules=[None, None])
+    def tied():
+        first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        second.weight = first.weight
+        return torch.nn.Sequential(torch.nn.Sequential(first, second), torch.nn.Linear(4, 2))
+
+    with pytest.raises(lp.ConfigError, match="shares parameters between its modules"):
+        lp.from_modules(tied).blocks[0].layer()
     network = lp.from_modules(lambda: torch.nn.Sequential(Scale(), torch.nn.Flatten(), torch.nn.Linear(3 * 4, 2)),
                               starts=[0, 1])
     with pytest.raises(lp.ConfigError, match=r"Scale \(0\) has parameters or buffers but no reset_parameters"):

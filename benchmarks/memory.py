@@ -55,10 +55,9 @@ def _ours(model: list[str], stages: int, extra: list[str], batch: int, steps: in
 
 
 def _peer(model: list[str], schedule: str, stages: int, microbatches: int, batch: int, steps: int) -> dict:
-    flags = [f for f in model]
     command = [sys.executable, os.path.join(HERE, "gpipe.py"), "--schedule", schedule, "--stages", str(stages),
                "--microbatches", str(microbatches), "--steps", str(steps), "--warmup", "1", "--batch-size", str(batch),
-               "--synthetic-train-size", str(batch * (steps + 2)), *_gpipe_flags(flags)]
+               "--synthetic-train-size", str(batch * (steps + 2)), *_gpipe_flags(model)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)}\n{proc.stderr[-3000:]}")

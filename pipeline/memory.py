@@ -97,6 +97,7 @@ class MemoryMeter:
         self.saved = LiveBytes()
         self.messages = LiveBytes()
         self.blocks: list[Block] = []
+        self._parameters: list[torch.Tensor] = []
         self.model_storages: set[tuple] = set()  # the blocks' parameters and buffers
         self.gradient_peak = 0
         self._part = threading.local()
@@ -108,6 +109,7 @@ class MemoryMeter:
         """Account for these blocks (a process's own, or a baseline's stage modules): their parameters, buffers,
         gradients and optimizer state (`.optimizer`, where they have one); their blocks report their steps here."""
         self.blocks = list(blocks)
+        self._parameters = [p for block in blocks for p in block.parameters()]  # read before every optimizer step
         for block in blocks:
             block.memory = self
             self.model_storages.update(LiveBytes.key(t) for t in [*block.parameters(), *block.buffers()])
@@ -147,7 +149,7 @@ class MemoryMeter:
 
     def before_step(self) -> None:
         """Called before an optimizer step: the gradients alive now in any of the process's blocks."""
-        alive = sum(p.grad.nbytes for block in self.blocks for p in block.parameters() if p.grad is not None)
+        alive = sum(p.grad.nbytes for p in self._parameters if p.grad is not None)
         self.gradient_peak = max(self.gradient_peak, alive)
 
     # ---- messages -------------------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ class MemoryMeter:
 
     def report(self, device: torch.device | None = None) -> dict:
         """Peak bytes of each kind (summary.json's `memory`, and each stage's in stage_stats)."""
-        parameters = [p for block in self.blocks for p in block.parameters()]
+        parameters = self._parameters
         optimizer = sum(t.nbytes for block in self.blocks if getattr(block, "optimizer", None) is not None
                         for state in block.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
         saved = self.saved.peak_by_tag

@@ -1,7 +1,8 @@
 """Local launcher: start the K stage processes on this host (the emulation mode), watch them, end them together.
 
 It plays torchrun's part for one host: a rendezvous store, one process per stage with its rank, and
-supervision: when a stage fails, the others are stopped within seconds and the run exits non-zero.
+supervision: when a stage fails, the others are stopped within seconds and the run exits non-zero, or, with
+--max-restarts N, all stages start again from the newest complete checkpoint (as torchrun --max-restarts does).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pipeline.checkpoint import verify_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.data import check_available
 from pipeline.factories import check_network
-from pipeline.interrupt import ABORT_AFTER_S
+from pipeline.interrupt import ABORT_AFTER_S, STOP_SIGNALS
+from pipeline.restarts import EXIT_STOPPED, RESTART_ENV, record_start, resolve_resume
 from pipeline.runtime import gradient_links, guarded, run_stage
 from pipeline.transport.local import make_queues
 
@@ -41,12 +43,13 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def stage_process(cfg: Config, rank: int, world: int, store_port: int, queues: dict | None, parent: int) -> None:
-    """Body of one stage process started by the launcher."""
+def stage_process(cfg: Config, rank: int, world: int, store_port: int, queues: dict | None, parent: int,
+                  number: int = 0) -> None:
+    """Body of one stage process started by the launcher, in its attempt `number` (0, then 1 after a restart...)."""
     _die_with_parent(parent)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port))
-    store = dist.TCPStore("127.0.0.1", store_port, is_master=False)
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port), **{RESTART_ENV: str(number)})
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False)  # run_stage meets under this attempt's prefix
     sys.exit(guarded(rank, lambda: run_stage(cfg, rank, world, rank, world, store=store, local_queues=queues)))
 
 
@@ -75,13 +78,18 @@ def _cause(exitcode: int) -> str:
 
 
 def supervise(processes: list, device: str = "cpu") -> int:
-    """Wait for all stages; at the first failure stop the rest and return its exit code (1, or 2 for bad config)."""
+    """Wait for all stages; at the first failure stop the rest and return its exit code (1, or 2 for bad config).
+    A run stopped early by a signal, its checkpoint written, returns EXIT_STOPPED."""
     pending = {process.sentinel: process for process in processes}
+    stopped = False
     try:
         while pending:
             for sentinel in multiprocessing.connection.wait(list(pending), timeout=1.0):
                 process = pending.pop(sentinel)
                 process.join()
+                if process.exitcode == EXIT_STOPPED:
+                    stopped = True
+                    continue
                 if process.exitcode == 2:  # a bad configuration, found at start-up: the stage has said why
                     _stop(list(pending.values()), terminate=False)
                     return 2
@@ -93,7 +101,7 @@ def supervise(processes: list, device: str = "cpu") -> int:
     except KeyboardInterrupt:
         _stop(list(pending.values()))
         raise
-    return 0
+    return EXIT_STOPPED if stopped else 0
 
 
 def preflight(cfg: Config) -> None:
@@ -122,39 +130,65 @@ def preflight(cfg: Config) -> None:
 
 
 def launch(cfg: Config) -> int:
-    """Run a K-stage pipeline on this host; returns the exit code."""
+    """Run a K-stage pipeline on this host; returns the exit code. After a failure the stages are started again, up
+    to --max-restarts times, each time from the newest complete checkpoint (pipeline/restarts.py)."""
+    given = cfg
+    cfg = resolve_resume(given, 0)
     preflight(cfg)
-    world = cfg.pipeline.stages
-    context = mp.get_context("spawn")
+    record_start(cfg, 0)
     store = dist.TCPStore("127.0.0.1", cfg.pipeline.master_port, is_master=True, wait_for_workers=False)
-    queues = None
-    if cfg.pipeline.transport == "local":
-        queues = make_queues(context, world, cfg.pipeline.queue_depth, gradient_links(cfg, None, world))
-    processes = [context.Process(target=stage_process, args=(cfg, rank, world, store.port, queues, os.getpid()),
-                                 name=f"stage {rank}", daemon=False) for rank in range(world)]
-    for process in processes:
-        process.start()
-    handlers = {sig: signal.signal(sig, _forwarder(processes)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    processes: list = []
+    forward = _forwarder(processes)
+    handlers = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
-        return supervise(processes, cfg.run.device)
+        number = 0
+        while True:
+            started, queues = _start(cfg, store.port, number)  # the queues live until the attempt ends
+            processes[:] = started
+            code = supervise(processes, cfg.run.device)
+            del queues
+            if code in (0, 2, EXIT_STOPPED) or forward.signalled or number >= cfg.run.max_restarts:
+                return code
+            number += 1
+            print(f"restart {number} of {cfg.run.max_restarts}", file=sys.stderr, flush=True)
+            cfg = resolve_resume(given, number)
+            record_start(cfg, number)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
 
+def _start(cfg: Config, store_port: int, number: int) -> tuple[list, dict | None]:
+    """Start the K stage processes of attempt `number`; returns them and the local transport's queues, which the
+    launcher must keep until they end (a queue freed here takes its semaphores with it before a child opens them)."""
+    world = cfg.pipeline.stages
+    context = mp.get_context("spawn")
+    queues = None
+    if cfg.pipeline.transport == "local":
+        queues = make_queues(context, world, cfg.pipeline.queue_depth, gradient_links(cfg, None, world))
+    processes = [context.Process(target=stage_process, args=(cfg, rank, world, store_port, queues, os.getpid(), number),
+                                 name=f"stage {rank}", daemon=False) for rank in range(world)]
+    for process in processes:
+        process.start()
+    return processes, queues
+
+
 def _forwarder(processes: list):
-    """Signal handler of the launcher: pass the first SIGINT/SIGTERM on to every stage (which checkpoint and stop
-    cleanly); a repeat after ABORT_AFTER_S aborts them (a terminal's Ctrl-C reaches the stages directly, too)."""
+    """Signal handler of the launcher: pass the first SIGINT/SIGTERM/SIGUSR1 on to every stage (which checkpoint and
+    stop cleanly, and are not restarted); a repeat after ABORT_AFTER_S aborts them (a terminal's Ctrl-C reaches the
+    stages directly, too)."""
     first: list[float] = []
 
     def handle(signum: int, frame) -> None:
         now = time.monotonic()
         if not first:
             first.append(now)
+            handle.signalled = True
             for process in processes:
                 if process.is_alive():
                     os.kill(process.pid, signum)
         elif now - first[0] > ABORT_AFTER_S:
             raise KeyboardInterrupt
 
+    handle.signalled = False
     return handle

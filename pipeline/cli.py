@@ -229,6 +229,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=_every, default=None, metavar="N|Ne",
                    help="checkpoint every N training batches, or every N epochs with a trailing e (e.g. 2e)")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    g.add_argument("--auto-resume", action="store_true",
+                   help="continue from the newest complete checkpoint if there is one, else start: for requeued jobs")
+    g.add_argument("--max-restarts", type=int, default=r.max_restarts, metavar="N",
+                   help="restart the stages up to N times after a failure, resuming from the newest checkpoint "
+                        "(local launcher; under torchrun use its --max-restarts)")
     g.add_argument("--log-alignment", type=int, default=None, metavar="N",
                    help="every N steps log each layer's angle to the backprop gradient")
 
@@ -252,6 +257,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
     if world is not None:
         if stages is not None and stages != world[1]:
             raise ConfigError(f"--stages {stages} but torchrun started {world[1]} processes: drop --stages or match them")
+        if a.max_restarts:
+            raise ConfigError("--max-restarts is the local launcher's: under torchrun give torchrun --max-restarts N")
         stages = world[1]
     return Config(
         model=ModelConfig(name=a.model, num_layers=a.num_layers, num_hidden=a.num_hidden, hidden_sizes=a.hidden_sizes,
@@ -275,7 +282,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
                       progress=not a.no_progress, tensorboard=a.tensorboard, log_alignment=a.log_alignment, skip_nonfinite=a.skip_nonfinite,
                       precision=a.precision,
                       deterministic=a.deterministic,
-                      checkpoint_dir=a.checkpoint_dir, resume=a.resume, warmup_batches=a.warmup_batches,
+                      checkpoint_dir=a.checkpoint_dir, resume=a.resume,
+                      auto_resume=a.auto_resume, max_restarts=a.max_restarts, warmup_batches=a.warmup_batches,
                       checkpoint_every=a.checkpoint_every[0] if a.checkpoint_every else None,
                       checkpoint_unit=a.checkpoint_every[1] if a.checkpoint_every else "batch",
                       alignment_batches=getattr(a, "align_batches", RunConfig().alignment_batches)),
@@ -284,9 +292,15 @@ def config_from_args(a: argparse.Namespace) -> Config:
 
 def run_train(cfg: Config) -> int:
     """Dispatch a checked config: a torchrun rank, the local launcher for K > 1, or the sequential trainer."""
-    if torchrun_world() is not None:
+    from pipeline.restarts import EXIT_STOPPED, attempt, record_start, resolve_resume
+
+    world = torchrun_world()
+    if world is not None:  # every worker of a torchrun group, started or restarted by its agent
         from pipeline.runtime import run_stage_from_env
 
+        cfg = resolve_resume(cfg, attempt(), say=world[0] == 0)
+        if world[0] == 0:
+            record_start(cfg, attempt())
         return run_stage_from_env(cfg)
     if cfg.pipeline.stages > 1:
         from launch.local import launch
@@ -295,9 +309,9 @@ def run_train(cfg: Config) -> int:
     from pipeline.interrupt import StopRequest
     from pipeline.sequential import SequentialTrainer
 
-    trainer = SequentialTrainer(cfg)
-    trainer.run(StopRequest().install())
-    return EXIT_OK
+    trainer = SequentialTrainer(resolve_resume(cfg, 0))
+    summary = trainer.run(StopRequest().install())
+    return EXIT_STOPPED if summary["stopped_at"] else EXIT_OK
 
 
 def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

@@ -288,6 +288,12 @@ class RunConfig:
     """batch or epoch: what checkpoint_every counts."""
     resume: bool = False
     """Continue from the newest complete checkpoint in checkpoint_dir."""
+    auto_resume: bool = False
+    """Continue from the newest complete checkpoint in checkpoint_dir if there is one, else start from the beginning:
+    the same command starts a run and continues it (a requeued cluster job; see pipeline/restarts.py)."""
+    max_restarts: int = 0
+    """The local launcher restarts the stages this many times after a failure, each time resuming from the newest
+    complete checkpoint (under torchrun, give torchrun --max-restarts instead)."""
     warmup_batches: int = 1
     """Training batches at the start of each epoch left out of the samples/s figures (at least one)."""
     skip_nonfinite: bool = False
@@ -318,8 +324,9 @@ class RunConfig:
             from pipeline.tensorboard_log import check_available
 
             check_available()
-        _require(self.checkpoint_dir is not None or not (self.resume or self.checkpoint_every),
-                 "--resume and --checkpoint-every need --checkpoint-dir DIR")
+        _require(self.checkpoint_dir is not None or not (self.resume or self.checkpoint_every or self.auto_resume),
+                 "--resume, --auto-resume and --checkpoint-every need --checkpoint-dir DIR")
+        _require(self.max_restarts >= 0, f"--max-restarts must be >= 0, got {self.max_restarts}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -340,6 +347,8 @@ class Config:
         _require(not (self.loss.loss in GLOBAL_LOSSES and stages > 1),
                  f"--loss {self.loss.loss} sends the error back through every layer, so it needs the whole network in one process: use --stages 1 (or --loss dfa)")
         _require(not (self.pipeline.dfa_sync and self.loss.loss != "dfa"), "--dfa-sync applies to --loss dfa only")
+        _require(not (self.run.max_restarts and stages == 1),
+                 "--max-restarts restarts the stage processes of the local launcher: it needs --stages 2 or more")
         _require(not (self.run.precision == "fp16" and self.loss.loss in GLOBAL_LOSSES),
                  f"--precision fp16 scales each block's own loss, but --loss {self.loss.loss} has one loss for all blocks: use --precision bf16")
         if self.model.nonlin is None:

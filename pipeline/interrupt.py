@@ -1,4 +1,9 @@
-"""Interrupts: the first SIGINT/SIGTERM asks the run to checkpoint at a common batch and stop; a later one aborts."""
+"""Interrupts: the first SIGINT/SIGTERM/SIGUSR1 asks the run to checkpoint at a common batch and stop; a later one aborts.
+
+SIGUSR1 is what a batch system sends ahead of a preemption or the end of a job's time (SLURM's --signal=USR1@120).
+A run stopped this way exits with EXIT_STOPPED (75, pipeline/restarts.py), and the same command continues it
+when it has --auto-resume (launch/slurm.sbatch requeues the job on that code).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import sys
 import threading
 import time
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 STOP_ENV = "PIPELINE_STOP_AT"  # "EPOCH:BATCH": act as if a signal came just before that training batch (resume tests)
 ABORT_AFTER_S = 2.0  # a repeat within this window is the same interrupt arriving twice (terminal + launcher)
 
@@ -21,9 +27,9 @@ class StopRequest:
         self._first: float | None = None
 
     def install(self) -> StopRequest:
-        """Handle SIGINT and SIGTERM in this (main) thread from now on."""
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
+        """Handle STOP_SIGNALS in this (main) thread from now on."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame) -> None:

@@ -71,7 +71,9 @@ class MetricsWriter:
     """Writes metrics.jsonl (one line per epoch) and summary.json into the run's --out folder, if any, and the same
     scalars as TensorBoard events into `tensorboard`, if given."""
 
-    def __init__(self, out_dir: str | None, append: bool = False, tensorboard: str | None = None):
+    def __init__(self, out_dir: str | None, resumed_epoch: int | None = None, tensorboard: str | None = None):
+        """A run resumed in (or at the start of) `resumed_epoch` keeps the epochs recorded before it; lines of that
+        epoch and later, written by a run that went on past its last checkpoint before it failed, are dropped."""
         self.out_dir = out_dir
         self.tensorboard = None
         if tensorboard:
@@ -80,8 +82,14 @@ class MetricsWriter:
             self.tensorboard = TensorBoardLog(tensorboard)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
-            if not append:  # a resumed run adds to the epochs already recorded
-                open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
+            path = os.path.join(out_dir, "metrics.jsonl")
+            kept = []
+            if resumed_epoch is not None and os.path.exists(path):
+                with open(path) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < resumed_epoch]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
 
     def epoch(self, record: dict[str, Any]) -> None:
         if self.tensorboard:

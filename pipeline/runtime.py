@@ -34,6 +34,7 @@ from pipeline.factories import build_blocks, count_blocks, fingerprint, initial_
 from pipeline.factories import splittable as splittable_block
 from pipeline.partition import Placement, as_sizes, balanced_partition, balanced_placement, resolve_placement, stage_times
 from pipeline.profile import block_costs, send_path
+from pipeline.restarts import EXIT_STOPPED, attempt
 from pipeline.stage import Stage, StallError
 from pipeline.transport import dfa_gradient_links, open_links
 from pipeline.transport.base import PeerGone
@@ -93,8 +94,8 @@ def pin_cores(local_rank: int, local_world: int) -> int:
 
 
 def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: int, *,
-              store: dist.Store | None = None, local_queues: dict | None = None) -> dict[str, Any] | None:
-    """Set up and run stage `rank`; the last stage returns the run's summary."""
+              store: dist.Store | None = None, local_queues: dict | None = None) -> int:
+    """Set up and run stage `rank`; returns its exit code: 0, or EXIT_STOPPED when a signal stopped the run early."""
     name_process(rank)
     use_deterministic(cfg.run.deterministic)  # before anything touches the GPU (see pipeline/determinism.py)
     stop = StopRequest(announce=rank == 0).install()  # stage 0 turns it into a checkpoint and END; the others wait
@@ -109,7 +110,8 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     torch.set_num_threads(threads)
     # collectives and gloo receives give up like the stages do, not after torch's 30-minute default
     timeout = datetime.timedelta(seconds=max(60.0, cfg.pipeline.stall_timeout))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group("gloo", store=attempt_store(store, rank, world, timeout), rank=rank, world_size=world,
+                            timeout=timeout)
     # every rank takes part, and all decide on every rank's facts: the same backend everywhere, or the same error
     backend = agree_backend(cfg.pipeline.dist_backend, device_facts(device)) if cfg.pipeline.transport == "dist" else None
     agree_network(cfg, rank)
@@ -133,14 +135,23 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     if profile:
         stage.notes["partition_profile"] = profile
     stage.notes.update(dist_backend=backend, deterministic=torch.are_deterministic_algorithms_enabled())
-    summary = stage.run()
+    stage.run()
     try:
         dist.barrier()  # every stage has seen END: the links can close
     except RuntimeError as exc:  # gloo: "Connection closed by peer"; a peer failed after this stage was done
         raise PeerGone(f"a peer left before the end of the run ({type(exc).__name__} in the final barrier)") from None
     links.close()
     dist.destroy_process_group()
-    return summary
+    return EXIT_STOPPED if stage.stopped_at else 0
+
+
+def attempt_store(store: dist.Store | None, rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store of this attempt of the run: the launcher's, or torchrun's (env://), under a prefix of its
+    own. A restarted worker group meets in the same store as the group before it, and without the prefix the new
+    ranks would read the dead ranks' gloo addresses and fail to connect ("connectFullMesh failed")."""
+    if store is None:
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    return dist.PrefixStore(f"attempt-{attempt()}/", store)
 
 
 def agree_network(cfg: Config, rank: int) -> None:
@@ -239,16 +250,15 @@ def guarded(rank: int, body) -> int:
     """Run a stage body; on failure print the stage, host and traceback, and leave at once with exit 1 (2 for config).
     A stage that used a GPU leaves at once on success too (see [Note: leaving a GPU stage])."""
     try:
-        body()
+        code = body() or 0  # 0, or EXIT_STOPPED for a run stopped early by a signal
         if not torch.cuda.is_initialized():
-            return 0
+            return code
         # [Note: leaving a GPU stage] Everything is written and flushed; leave without the interpreter's teardown.
         # Tensors whose use on another stream was recorded (Tensor.record_stream, see pipeline/cuda_streams.py)
         # make the caching allocator record an event when they are freed; freed during interpreter shutdown,
         # after the CUDA runtime began unloading, that raises "driver shutting down" in a destructor and the
         # process aborts (seen on an H100 with K=4 over the local transport).
         torch.cuda.synchronize()
-        code = 0
     except ConfigError as exc:
         if rank == 0 or not isinstance(exc, AgreedError):  # every rank raised the same one: stage 0 reports it
             print(f"error: stage {rank}: {exc}", file=sys.stderr, flush=True)

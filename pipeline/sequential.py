@@ -129,7 +129,8 @@ class SequentialTrainer:
     def run(self, stop: StopRequest | None = None) -> dict[str, Any]:
         """Train for cfg.run.epochs, evaluating after each; write metrics and weights; return the summary.
         With `stop`, a signal ends the run at the next batch boundary, after a checkpoint."""
-        writer = MetricsWriter(self.cfg.run.out, append=self.cfg.run.resume, tensorboard=self.cfg.run.tensorboard)
+        resumed = self.position["epoch"] if self.cfg.run.resume else None
+        writer = MetricsWriter(self.cfg.run.out, resumed_epoch=resumed, tensorboard=self.cfg.run.tensorboard)
         started = time.perf_counter()
         record: dict[str, Any] = {}
         stopped = None

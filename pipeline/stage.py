@@ -43,6 +43,7 @@ from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import LineProgress, progress_bar
 from pipeline.remote_heads import RemoteHeads, SplitLayer
+from pipeline.restarts import ProgressFile
 from pipeline.stage_io import StageIO, StallError, release_after
 from pipeline.stage_report import run_summary, stage_report, stage_size
 from pipeline.transport import Links
@@ -90,6 +91,9 @@ class Stage:
         self.remote = (self.dfa.errors if self.dfa is not None else self.split.gradients if self.split
                        else self.late_layer.gradients if self.late_layer else self.heads_first)
         self.start = start  # resume position
+        self.steps = start["step"] if start else 0  # training steps finished, counted as checkpoint positions are
+        self.progress = ProgressFile(cfg, rank)  # and kept where a restarted run reads how far this one got
+        self.stopped_at: dict | None = None  # where a signal stopped the run early (END's position)
         self._epoch = start["epoch"] if start and start["batch"] > 0 else 0  # mid-epoch: keep its running stats
         self._eval_hits: list[torch.Tensor | None] = [None] * len(self.tested)
         self._eval_examples = 0
@@ -99,7 +103,8 @@ class Stage:
         self.fault = InjectedFault(rank)  # none unless a fault test asks for one (pipeline/faults.py)
         # the last stage keeps the run's metrics
         self.throughput = Throughput(cfg.run.warmup_batches)
-        self.writer = MetricsWriter(cfg.run.out, append=cfg.run.resume, tensorboard=cfg.run.tensorboard) if self.is_last else None
+        resumed = start["epoch"] if start else None
+        self.writer = MetricsWriter(cfg.run.out, resumed, cfg.run.tensorboard) if self.is_last else None
         self._bar: tqdm | LineProgress | None = None
         self.record: dict[str, Any] = {}
         self.notes: dict[str, Any] = {}  # extra facts for this stage's report (e.g. the auto partition's profile)
@@ -137,6 +142,8 @@ class Stage:
         with self.fault.around(msg.index, self.blocks), self.memory.saving():
             self._train_step(msg)
         self.timer.stop()
+        self.steps += 1
+        self.progress.finished(self.steps)
         io.raise_helper_failure()
         if self.is_last:
             self.throughput.batch_done(len(msg.tensors[1]))
@@ -258,6 +265,8 @@ class Stage:
         return stage_report(self)
 
     def _end(self, msg: Message) -> dict[str, Any] | None:
+        self.stopped_at = msg.meta.get("stopped_at")
+        self.progress.close()
         self._settle()
         if self.links.feedback_out:
             self.io.put_error(Message(Kind.END))  # the earlier stages' error feed threads stop on it
@@ -267,7 +276,7 @@ class Stage:
         if self.links.outbox is not None:
             self.io.put(Message(Kind.END, meta={**msg.meta, "stages": stages}))
             return None
-        stopped = msg.meta.get("stopped_at")
+        stopped = self.stopped_at
         if stopped:
             tqdm.write(f"stopped at epoch {stopped['epoch']} batch {stopped['batch']}"
                        + ("; continue with --resume" if self.cfg.run.checkpoint_dir else ""))

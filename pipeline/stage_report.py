@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.partition import as_sizes
+from pipeline.restarts import restart_history
 
 if TYPE_CHECKING:
     from pipeline.stage import Stage
@@ -70,6 +71,7 @@ def run_summary(stage: Stage, stages: list[dict[str, Any]], stopped: dict | None
     return {
         "mode": "pipeline",
         "stopped_at": stopped,
+        "restarts": restart_history(stage.cfg),
         "stages": stage.world,
         "transport": stage.cfg.pipeline.transport,
         "partition": [s["size"] for s in stages],

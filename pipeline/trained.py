@@ -75,8 +75,8 @@ def run_config(run_dir: str, device: str = "cpu", **data: object) -> Config:
     try:
         with open(os.path.join(run_dir, "summary.json")) as f:
             values = json.load(f)["config"]
-        values["run"].update(device=device, out=None, resume=False, checkpoint_dir=None, checkpoint_every=None,
-                             log_alignment=None, progress=False)
+        values["run"].update(device=device, out=None, resume=False, auto_resume=False, max_restarts=0, checkpoint_dir=None,
+                             checkpoint_every=None, log_alignment=None, progress=False)
         values["pipeline"].update(stages=1, partition=None, transport="dist", zmq_curve_keys=None, dfa_sync=False,
                                   dist_backend="auto")
         values["data"].update({k: v for k, v in data.items() if v is not None})

@@ -15,6 +15,7 @@ from pipeline.checkpoint import MANIFEST, _sha256, load_stage_checkpoint, load_w
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.interrupt import STOP_ENV
+from pipeline.restarts import EXIT_STOPPED, PROGRESS
 from pipeline.sequential import SequentialTrainer
 
 ARGS = ["--dataset", "synthetic", "--num-layers", "2", "--num-hidden", "128", "--batch-size", "32", "--dropout", "0.1",
@@ -80,14 +81,15 @@ def test_a_run_stopped_at_a_batch_resumes_there_and_ends_bit_identical(uninterru
     if dfa:
         args = _dfa(args)
     stopped = run_group(args, timeout=180, env={STOP_ENV: STOP})
-    assert stopped.returncode == 0, stopped.stderr
+    # stopped early, checkpointed: EXIT_STOPPED (torchrun's agent reports its workers' code as a failure)
+    assert stopped.returncode == EXIT_STOPPED or (torchrun and "exitcode  : 75" in stopped.stderr), stopped.stderr
     assert "stopped at epoch 2 batch 150" in stopped.stdout + stopped.stderr, stopped.stdout + stopped.stderr
     assert json.loads((out / "summary.json").read_text())["stopped_at"] == {"epoch": 2, "batch": 150, "step": 350}
     # only complete checkpoints count and the newest two are kept: every 20 batches -> steps 340 and 350 (the
     # stop); every epoch -> the end of epoch 1 (step 200) and the stop
     kept = sorted(p.parent.name for p in ckpt.glob(f"step-*/{MANIFEST}"))
     assert kept == (["step-000000340", "step-000000350"] if every == "20" else ["step-000000200", "step-000000350"])
-    assert sorted(p.name for p in ckpt.iterdir()) == kept
+    assert sorted(p.name for p in ckpt.iterdir() if p.name != PROGRESS) == kept  # progress: see pipeline/restarts.py
     newest = json.loads((ckpt / kept[-1] / MANIFEST).read_text())
     assert newest["position"] == {"epoch": 2, "batch": 150, "step": 350}
 
@@ -101,31 +103,33 @@ def test_a_run_stopped_at_a_batch_resumes_there_and_ends_bit_identical(uninterru
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("stages,transport,torchrun", [(3, "zmq", False), (3, "zmq", True)])
-def test_a_signal_makes_the_run_checkpoint_and_stop(uninterrupted, tmp_path, stages, transport, torchrun):
+@pytest.mark.parametrize("torchrun", [False, True], ids=["local", "torchrun"])
+def test_a_preemption_signal_checkpoints_and_the_same_command_continues(uninterrupted, tmp_path, torchrun):
+    """SIGUSR1, a batch system's warning before it preempts a job: a checkpoint at the next batch, exit EXIT_STOPPED,
+    and the same command (it has --auto-resume) continues to the end, bit-identical."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    launcher = [sys.executable, "-m", "pipeline", "train"]
-    if torchrun:  # torchrun's agent passes the SIGTERM on to every stage
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(stages),
-                    "-m", "pipeline", "train"]
+    launcher = [sys.executable, "-m", "pipeline", "train", "--stages", "3"]
+    if torchrun:  # its agent passes the signal on to every stage when told to handle it (launch/slurm.sbatch)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                    "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "pipeline", "train"]
     args = launcher + [*ARGS, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "20", "--out", str(out),
-                       "--stages", str(stages), "--transport", transport]
+                       "--transport", "zmq", "--auto-resume"]
     with ProcessGroup(args) as proc:
         deadline = time.monotonic() + 120
         while not list(ckpt.glob(f"step-*/{MANIFEST}")):  # training is under way
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else ""
             time.sleep(0.05)
-        # a terminal's Ctrl-C to the local launcher; torchrun's agent gets a SIGTERM (as from a batch system)
-        proc.send_signal(signal.SIGTERM if torchrun else signal.SIGINT)
+        proc.send_signal(signal.SIGUSR1)
         stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0 or torchrun, stderr  # torchrun's agent reports the signal it got as a failure
+    assert proc.returncode == EXIT_STOPPED or torchrun, stderr  # torchrun's agent reports the signal as a failure
     assert "stopped at epoch" in stdout + stderr, stdout + stderr
     stopped_at = json.loads((out / "summary.json").read_text())["stopped_at"]
     assert stopped_at is not None
     newest = max(ckpt.glob(f"step-*/{MANIFEST}"))
     assert json.loads(newest.read_text())["position"] == stopped_at  # the stop was checkpointed
-    resumed = run_group(args + ["--resume"], timeout=180)
+    resumed = run_group(args, timeout=180)  # the same command
     assert resumed.returncode == 0, resumed.stderr
+    assert f"--auto-resume: resuming from {newest.parent}" in resumed.stderr
     weights, metrics = uninterrupted
     assert _same_weights(load_weights(str(out)), weights)
     assert _strip((out / "metrics.jsonl").read_text().splitlines()) == _strip(metrics)
@@ -197,7 +201,7 @@ def test_resume_problems_exit_2_with_one_line(checkpointed, capsys):
     assert main(["train", *base, "--epochs", "0"]) == 2
     assert main(["train", "--dataset", "synthetic", "--resume"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and "another run (model differ)" in lines[0] and "--resume and --checkpoint-every need --checkpoint-dir" in lines[2]
+    assert len(lines) == 3 and "another run (model differ)" in lines[0] and "--resume, --auto-resume and --checkpoint-every need --checkpoint-dir" in lines[2]
 
 
 @pytest.mark.timeout(120)

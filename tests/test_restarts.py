@@ -1,0 +1,111 @@
+"""Restarts: a stage killed mid-epoch, the run starts again from its newest checkpoint by itself and ends bit-identical."""
+
+import json
+import os
+import signal
+import struct
+import sys
+import time
+
+import pytest
+
+from helpers import ProcessGroup, run_group
+from pipeline.checkpoint import load_weights
+from pipeline.cli import main
+from pipeline.metrics import MetricsWriter
+from pipeline.runtime import stage_processes
+from test_checkpoint import ARGS, _same_weights, _strip, uninterrupted  # noqa: F401 (a fixture)
+
+KILL_AT = 250  # training steps the last stage has finished when stage 1 is killed: epoch 2, between checkpoints
+
+
+def _steps(path) -> int:
+    try:
+        return struct.unpack("<q", path.read_bytes()[:8])[0]
+    except (OSError, struct.error):
+        return -1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("torchrun", [False, True], ids=["local", "torchrun"])
+def test_a_killed_stage_restarts_from_the_newest_checkpoint_and_ends_bit_identical(uninterrupted, tmp_path, torchrun):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                    "--max-restarts", "2", "-m", "pipeline", "train"]
+    else:
+        launcher = [sys.executable, "-m", "pipeline", "train", "--stages", "3", "--max-restarts", "2"]
+    args = launcher + [*ARGS, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "20", "--out", str(out),
+                       "--transport", "zmq"]
+    last = ckpt / "progress" / "stage-2"
+    with ProcessGroup(args) as proc:
+        deadline = time.monotonic() + 150
+        while _steps(last) < KILL_AT:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+            time.sleep(0.002)
+        os.kill(stage_processes(proc.pid)[1], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=200)
+    assert proc.returncode == 0, stderr[-3000:]
+    restarts = json.loads((out / "summary.json").read_text())["restarts"]
+    assert restarts["count"] == 1 and len(restarts["history"]) == 1, restarts
+    (entry,) = restarts["history"]
+    resumed, reached = entry["resumed_from"]["step"], entry["steps_reached"]
+    assert resumed % 20 == 0 and resumed <= min(reached) and reached[2] >= KILL_AT, entry
+    assert entry["batches_trained_again"] == [r - resumed for r in reached]
+    assert f"restart 1: resuming from {ckpt}" in stderr
+    weights, metrics = uninterrupted
+    assert _same_weights(load_weights(str(out)), weights)
+    assert _strip((out / "metrics.jsonl").read_text().splitlines()) == _strip(metrics)
+
+
+@pytest.mark.timeout(120)
+def test_a_restart_without_a_checkpoint_trains_from_the_start_and_says_so(tmp_path):
+    """Killed before its first checkpoint (there is none: no --checkpoint-every), the run starts over; the summary
+    counts the whole first attempt as trained again."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    args = [sys.executable, "-m", "pipeline", "train", *ARGS, "--epochs", "1", "--stages", "2", "--transport", "zmq",
+            "--max-restarts", "1", "--checkpoint-dir", str(ckpt), "--out", str(out)]
+    with ProcessGroup(args) as proc:
+        deadline = time.monotonic() + 90
+        while _steps(ckpt / "progress" / "stage-1") < 10:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+            time.sleep(0.002)
+        os.kill(stage_processes(proc.pid)[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=100)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"restart 1: no complete checkpoint under {ckpt}: training from the start" in stderr
+    (entry,) = json.loads((out / "summary.json").read_text())["restarts"]["history"]
+    assert entry["resumed_from"] is None and entry["batches_trained_again"] == entry["steps_reached"]
+    assert min(entry["steps_reached"]) >= 10
+
+
+def test_a_failure_without_restarts_left_ends_the_run(tmp_path):
+    """--max-restarts counts: a stage that fails every time is restarted twice, then the run exits 1."""
+    proc = run_group([sys.executable, "-m", "pipeline", "train", *ARGS, "--epochs", "1", "--stages", "2",
+                      "--transport", "zmq", "--max-restarts", "2", "--synthetic-train-size", "640"],
+                     timeout=150, env={"PIPELINE_FAIL_AT": "1:3"})
+    assert proc.returncode == 1
+    assert proc.stderr.count("injected failure at batch 3") == 3, proc.stderr[-3000:]
+    assert "restart 2 of 2" in proc.stderr and "restart 3" not in proc.stderr
+
+
+def test_a_resumed_run_drops_the_epochs_recorded_after_its_checkpoint(tmp_path):
+    """A run that failed after recording epoch 2 but resumes from a checkpoint inside epoch 2 records it once."""
+    MetricsWriter(str(tmp_path)).epoch({"epoch": 1})
+    first = MetricsWriter(str(tmp_path), resumed_epoch=2)
+    first.epoch({"epoch": 2, "attempt": 0})
+    MetricsWriter(str(tmp_path), resumed_epoch=2).epoch({"epoch": 2, "attempt": 1})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"epoch": 1}, {"epoch": 2, "attempt": 1}]
+    MetricsWriter(str(tmp_path))  # a fresh run starts an empty file
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-restarts", "1"], "--max-restarts restarts the stage processes of the local launcher: it needs --stages 2"),
+    (["--stages", "2", "--max-restarts", "-1"], "--max-restarts must be >= 0, got -1"),
+    (["--auto-resume"], "--resume, --auto-resume and --checkpoint-every need --checkpoint-dir DIR")])
+def test_restart_options_are_checked_with_one_line(args, message, capsys):
+    assert main(["train", *ARGS, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -28,7 +28,7 @@ done
 STARTED=$(date +%s)
 export PYTHONUNBUFFERED=1  # the log keeps the order in which things happened
 # 10 minutes on one H100 with a margin; pytest gets at most PYTEST_S of it, the measurements the rest
-if [ -n "$QUICK" ]; then BUDGET=${BUDGET:-170} PYTEST_S=60; else BUDGET=${BUDGET:-560} PYTEST_S=330; fi
+if [ -n "$QUICK" ]; then BUDGET=${BUDGET:-170} PYTEST_S=60; else BUDGET=${BUDGET:-560} PYTEST_S=400; fi
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu_check.log"
 rm -f "$OUT/gpu_check.json"

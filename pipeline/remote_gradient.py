@@ -53,6 +53,7 @@ class RemoteGradients:
         """Batch (epoch, index) was forwarded; `learn(graph, gradient message)` applies its update later."""
         self.awaiting.append(Awaiting(epoch, index, graph, release, self.forwarded))
         self.forwarded += 1
+        self.io.want_error()
 
     def apply(self, wait: bool, keep: int = 0) -> None:
         """Update with the gradients that have arrived; with `wait`, block until at most `keep` batches await one."""
@@ -83,7 +84,8 @@ class RemoteGradients:
             self.apply(wait=True)
 
     def await_stream_end(self) -> None:
-        """The sending stage ends the gradient stream after every gradient: nothing may be left unapplied."""
+        """The sending stage ends the gradient stream after every gradient: nothing may be left unapplied. (Its END
+        was wanted when this stage reached its own END: Stage._end.)"""
         item = self.io.next_error("the end of the remote-gradient stream", block=True)
         if item.kind != Kind.END:
             raise RuntimeError(f"stage {self.rank}: a remote gradient for batch {item.index} arrived after the end of the run")

@@ -268,6 +268,8 @@ class Stage:
         self.stopped_at = msg.meta.get("stopped_at")
         self.progress.close()
         self._settle()
+        if self.links.feedback_in:  # the peer's END on the gradient link comes next: receive it while this stage
+            self.io.want_error()  # finishes sending (over gloo a send completes only once its receive is posted)
         if self.links.feedback_out:
             self.io.put_error(Message(Kind.END))  # the earlier stages' error feed threads stop on it
         if self.cfg.run.out:

@@ -5,6 +5,10 @@
     test; pipeline/remote_gradient.py):
           feedback_in ──► [error feed thread] ──► errors         errors_out ──► [error send thread] ──► feedback_out
 
+The error feed thread receives only what the compute thread awaits (want_error): a remote-gradient link never
+keeps a receive posted while no batch awaits one (see [Note: no receive left posted on a gradient link] in
+pipeline/transport/dist.py).
+
 Each helper thread issues its GPU work on a stream of its own, and every message carries an event from the
 thread that made it to the thread that takes it (see [Note: stage streams] in pipeline/cuda_streams.py).
 Exceptions in a helper thread are carried to the compute thread and re-raised there.
@@ -69,6 +73,7 @@ class StageIO:
         self.out_queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self.errors: queue.Queue = queue.Queue()  # remote gradients (or h, or heads' weights) that arrived
         self.errors_out: queue.Queue = queue.Queue()  # remote gradients on their way to other stages
+        self._wanted = threading.Semaphore(0)  # messages awaited on the remote-gradient link, not yet received
         self.helper_failure: BaseException | None = None
         self.senders: list[threading.Thread] = []
         # timings (seconds) and counts for the stage report
@@ -89,15 +94,21 @@ class StageIO:
             self.senders.append(threading.Thread(target=self._drain, args=(self.errors_out, links.feedback_out),
                                                  name=f"stage{rank}-send-errors", daemon=True))
         if links.feedback_in:
-            threads.append(threading.Thread(target=self._feed, args=(self._received(links.feedback_in), self.errors),
+            threads.append(threading.Thread(target=self._feed, args=(self._awaited(links.feedback_in), self.errors),
                                             name=f"stage{rank}-feed-errors", daemon=True))
         for thread in threads + self.senders:
             thread.start()
 
-    @staticmethod
-    def _received(channel: Channel) -> Iterator[Message]:
+    def _awaited(self, channel: Channel) -> Iterator[Message]:
+        """The messages of a remote-gradient link, each received only once the compute thread awaits it."""
         while True:
+            self._wanted.acquire()
             yield channel.recv()
+
+    def want_error(self) -> None:
+        """The compute thread will await one more message on the remote-gradient link (a batch's gradient, h, the
+        heads' weights, END): the error feed thread may receive it."""
+        self._wanted.release()
 
     def _feed(self, messages: Iterator[Message], into: queue.Queue) -> None:
         """Feed thread: put each incoming message, with an event marking its tensors ready, on a queue until END."""

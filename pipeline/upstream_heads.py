@@ -101,6 +101,7 @@ class LayerAfterHeads(SplitLayer):
         self.received_at = updates
         block = self.block
         what = f"the weights of block {block.index}'s heads from stage {block.partner}"
+        self.io.want_error()
         item = self.io.next_error(what, block=True)
         manifest = item.meta.get("heads_weights") if item.kind == Kind.FEEDBACK else None
         if manifest is None:

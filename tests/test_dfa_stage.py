@@ -21,6 +21,10 @@ class _Link:
         self.forwarded: list[int] = []
         self.due: deque[int] = deque()  # batches whose error has not arrived yet
         self.arrived: deque[Message] = deque()
+        self.wanted = self.taken = 0  # a message may arrive only once it is awaited (StageIO.want_error)
+
+    def want_error(self):
+        self.wanted += 1
 
     def put(self, msg):
         self.forwarded.append(msg.index)
@@ -36,7 +40,11 @@ class _Link:
     def next_error(self, what, block):
         if not self.arrived and block:
             self.deliver()
-        return self.arrived.popleft() if self.arrived else None
+        if not self.arrived:
+            return None
+        assert self.wanted > self.taken, "a message taken that nobody said it awaited"
+        self.taken += 1
+        return self.arrived.popleft()
 
 
 def _stage(max_delay):

@@ -17,12 +17,20 @@ class _Link:
 
     def __init__(self):
         self.sent: deque[Message] = deque()
+        self.wanted = self.taken = 0  # a message may arrive only once it is awaited (StageIO.want_error)
+
+    def want_error(self):
+        self.wanted += 1
 
     def put_error(self, msg):
         self.sent.append(Message(msg.kind, msg.epoch, msg.index, [t.clone() for t in msg.tensors], dict(msg.meta)))
 
     def next_error(self, what, block):
-        return self.sent.popleft() if self.sent else None
+        if not self.sent:
+            return None
+        assert self.wanted > self.taken, "a message taken that nobody said it awaited"
+        self.taken += 1
+        return self.sent.popleft()
 
 
 def _blocks(model):

@@ -4,8 +4,19 @@ Each link between stage k and k+1 has its own process group, so the sending thre
 receiving thread of the next are the only users of its communicator. A message goes as a fixed-size header
 frame (length + msgpack), an overflow frame if the header is long, then one frame per tensor; the receiver
 learns every shape from the header, so a smaller last batch needs nothing special. The sender posts all frames
-at once and the receiver posts the next header's receive as soon as a message has arrived, so that a message
-costs one rendezvous, as a bare send/recv does.
+at once and, on a forward link, the receiver posts the next header's receive as soon as a message has arrived, so
+that a message costs one rendezvous, as a bare send/recv does.
+
+[Note: no receive left posted on a gradient link]
+A remote-gradient link (DFA's errors, dL/dh, h back for heads first) never keeps a receive posted in advance:
+its error feed thread calls recv only while some batch awaits a message (StageIO.want_error), and the channel
+posts nothing after a message. Under NCCL a posted receive is a kernel that spins until its data comes, and on
+such a link the data needs this stage's own next output. CUDA does not promise that work on different streams
+makes progress independently (CUDA C++ Programming Guide, "Streams": only that work may overlap), and with lazy
+module loading (the default since CUDA 12.2) the first launch of a kernel can synchronize the context, so a
+first-time kernel could wait for a receive that waits for it. The NCCL watchdog, too, times a receive from when
+it was posted: one left posted over a test pass or a checkpoint would tear the process down. On a forward link
+the pending receive's data never depends on the receiving stage, so that link keeps its one-rendezvous receive.
 """
 
 from __future__ import annotations
@@ -30,8 +41,10 @@ class DistChannel(Channel):
     pending receive never holds up the stage's compute (see [Note: stage streams] in pipeline/cuda_streams.py).
     """
 
-    def __init__(self, peer: int, group, comm_device: torch.device, compute_device: torch.device):
-        self.peer, self.group = peer, group
+    def __init__(self, peer: int, group, comm_device: torch.device, compute_device: torch.device, prepost: bool = True):
+        """`prepost`: post the next header's receive as soon as a message has arrived (forward links only; see
+        [Note: no receive left posted on a gradient link])."""
+        self.peer, self.group, self.prepost = peer, group, prepost
         self.comm_device, self.compute_device = comm_device, compute_device
         self.pool = BufferPool()  # CPU receive buffers of a CPU stage; GPU and pinned ones come from torch's allocators
         self._header: torch.Tensor | None = None  # made by the receiving thread, on its stream
@@ -88,7 +101,7 @@ class DistChannel(Channel):
         frames = [self._buffer(spec.shape, spec.dtype) for spec in header.specs]
         for frame in frames:
             dist.recv(frame, self.peer, group=self.group)
-        if header.kind != Kind.END:  # the sender's next header goes out without waiting for us (nothing follows END)
+        if header.kind != Kind.END and self.prepost:  # the sender's next header goes out without waiting (not after END)
             self._header_posted = dist.irecv(self._header, self.peer, group=self.group)
         if self.compute_device.type == "cpu":
             return Message(header.kind, header.epoch, header.index, frames, header.meta, release=lambda: self.pool.give(frames))
@@ -141,15 +154,15 @@ def open_dist(rank: int, world: int, compute_device: torch.device, backend: str,
     warm_up(rank, world, forward, errors, comm_device, list(gradients))
     last = world - 1
 
-    def channel(peer: int, group) -> DistChannel:
-        return DistChannel(peer, group, comm_device, compute_device)
+    def channel(peer: int, group, prepost: bool = True) -> DistChannel:
+        return DistChannel(peer, group, comm_device, compute_device, prepost)
 
     links = Links(inbox=channel(rank - 1, forward[rank - 1]) if rank > 0 else None,
                   outbox=channel(rank + 1, forward[rank]) if rank < last else None)
     gradient_source(rank, list(gradients))  # one source at most
     for (sender, receiver), group in zip(gradients, errors):
         if receiver == rank:
-            links.feedback_in = channel(sender, group)
+            links.feedback_in = channel(sender, group, prepost=False)
         if sender == rank:
             links.feedback_out.append(channel(receiver, group))
     return links

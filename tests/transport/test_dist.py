@@ -104,3 +104,33 @@ def test_warm_up_touches_every_link_of_a_rank_once_from_the_main_thread():
     assert calls[0] == [("send", 1), ("recv", 1), ("send", 2), ("recv", 2)]
     assert calls[1] == [("recv", 0), ("send", 0), ("send", 2), ("recv", 2), ("send", 2), ("recv", 2)]
     assert calls[2] == [("recv", 1), ("send", 1), ("recv", 0), ("send", 0), ("recv", 1), ("send", 1)]
+
+
+def test_a_gradient_channel_leaves_no_receive_posted_after_a_message(monkeypatch):
+    """[Note: no receive left posted on a gradient link]: a forward link posts the next header's receive as soon as
+    a message is in; a remote-gradient link (open_dist's feedback_in) posts nothing until it is asked to receive."""
+    from pipeline.message import encode_header
+    from pipeline.transport import dist as dist_transport
+
+    payload = encode_header(Message(Kind.FEEDBACK, 1, 0, [torch.zeros(2)]))
+    frame = len(payload).to_bytes(4, "little") + payload
+    posted = []
+
+    class _Work:
+        def wait(self):
+            pass
+
+    def irecv(t, peer, group):
+        posted.append(peer)
+        t[:len(frame)] = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+        return _Work()
+
+    monkeypatch.setattr(dist_transport.dist, "irecv", irecv)
+    monkeypatch.setattr(dist_transport.dist, "recv", lambda t, peer, group: t.zero_())
+    monkeypatch.setattr(dist_transport, "link_groups", lambda world, backend, gradients, timeout: (["forward"], ["errors"]))
+    monkeypatch.setattr(dist_transport, "warm_up", lambda *args: None)
+    links = open_dist(1, 2, torch.device("cpu"), "gloo", gradients=[(0, 1)])
+    for channel, posts in ((links.inbox, 2), (links.feedback_in, 1)):
+        posted.clear()
+        assert channel.recv().kind == Kind.FEEDBACK
+        assert len(posted) == posts  # the message's own receive, and the forward link's next one

@@ -3,6 +3,15 @@
 On the wire a message is a msgpack header followed by one raw frame per tensor. The header is checked before
 anything is allocated for the frames: version, kind, dtype (from a whitelist), shape, byte count and size.
 No pickle, ever: a header is data, not code.
+
+[Note: memory format on the wire]
+A tensor crosses in the order its elements have in memory, so that it arrives with the strides it left with: a
+channels_last activation stays channels_last, as it would be handed from block to block in one process (on a GPU
+another layout means other cuDNN algorithms and other dropout masks, so other numbers). A dense tensor whose
+memory order is not row-major goes as its permuted, row-major view (channels_last NCHW as NHWC, no copy) and
+the header names the permutation ("order"); the receiver permutes its buffer back. A tensor that is not dense
+(a strided slice) goes row-major, as .contiguous() makes it; so would a one-process hand-off's next
+.contiguous(), and PyTorch's convolutions and matmuls take such inputs through that copy anyway.
 """
 
 from __future__ import annotations
@@ -43,14 +52,43 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
-    """dtype and shape of one tensor frame, and its size in bytes."""
+    """dtype and shape of one tensor frame, its size in bytes, and the order of its dims in memory when that is not
+    row-major (see [Note: memory format on the wire])."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
+    order: tuple[int, ...] | None = None
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def wire_shape(self) -> tuple[int, ...]:
+        """The shape of the frame: the tensor's dims in memory order."""
+        return self.shape if self.order is None else tuple(self.shape[d] for d in self.order)
+
+
+def memory_order(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The order of a dense tensor's dims in memory, outermost first, when it is not row-major (channels_last NCHW:
+    (0, 2, 3, 1)); None for a row-major tensor or one that is not dense (it goes row-major)."""
+    if t.dim() < 2 or t.is_contiguous():
+        return None
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def to_wire(t: torch.Tensor) -> torch.Tensor:
+    """What a tensor's frame holds: its row-major view in memory order (no copy), or a row-major copy."""
+    order = memory_order(t)
+    return t.contiguous() if order is None else t.permute(order)
+
+
+def from_wire(frame: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """The received tensor, with the strides it was sent with: the frame permuted back."""
+    if order is None:
+        return frame
+    return frame.permute(tuple(sorted(range(len(order)), key=lambda d: order[d])))
 
 
 @dataclass(slots=True)
@@ -66,7 +104,7 @@ class Message:
     ready: Any = field(default=None, repr=False)  # CUDA event: its tensors are ready (pipeline/cuda_streams.py); never sent
 
     def specs(self) -> list[TensorSpec]:
-        return [TensorSpec(t.dtype, tuple(t.shape)) for t in self.tensors]
+        return [TensorSpec(t.dtype, tuple(t.shape), memory_order(t)) for t in self.tensors]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +125,8 @@ def encode_header(msg: Message) -> bytes:
     for t in msg.tensors:
         if t.dtype not in DTYPE_NAMES:
             raise ProtocolError(f"dtype {t.dtype} cannot be sent")
-        tensors.append([DTYPE_NAMES[t.dtype], list(t.shape)])
+        order = memory_order(t)
+        tensors.append([DTYPE_NAMES[t.dtype], list(t.shape)] + ([list(order)] if order else []))
     data = msgpack.packb({"v": PROTOCOL_VERSION, "kind": int(msg.kind), "epoch": msg.epoch, "index": msg.index,
                           "tensors": tensors, "meta": msg.meta}, use_bin_type=True)
     try:
@@ -128,14 +167,17 @@ def decode_header(data: bytes, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Head
         raise ProtocolError("meta must be a map")
     specs = []
     for entry in tensors:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list)):
-            raise ProtocolError("a tensor entry must be [dtype, shape]")
-        name, shape = entry
+        if not (isinstance(entry, list) and len(entry) in (2, 3) and all(isinstance(e, list) for e in entry[1:])):
+            raise ProtocolError("a tensor entry must be [dtype, shape] or [dtype, shape, order]")
+        name, shape, *order = entry
         if name not in DTYPES:
             raise ProtocolError(f"dtype {name!r:.20} is not allowed")
         if len(shape) > MAX_DIMS:
             raise ProtocolError(f"tensor of {len(shape)} dims exceeds {MAX_DIMS}")
-        spec = TensorSpec(DTYPES[name], tuple(_int(d, "a dimension", 0, max_tensor_bytes) for d in shape))
+        if order and sorted(order[0]) != list(range(len(shape))):
+            raise ProtocolError(f"order {order[0]!r:.40} is not a permutation of the {len(shape)} dims")
+        spec = TensorSpec(DTYPES[name], tuple(_int(d, "a dimension", 0, max_tensor_bytes) for d in shape),
+                          tuple(order[0]) if order else None)
         if spec.nbytes > max_tensor_bytes:
             raise ProtocolError(f"tensor of {spec.nbytes} bytes exceeds the limit of {max_tensor_bytes}")
         specs.append(spec)

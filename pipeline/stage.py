@@ -94,6 +94,8 @@ class Stage:
         self.steps = start["step"] if start else 0  # training steps finished, counted as checkpoint positions are
         self.progress = ProgressFile(cfg, rank)  # and kept where a restarted run reads how far this one got
         self.stopped_at: dict | None = None  # where a signal stopped the run early (END's position)
+        self.checkpoint_s: list[float] = []  # each checkpoint's stall of this stage's compute thread
+        self.checkpoint_bytes = 0  # the size of its part of the last one
         self._epoch = start["epoch"] if start and start["batch"] > 0 else 0  # mid-epoch: keep its running stats
         self._eval_hits: list[torch.Tensor | None] = [None] * len(self.tested)
         self._eval_examples = 0
@@ -250,14 +252,18 @@ class Stage:
     def _checkpoint(self, msg: Message) -> None:
         """Save this stage's state at the marker's position, pass it on; the last stage completes the checkpoint."""
         self._settle()  # no update may be in flight in a checkpoint (a remote gradient awaited)
+        started = time.perf_counter()  # the stall: from here until this stage's part is durable and handed on
         root, position, print_ = self.cfg.run.checkpoint_dir, msg.meta["position"], fingerprint(self.cfg)
         entry = save_stage_checkpoint(root, stage_state(self.blocks, self.rank, self.world, position, print_))
+        self.checkpoint_bytes = entry["bytes"]
         entry["size"] = stage_size(self.blocks, self.rank)  # a resumed --partition auto run keeps this placement
         files = msg.meta.get("files", []) + [entry]
         if not self.is_last:
             self.io.put(Message(Kind.CHECKPOINT, meta={**msg.meta, "files": files}))
+            self.checkpoint_s.append(time.perf_counter() - started)
             return
         folder = finish_checkpoint(root, position, self.world, files, print_)
+        self.checkpoint_s.append(time.perf_counter() - started)
         tqdm.write(f"checkpoint {folder} (epoch {position['epoch']}, next batch {position['batch']})")
 
     def report(self) -> dict[str, Any]:

@@ -56,6 +56,8 @@ def stage_report(stage: Stage) -> dict[str, Any]:
         **(stage.dfa.report() if stage.dfa is not None else {"dfa_delay_mean": None, "dfa_delay_max": None}),
         **(layer.gradients.report("heads") if layer else {"heads_delay_mean": None, "heads_delay_max": None}),
         "error_wait_s": io.error_wait_s,
+        "checkpoint_s": [round(s, 4) for s in stage.checkpoint_s],  # each checkpoint's stall of the compute thread
+        "checkpoint_bytes": stage.checkpoint_bytes,
         # keyed by the block index as a string, as in summary.json: the report travels on in END's msgpack
         # header, whose maps take string keys only (pipeline/message.py)
         "skipped_updates": {str(b.index): b.skipped for b in stage.blocks if b.skipped},

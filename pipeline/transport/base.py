@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.message import Message
+from pipeline.message import Message, from_wire, to_wire
 
 
 class PeerGone(ConnectionError):
@@ -103,16 +103,17 @@ class BufferPool:
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Contiguous host copies of a message's tensors for a host-staged transfer (CPU tensors as they are)."""
+    """The frames of a message's tensors in host memory for a host-staged transfer: pinned copies of GPU tensors,
+    CPU tensors as they are; each in its memory order (see [Note: memory format on the wire])."""
     staged = []
     for tensor in tensors:
-        tensor = tensor.detach()
+        tensor = to_wire(tensor.detach())
         if tensor.is_cuda:
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             host.copy_(tensor, non_blocking=True)
             staged.append(host)
         else:
-            staged.append(tensor.contiguous())
+            staged.append(tensor)
     if any(t.is_cuda for t in tensors):
         torch.cuda.current_stream(next(t.device for t in tensors if t.is_cuda)).synchronize()  # this stream only
     return staged
@@ -124,5 +125,11 @@ def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 
 def to_device(buffers: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Received host buffers on `device`: non-blocking copies from pinned memory on this thread's stream."""
+    """Received host buffers on `device`: non-blocking copies from pinned memory on this thread's stream (a permuted
+    frame keeps its strides: .to() preserves the layout of a dense tensor)."""
     return [buffer.to(device, non_blocking=True) for buffer in buffers]
+
+
+def received(frames: list[torch.Tensor], specs) -> list[torch.Tensor]:
+    """A message's tensors from its received frames, each with the strides it was sent with."""
+    return [from_wire(frame, spec.order) for frame, spec in zip(frames, specs)]

@@ -26,8 +26,9 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from pipeline.message import MAX_HEADER_BYTES, Kind, Message, ProtocolError, decode_header, encode_header
-from pipeline.transport.base import BufferPool, Channel, Links, gradient_source, host_buffer, to_device, to_host
+from pipeline.message import MAX_HEADER_BYTES, Kind, Message, ProtocolError, decode_header, encode_header, to_wire
+from pipeline.transport.base import (BufferPool, Channel, Links, gradient_source, host_buffer, received, to_device,
+                                     to_host)
 
 HEADER_FRAME_BYTES = 1024  # one frame holds the usual header; longer ones (end-of-run reports) add an overflow frame
 _LENGTH_BYTES = 4
@@ -63,7 +64,7 @@ class DistChannel(Channel):
         else:
             frame[_LENGTH_BYTES:_LENGTH_BYTES + len(payload)] = payload
         if self.comm_device.type == "cuda":  # NCCL: every frame on the GPU, issued on this thread's stream
-            frames = [f.to(self.comm_device) for f in frames] + [t.detach().contiguous() for t in msg.tensors]
+            frames = [f.to(self.comm_device) for f in frames] + [to_wire(t.detach()) for t in msg.tensors]
         else:  # gloo: host memory (a GPU stage's tensors staged through pinned buffers, see [Note: host staging])
             frames += to_host(msg.tensors)
         for work in [dist.isend(f, self.peer, group=self.group) for f in frames]:
@@ -98,16 +99,18 @@ class DistChannel(Channel):
 
     def recv(self) -> Message:
         header = decode_header(self._recv_header())
-        frames = [self._buffer(spec.shape, spec.dtype) for spec in header.specs]
+        frames = [self._buffer(spec.wire_shape, spec.dtype) for spec in header.specs]
         for frame in frames:
             dist.recv(frame, self.peer, group=self.group)
         if header.kind != Kind.END and self.prepost:  # the sender's next header goes out without waiting (not after END)
             self._header_posted = dist.irecv(self._header, self.peer, group=self.group)
         if self.compute_device.type == "cpu":
-            return Message(header.kind, header.epoch, header.index, frames, header.meta, release=lambda: self.pool.give(frames))
+            return Message(header.kind, header.epoch, header.index, received(frames, header.specs), header.meta,
+                           release=lambda: self.pool.give(frames))
         if self.comm_device.type == "cuda":
-            return Message(header.kind, header.epoch, header.index, frames, header.meta)
-        return Message(header.kind, header.epoch, header.index, to_device(frames, self.compute_device), header.meta)
+            return Message(header.kind, header.epoch, header.index, received(frames, header.specs), header.meta)
+        tensors = received(to_device(frames, self.compute_device), header.specs)
+        return Message(header.kind, header.epoch, header.index, tensors, header.meta)
 
 
 def link_groups(world: int, backend: str, gradients: list[tuple[int, int]],

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.message import Message, decode_header, encode_header
-from pipeline.transport.base import Channel, Links, PeerGone
+from pipeline.message import Message, decode_header, encode_header, to_wire
+from pipeline.transport.base import Channel, Links, PeerGone, received
 
 
 def _shareable(tensor: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def _shareable(tensor: torch.Tensor) -> torch.Tensor:
     pass the labels on). The copy to the host is synchronous on the send thread's stream, which has waited for
     the compute that made the tensor; the receiver copies it to its GPU on its own stream.
     """
-    tensor = tensor.detach()
+    tensor = to_wire(tensor.detach())  # its memory order (see [Note: memory format on the wire])
     return torch.empty(tensor.shape, dtype=tensor.dtype).share_memory_().copy_(tensor)
 
 
@@ -44,7 +44,7 @@ class QueueChannel(Channel):
         except (EOFError, OSError) as exc:  # shared memory is handed over by the sender's process
             raise PeerGone(f"the stage sending to it is gone ({type(exc).__name__}: {exc})") from None
         header = decode_header(header_bytes)
-        tensors = [t if t.device == self.device else t.to(self.device) for t in tensors]
+        tensors = [t if t.device == self.device else t.to(self.device) for t in received(tensors, header.specs)]
         return Message(header.kind, header.epoch, header.index, tensors, header.meta)
 
     def close(self) -> None:

@@ -23,7 +23,8 @@ from pipeline.errors import AgreedError
 from pipeline.control import exchange_strings, host_name
 from pipeline.message import (MAX_HEADER_BYTES, MAX_TENSOR_BYTES, Message, ProtocolError, TensorSpec, decode_header,
                               encode_header)
-from pipeline.transport.base import BufferPool, Channel, Links, gradient_source, host_buffer, to_device, to_host
+from pipeline.transport.base import (BufferPool, Channel, Links, gradient_source, host_buffer, received, to_device,
+                                     to_host)
 
 CLOSE_LINGER_MS = 10_000  # an END still queued in the sender is delivered, or given up after this
 LOGGED_REJECTIONS = 10  # malformed messages logged one by one; after that every thousandth
@@ -143,8 +144,8 @@ class ZmqReceiver(Channel):
 
     def _buffer(self, spec: TensorSpec) -> torch.Tensor:
         if self.device.type == "cpu":
-            return self.pool.take(spec.shape, spec.dtype, self.device)
-        return host_buffer(spec.shape, spec.dtype, self.device)  # pinned; freed once its copy to the GPU is done
+            return self.pool.take(spec.wire_shape, spec.dtype, self.device)
+        return host_buffer(spec.wire_shape, spec.dtype, self.device)  # pinned; freed once its copy to the GPU is done
 
     def _discard_rest(self) -> None:
         while self._more():
@@ -163,9 +164,10 @@ class ZmqReceiver(Channel):
                     print(f"warning: rejected message {self.rejected} on {self.address}: {exc}", file=sys.stderr, flush=True)
                 continue
             if self.device.type == "cpu":
-                return Message(header.kind, header.epoch, header.index, buffers, header.meta,
+                return Message(header.kind, header.epoch, header.index, received(buffers, header.specs), header.meta,
                                release=lambda: self.pool.give(buffers))
-            return Message(header.kind, header.epoch, header.index, to_device(buffers, self.device), header.meta)
+            tensors = received(to_device(buffers, self.device), header.specs)
+            return Message(header.kind, header.epoch, header.index, tensors, header.meta)
 
     def send(self, msg: Message) -> None:
         raise TypeError("a receiver does not send")

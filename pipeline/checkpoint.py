@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 import torch
 
@@ -64,6 +65,7 @@ def unflatten_state(flat: torch.Tensor, manifest: list[list]) -> dict[int, dict[
 # ---- resumable checkpoints ---------------------------------------------------------------------------------
 #
 # checkpoint_dir/step-000000123/stage-0.pt ... stage-{K-1}.pt    each written by its stage (temp file + rename)
+# checkpoint_dir/step-000000123/stage-0.json ...                 each stage's manifest entry, once its file is durable
 # checkpoint_dir/step-000000123/MANIFEST.json                   written last, by the last stage: the checkpoint
 #                                                               is complete (and usable) only once it exists
 # A position {"epoch": e, "batch": b, "step": s} means: everything before training batch b of epoch e is in.
@@ -191,6 +193,31 @@ def save_stage_checkpoint(root: str, state: dict) -> dict:
     _durable_replace(path + ".tmp", path)
     return {"stage": state["stage"], "file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": _sha256(path),
             "device": state["device"]}
+
+
+def write_entry(root: str, position: dict, entry: dict) -> None:
+    """A stage's manifest entry beside its file (stage-K.json), durably: the last stage reads them all."""
+    path = os.path.join(_folder(root, position["step"]), f"stage-{entry['stage']}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(entry, f)
+    _durable_replace(path + ".tmp", path)
+
+
+def read_entries(root: str, position: dict, world: int, patience_s: float) -> list[dict]:
+    """Every stage's entry for the checkpoint at `position`, once all are there (polled: on shared storage they come
+    from other hosts); a TimeoutError after patience_s (a stage that died leaves the checkpoint incomplete)."""
+    folder, deadline = _folder(root, position["step"]), time.monotonic() + patience_s
+    paths = [os.path.join(folder, f"stage-{rank}.json") for rank in range(world)]
+    while not all(os.path.exists(path) for path in paths):
+        if time.monotonic() > deadline:
+            missing = [rank for rank, path in enumerate(paths) if not os.path.exists(path)]
+            raise TimeoutError(f"checkpoint {folder}: no entry from stage(s) {missing} within {patience_s:.0f} s")
+        time.sleep(0.02)
+    entries = []
+    for path in paths:
+        with open(path) as f:
+            entries.append(json.load(f))
+    return entries
 
 
 def finish_checkpoint(root: str, position: dict, world: int, files: list[dict], print_: dict) -> str:

@@ -16,7 +16,6 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from pipeline.alignment import AlignmentLog
 from pipeline.blocks import Block, evaluate_blocks, learning_rate, train_blocks
-from pipeline.checkpoint import (fingerprint, finish_checkpoint, flatten_state, save_stage_checkpoint, save_weights,
-                                 stage_state, unflatten_state)
+from pipeline.checkpoint import fingerprint, flatten_state, save_weights, stage_state, unflatten_state
+from pipeline.checkpoint_writer import CheckpointWriter, host_copy
 from pipeline.config import Config
 from pipeline.cuda_streams import NoStreams, stage_streams
 from pipeline.data import BatchSource
@@ -95,7 +95,7 @@ class Stage:
         self.progress = ProgressFile(cfg, rank)  # and kept where a restarted run reads how far this one got
         self.stopped_at: dict | None = None  # where a signal stopped the run early (END's position)
         self.checkpoint_s: list[float] = []  # each checkpoint's stall of this stage's compute thread
-        self.checkpoint_bytes = 0  # the size of its part of the last one
+        self.checkpoints = CheckpointWriter(cfg.run.checkpoint_dir, rank, world, cfg.pipeline.stall_timeout)
         self._epoch = start["epoch"] if start and start["batch"] > 0 else 0  # mid-epoch: keep its running stats
         self._eval_hits: list[torch.Tensor | None] = [None] * len(self.tested)
         self._eval_examples = 0
@@ -250,21 +250,15 @@ class Stage:
         msg.release()
 
     def _checkpoint(self, msg: Message) -> None:
-        """Save this stage's state at the marker's position, pass it on; the last stage completes the checkpoint."""
+        """Snapshot this stage's state at the marker's position and pass the marker on; the writer thread makes it
+        durable, and the last stage's completes the checkpoint (pipeline/checkpoint_writer.py)."""
         self._settle()  # no update may be in flight in a checkpoint (a remote gradient awaited)
-        started = time.perf_counter()  # the stall: from here until this stage's part is durable and handed on
-        root, position, print_ = self.cfg.run.checkpoint_dir, msg.meta["position"], fingerprint(self.cfg)
-        entry = save_stage_checkpoint(root, stage_state(self.blocks, self.rank, self.world, position, print_))
-        self.checkpoint_bytes = entry["bytes"]
-        entry["size"] = stage_size(self.blocks, self.rank)  # a resumed --partition auto run keeps this placement
-        files = msg.meta.get("files", []) + [entry]
+        started = time.perf_counter()  # the stall: until the snapshot is taken and the marker handed on
+        state = host_copy(stage_state(self.blocks, self.rank, self.world, msg.meta["position"], fingerprint(self.cfg)))
+        self.checkpoints.submit(state, stage_size(self.blocks, self.rank), fingerprint(self.cfg))
         if not self.is_last:
-            self.io.put(Message(Kind.CHECKPOINT, meta={**msg.meta, "files": files}))
-            self.checkpoint_s.append(time.perf_counter() - started)
-            return
-        folder = finish_checkpoint(root, position, self.world, files, print_)
+            self.io.put(Message(Kind.CHECKPOINT, meta=msg.meta))
         self.checkpoint_s.append(time.perf_counter() - started)
-        tqdm.write(f"checkpoint {folder} (epoch {position['epoch']}, next batch {position['batch']})")
 
     def report(self) -> dict[str, Any]:
         """This stage's timings and facts for stage_stats (pipeline/stage_report.py)."""
@@ -274,6 +268,7 @@ class Stage:
         self.stopped_at = msg.meta.get("stopped_at")
         self.progress.close()
         self._settle()
+        self.checkpoints.wait()  # the last checkpoint durable (and complete) before the run reports its end
         if self.links.feedback_in:  # the peer's END on the gradient link comes next: receive it while this stage
             self.io.want_error()  # finishes sending (over gloo a send completes only once its receive is posted)
         if self.links.feedback_out:

@@ -57,7 +57,7 @@ def stage_report(stage: Stage) -> dict[str, Any]:
         **(layer.gradients.report("heads") if layer else {"heads_delay_mean": None, "heads_delay_max": None}),
         "error_wait_s": io.error_wait_s,
         "checkpoint_s": [round(s, 4) for s in stage.checkpoint_s],  # each checkpoint's stall of the compute thread
-        "checkpoint_bytes": stage.checkpoint_bytes,
+        "checkpoint_write_s": [round(s, 4) for s in stage.checkpoints.write_s],  # and its write, on the writer thread
         # keyed by the block index as a string, as in summary.json: the report travels on in END's msgpack
         # header, whose maps take string keys only (pipeline/message.py)
         "skipped_updates": {str(b.index): b.skipped for b in stage.blocks if b.skipped},

@@ -145,6 +145,8 @@ def launch(cfg: Config) -> int:
         while True:
             started, queues = _start(cfg, store.port, number)  # the queues live until the attempt ends
             processes[:] = started
+            if forward.signalled:  # it came while the stages were being restarted: it is theirs
+                forward.resend()
             code = supervise(processes, cfg.run.device)
             del queues
             if code in (0, 2, EXIT_STOPPED) or forward.signalled or number >= cfg.run.max_restarts:
@@ -183,12 +185,15 @@ def _forwarder(processes: list):
         now = time.monotonic()
         if not first:
             first.append(now)
-            handle.signalled = True
-            for process in processes:
-                if process.is_alive():
-                    os.kill(process.pid, signum)
+            handle.signalled = signum
+            handle.resend()
         elif now - first[0] > ABORT_AFTER_S:
             raise KeyboardInterrupt
 
-    handle.signalled = False
+    def resend() -> None:
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, handle.signalled)
+
+    handle.signalled, handle.resend = 0, resend
     return handle

@@ -182,6 +182,21 @@ def _durable_replace(tmp: str, path: str) -> None:
     _fsync_folder(os.path.dirname(path))
 
 
+def _retire_manifest(folder: str, position: dict) -> None:
+    """A folder's manifest of another position (the last batch's checkpoint, then the end of the run's, share a
+    step) goes, durably, before any file in it is replaced: until the new manifest, the folder is incomplete and
+    the checkpoint before it counts, never a manifest whose files have changed."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path) as f:
+            if json.load(f).get("position") == position:
+                return
+        os.remove(path)
+    except (OSError, ValueError):  # none, or another stage removed it first
+        return
+    _fsync_folder(folder)
+
+
 def save_stage_checkpoint(root: str, state: dict) -> dict:
     """Write one stage's state into the checkpoint folder of its step, durably; returns its manifest entry."""
     folder = _folder(root, state["position"]["step"])
@@ -189,6 +204,7 @@ def save_stage_checkpoint(root: str, state: dict) -> dict:
         os.makedirs(folder, exist_ok=True)
         _fsync_folder(root)
     path = os.path.join(folder, f"stage-{state['stage']}.pt")
+    _retire_manifest(folder, state["position"])
     torch.save(state, path + ".tmp")
     _durable_replace(path + ".tmp", path)
     return {"stage": state["stage"], "file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": _sha256(path),
@@ -203,21 +219,31 @@ def write_entry(root: str, position: dict, entry: dict) -> None:
     _durable_replace(path + ".tmp", path)
 
 
-def read_entries(root: str, position: dict, world: int, patience_s: float) -> list[dict]:
-    """Every stage's entry for the checkpoint at `position`, once all are there (polled: on shared storage they come
-    from other hosts); a TimeoutError after patience_s (a stage that died leaves the checkpoint incomplete)."""
+def _entry(path: str, position: dict, token: str) -> dict | None:
+    try:
+        with open(path) as f:
+            entry = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return entry if entry.get("position") == position and entry.get("token") == token else None
+
+
+def read_entries(root: str, position: dict, world: int, patience_s: float, token: str = "") -> list[dict]:
+    """Every stage's entry for the checkpoint at `position` written by this run attempt (`token`), once all are there
+    (polled: on shared storage they come from other hosts; an entry left by another attempt, or by an earlier
+    checkpoint of the same step, waits to be replaced); a TimeoutError after patience_s (a stage that died leaves
+    the checkpoint incomplete)."""
     folder, deadline = _folder(root, position["step"]), time.monotonic() + patience_s
-    paths = [os.path.join(folder, f"stage-{rank}.json") for rank in range(world)]
-    while not all(os.path.exists(path) for path in paths):
+    entries: list[dict | None] = [None] * world
+    while True:
+        entries = [entry or _entry(os.path.join(folder, f"stage-{rank}.json"), position, token)
+                   for rank, entry in enumerate(entries)]
+        if all(entries):
+            return entries
         if time.monotonic() > deadline:
-            missing = [rank for rank, path in enumerate(paths) if not os.path.exists(path)]
+            missing = [rank for rank, entry in enumerate(entries) if entry is None]
             raise TimeoutError(f"checkpoint {folder}: no entry from stage(s) {missing} within {patience_s:.0f} s")
         time.sleep(0.02)
-    entries = []
-    for path in paths:
-        with open(path) as f:
-            entries.append(json.load(f))
-    return entries
 
 
 def finish_checkpoint(root: str, position: dict, world: int, files: list[dict], print_: dict) -> str:

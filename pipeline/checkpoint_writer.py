@@ -39,8 +39,10 @@ class CheckpointWriter:
     `patience_s`: how long the last stage waits for the other stages' entries (a stage that died leaves the
     checkpoint incomplete, and so unused)."""
 
-    def __init__(self, root: str, rank: int, world: int, patience_s: float):
-        self.root, self.rank, self.world, self.patience_s = root, rank, world, patience_s
+    def __init__(self, root: str, rank: int, world: int, patience_s: float, token: str = ""):
+        """`token`: the run attempt's, the same on every stage: entries left by another attempt or run (a crash
+        in the middle of a checkpoint, a reused folder) are not taken for this checkpoint's."""
+        self.root, self.rank, self.world, self.patience_s, self.token = root, rank, world, patience_s, token
         self.write_s: list[float] = []  # each write's seconds on the writer thread
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -57,10 +59,10 @@ class CheckpointWriter:
             started = time.perf_counter()
             position = state["position"]
             entry = save_stage_checkpoint(self.root, state)
-            entry["size"] = size  # a resumed --partition auto run keeps this placement
+            entry.update(size=size, token=self.token, position=position)  # size: a resumed auto run keeps the placement
             write_entry(self.root, position, entry)
             if self.rank == self.world - 1:
-                files = read_entries(self.root, position, self.world, self.patience_s)
+                files = read_entries(self.root, position, self.world, self.patience_s, self.token)
                 folder = finish_checkpoint(self.root, position, self.world, files, print_)
                 tqdm.write(f"checkpoint {folder} (epoch {position['epoch']}, next batch {position['batch']})")
             self.write_s.append(time.perf_counter() - started)

@@ -292,12 +292,18 @@ def config_from_args(a: argparse.Namespace) -> Config:
 
 def run_train(cfg: Config) -> int:
     """Dispatch a checked config: a torchrun rank, the local launcher for K > 1, or the sequential trainer."""
-    from pipeline.restarts import EXIT_STOPPED, attempt, record_start, resolve_resume
+    from pipeline.restarts import EXIT_STOPPED, attempt, record_start, resolve_resume, stopped_before
 
     world = torchrun_world()
     if world is not None:  # every worker of a torchrun group, started or restarted by its agent
         from pipeline.runtime import run_stage_from_env
 
+        stopped = stopped_before(cfg, attempt())
+        if stopped is not None:  # the workers got the signal, not the agent: the run stopped, it did not fail
+            if world[0] == 0:
+                print(f"restart {attempt()}: the run was stopped by a signal at epoch {stopped['epoch']} batch "
+                      f"{stopped['batch']}: not training on", file=sys.stderr, flush=True)
+            return EXIT_STOPPED
         cfg = resolve_resume(cfg, attempt(), say=world[0] == 0)
         if world[0] == 0:
             record_start(cfg, attempt())

@@ -174,7 +174,7 @@ def decode_header(data: bytes, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Head
             raise ProtocolError(f"dtype {name!r:.20} is not allowed")
         if len(shape) > MAX_DIMS:
             raise ProtocolError(f"tensor of {len(shape)} dims exceeds {MAX_DIMS}")
-        if order and sorted(order[0]) != list(range(len(shape))):
+        if order and (any(type(d) is not int for d in order[0]) or sorted(order[0]) != list(range(len(shape)))):
             raise ProtocolError(f"order {order[0]!r:.40} is not a permutation of the {len(shape)} dims")
         spec = TensorSpec(DTYPES[name], tuple(_int(d, "a dimension", 0, max_tensor_bytes) for d in shape),
                           tuple(order[0]) if order else None)

@@ -12,6 +12,7 @@ stage trains a second time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -65,12 +66,13 @@ class ProgressFile:
     """The number of training steps a stage has finished, in checkpoint_dir/progress/stage-K (nothing without a
     checkpoint folder). One pwrite of 8 bytes per batch: no fsync, the page cache keeps it past a kill -9."""
 
-    def __init__(self, cfg: Config, rank: int):
+    def __init__(self, cfg: Config, rank: int, start_step: int = 0):
         folder = _progress_folder(cfg)
         self.fd = None
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
             self.fd = os.open(os.path.join(folder, f"stage-{rank}"), os.O_WRONLY | os.O_CREAT, 0o644)
+            self.finished(start_step)  # never an earlier attempt's (or run's) count
 
     def finished(self, steps: int) -> None:
         if self.fd is not None:
@@ -93,6 +95,27 @@ def _steps_reached(folder: str, world: int) -> list[int | None]:
     return reached
 
 
+def mark_stopped(cfg: Config, position: dict) -> None:
+    """The last stage of a run stopped by a signal leaves a note: torchrun takes the stages' EXIT_STOPPED for a
+    failure and restarts them (when the signal reached the workers, not its agent), and the restart must stop too."""
+    folder = _progress_folder(cfg)
+    if folder is not None:
+        with open(os.path.join(folder, "stopped.json"), "w") as f:
+            json.dump(position, f)
+
+
+def stopped_before(cfg: Config, number: int) -> dict | None:
+    """On a restart: where a signal stopped the attempt before it, if one did (then this one must not train on)."""
+    folder = _progress_folder(cfg)
+    if number == 0 or folder is None:
+        return None
+    try:
+        with open(os.path.join(folder, "stopped.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def record_start(cfg: Config, number: int) -> None:
     """Called once per start of the run (by the local launcher, or by rank 0 under torchrun) before any stage
     trains: a restart appends what the attempt before it reached, and how much of it is trained again, to
@@ -103,6 +126,8 @@ def record_start(cfg: Config, number: int) -> None:
     os.makedirs(folder, exist_ok=True)
     history = os.path.join(folder, "restarts.jsonl")
     if number == 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, "stopped.json"))
         if not cfg.run.resume:
             open(history, "w").close()
         return
@@ -122,4 +147,4 @@ def restart_history(cfg: Config) -> dict:
     for path in glob.glob(os.path.join(folder, "restarts.jsonl")) if folder else []:
         with open(path) as f:
             entries = [json.loads(line) for line in f if line.strip()]
-    return {"count": attempt(), "history": entries}
+    return {"count": len(entries) if folder else attempt(), "history": entries}

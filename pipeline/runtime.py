@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import traceback
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -114,6 +115,7 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     # every rank takes part, and all decide on every rank's facts: the same backend everywhere, or the same error
     backend = agree_backend(cfg.pipeline.dist_backend, device_facts(device)) if cfg.pipeline.transport == "dist" else None
     agree_network(cfg, rank)
+    folder, token = agree_resume(cfg)
     placement, profile = agree_partition(cfg, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
     spec = DATASETS[cfg.data.shape_source]
     blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=placement.ranges[rank], device=device)
@@ -130,7 +132,7 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
                        dist_backend=backend or "gloo", zmq_host=cfg.pipeline.zmq_host,
                        zmq_curve_keys=cfg.pipeline.zmq_curve_keys, local_queues=local_queues, timeout=timeout)
     stage = Stage(cfg, rank, world, blocks, links=links, source=source, device=device, host=socket.gethostname(),
-                  start=start, stop=stop.event)
+                  start=start, stop=stop.event, token=token)
     if profile:
         stage.notes["partition_profile"] = profile
     stage.notes.update(dist_backend=backend, deterministic=torch.are_deterministic_algorithms_enabled())
@@ -151,6 +153,20 @@ def attempt_store(store: dist.Store | None, rank: int, world: int, timeout: date
     if store is None:
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
     return dist.PrefixStore(f"attempt-{attempt()}/", store)
+
+
+def agree_resume(cfg: Config) -> tuple[str | None, str]:
+    """Every rank resumes from the same checkpoint or none does (collective): each decided alone (--auto-resume, a
+    restart) from what it sees of the checkpoint folder, and a folder that is not shared, or a manifest not yet
+    visible on some node, is refused on every rank. Also returns the attempt's token, stage 0's, the same on every
+    rank (pipeline/checkpoint_writer.py)."""
+    folder = latest_checkpoint(cfg.run.checkpoint_dir)[0] if cfg.run.resume else None
+    seen = exchange_strings(json.dumps([folder, uuid.uuid4().hex]))
+    folders = [json.loads(text)[0] for text in seen]
+    if len(set(folders)) > 1:
+        raise AgreedError(f"the stages do not see the same checkpoint to resume from ({', '.join(map(str, folders))}, "
+                          f"by rank): --checkpoint-dir must be one folder every node shares")
+    return folder, json.loads(seen[0])[1]
 
 
 def agree_network(cfg: Config, rank: int) -> None:

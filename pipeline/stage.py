@@ -43,7 +43,7 @@ from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import LineProgress, progress_bar
 from pipeline.remote_heads import RemoteHeads, SplitLayer
-from pipeline.restarts import ProgressFile
+from pipeline.restarts import ProgressFile, mark_stopped
 from pipeline.stage_io import StageIO, StallError, release_after
 from pipeline.stage_report import run_summary, stage_report, stage_size
 from pipeline.transport import Links
@@ -57,7 +57,8 @@ class Stage:
 
     def __init__(self, cfg: Config, rank: int, world: int, blocks: list[Block], *, links: Links,
                  source: BatchSource | None, device: torch.device, host: str, start: dict | None = None,
-                 stop: threading.Event | None = None, streams: NoStreams | None = None):
+                 stop: threading.Event | None = None, streams: NoStreams | None = None, token: str = ""):
+        """`token`: this run attempt's, the same on every stage (it tells its checkpoint entries from stale ones)."""
         if (rank == 0) != (source is not None) or (rank > 0) != (links.inbox is not None) or (rank < world - 1) != (links.outbox is not None):
             raise ValueError(f"stage {rank} of {world} is wired wrongly")
         self.cfg, self.rank, self.world, self.blocks = cfg, rank, world, blocks
@@ -92,10 +93,10 @@ class Stage:
                        else self.late_layer.gradients if self.late_layer else self.heads_first)
         self.start = start  # resume position
         self.steps = start["step"] if start else 0  # training steps finished, counted as checkpoint positions are
-        self.progress = ProgressFile(cfg, rank)  # and kept where a restarted run reads how far this one got
+        self.progress = ProgressFile(cfg, rank, self.steps)  # and kept where a restarted run reads how far this one got
         self.stopped_at: dict | None = None  # where a signal stopped the run early (END's position)
         self.checkpoint_s: list[float] = []  # each checkpoint's stall of this stage's compute thread
-        self.checkpoints = CheckpointWriter(cfg.run.checkpoint_dir, rank, world, cfg.pipeline.stall_timeout)
+        self.checkpoints = CheckpointWriter(cfg.run.checkpoint_dir, rank, world, cfg.pipeline.stall_timeout, token)
         self._epoch = start["epoch"] if start and start["batch"] > 0 else 0  # mid-epoch: keep its running stats
         self._eval_hits: list[torch.Tensor | None] = [None] * len(self.tested)
         self._eval_examples = 0
@@ -255,9 +256,9 @@ class Stage:
         self._settle()  # no update may be in flight in a checkpoint (a remote gradient awaited)
         started = time.perf_counter()  # the stall: until the snapshot is taken and the marker handed on
         state = host_copy(stage_state(self.blocks, self.rank, self.world, msg.meta["position"], fingerprint(self.cfg)))
-        self.checkpoints.submit(state, stage_size(self.blocks, self.rank), fingerprint(self.cfg))
-        if not self.is_last:
+        if not self.is_last:  # on at once: the next stage never waits for this one's writes
             self.io.put(Message(Kind.CHECKPOINT, meta=msg.meta))
+        self.checkpoints.submit(state, stage_size(self.blocks, self.rank), fingerprint(self.cfg))
         self.checkpoint_s.append(time.perf_counter() - started)
 
     def report(self) -> dict[str, Any]:
@@ -267,8 +268,9 @@ class Stage:
     def _end(self, msg: Message) -> dict[str, Any] | None:
         self.stopped_at = msg.meta.get("stopped_at")
         self.progress.close()
+        if self.stopped_at and self.is_last:
+            mark_stopped(self.cfg, self.stopped_at)  # a restart of this stopped run stops too (pipeline/restarts.py)
         self._settle()
-        self.checkpoints.wait()  # the last checkpoint durable (and complete) before the run reports its end
         if self.links.feedback_in:  # the peer's END on the gradient link comes next: receive it while this stage
             self.io.want_error()  # finishes sending (over gloo a send completes only once its receive is posted)
         if self.links.feedback_out:
@@ -301,6 +303,9 @@ class Stage:
             self.io.finish_sending()
             if self.links.feedback_in:
                 self.remote.await_stream_end()
+        # the last checkpoint durable (and complete) before the stage leaves; not before END went on: a peer that
+        # stops on a signal waits only seconds for END (StageIO.patience)
+        self.checkpoints.wait()
         return summary
 
     def _loop(self) -> dict[str, Any] | None:

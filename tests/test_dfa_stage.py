@@ -70,6 +70,7 @@ def test_the_delay_counts_the_batches_forwarded_before_each_update():
     assert [b.index for b in feedback.errors.awaiting] == [3]
     feedback.errors.settle()  # batch 3's error: nothing went forward after it
     assert feedback.report() == {"dfa_delay_mean": (3 + 2 + 1 + 0) / 4, "dfa_delay_max": 3}
+    assert link.wanted == link.taken == 4  # each error awaited once, none left with a receive posted
 
 
 def test_a_bounded_delay_waits_for_the_error_that_would_exceed_it():
@@ -79,6 +80,7 @@ def test_a_bounded_delay_waits_for_the_error_that_would_exceed_it():
         assert [b.index for b in feedback.errors.awaiting] == [index]
     feedback.errors.settle()
     assert feedback.report() == {"dfa_delay_mean": pytest.approx(2 / 3), "dfa_delay_max": 1}
+    assert link.wanted == link.taken == 3
 
 
 def test_synchronous_dfa_has_no_delay():

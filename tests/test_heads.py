@@ -72,6 +72,20 @@ def test_bio_heads_use_feedback_alignment_and_a_fixed_label_projection():
     assert torch.allclose(loss, expected)
 
 
+def test_bio_heads_start_as_the_reference_s():
+    """anokland/local-loss (train.py, --bio): the decoder is a LinearFA whose reset_parameters zeroes its bias, and
+    whose weight the block then zeroes; its feedback matrix is uniform in +-1/sqrt(in); the label projection is a
+    bias-free nn.Linear(classes, P), uniform in +-1/sqrt(classes), never trained."""
+    torch.manual_seed(0)
+    heads = LocalHeads(LossConfig(loss="predsim", bio=True, target_proj_size=128), num_classes=10, channels=1024, size=None)
+    assert torch.count_nonzero(heads.decoder.weight) == 0
+    assert torch.count_nonzero(heads.decoder.bias) == 0, "the reference's LinearFA starts with a zero bias"
+    for matrix, bound in ((heads.decoder.feedback, 1 / 1024 ** 0.5), (heads.projection, 1 / 10 ** 0.5)):
+        assert matrix.abs().max() <= bound and matrix.abs().max() > 0.99 * bound  # uniform on the whole interval
+        assert abs(matrix.mean().item()) < 0.05 * bound
+    assert not heads.decoder.feedback.requires_grad and not heads.projection.requires_grad
+
+
 def test_bio_classifier_picks_the_class_whose_code_fits_the_logits_best():
     heads = LocalHeads(LossConfig(loss="pred", bio=True, target_proj_size=3), num_classes=2, channels=2, size=None)
     with torch.no_grad():

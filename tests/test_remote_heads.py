@@ -59,6 +59,7 @@ def test_the_two_halves_of_a_block_learn_exactly_what_the_whole_block_learns():
                 _, expected = whole.evaluate(test, y)
             assert remote.hits(split.evaluate(test)[1], y) == expected
     split.gradients.settle()
+    assert link.wanted == link.taken == 4  # each gradient awaited once, none left with a receive posted
     assert layer.owned_state().keys() | heads.owned_state().keys() == whole.state_dict().keys()
     for name, tensor in whole.state_dict().items():
         mine = (heads if name.startswith("heads.") else layer).state_dict()[name]

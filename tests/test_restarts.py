@@ -109,3 +109,56 @@ def test_restart_options_are_checked_with_one_line(args, message, capsys):
     assert main(["train", *ARGS, *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_restart_of_a_run_stopped_by_a_signal_stops_at_once(tmp_path, monkeypatch, capsys):
+    """A signal that reached torchrun's workers, not its agent: they stop (EXIT_STOPPED), the agent takes that for a
+    failure and restarts them, and the restart must not train on."""
+    from pipeline.restarts import EXIT_STOPPED, mark_stopped
+    from pipeline.config import Config, RunConfig
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "progress").mkdir(parents=True)
+    mark_stopped(Config(run=RunConfig(checkpoint_dir=str(ckpt))), {"epoch": 1, "batch": 7, "step": 7})
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert main(["train", *ARGS, "--checkpoint-dir", str(ckpt)]) == EXIT_STOPPED
+    assert "restart 1: the run was stopped by a signal at epoch 1 batch 7: not training on" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a new launch (a requeue) clears the note
+    from pipeline.restarts import record_start, stopped_before
+
+    record_start(Config(run=RunConfig(checkpoint_dir=str(ckpt))), 0)
+    assert stopped_before(Config(run=RunConfig(checkpoint_dir=str(ckpt))), 1) is None
+
+
+def test_a_signal_while_the_stages_restart_reaches_the_new_ones(monkeypatch):
+    from launch import local
+
+    class _Stage:
+        def __init__(self, pid, alive):
+            self.pid, self.alive = pid, alive
+
+        def is_alive(self):
+            return self.alive
+
+    sent = []
+    monkeypatch.setattr(local.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    processes = [_Stage(11, False)]  # the failed attempt's, gone
+    forward = local._forwarder(processes)
+    forward(signal.SIGTERM, None)
+    assert sent == [] and forward.signalled == signal.SIGTERM
+    processes[:] = [_Stage(21, True), _Stage(22, True)]  # the restart's
+    forward.resend()  # what launch() does once they are started
+    assert sent == [(21, signal.SIGTERM), (22, signal.SIGTERM)]
+
+
+def test_a_progress_file_starts_at_its_attempt_s_first_step(tmp_path):
+    from pipeline.config import Config, RunConfig
+    from pipeline.restarts import ProgressFile
+
+    cfg = Config(run=RunConfig(checkpoint_dir=str(tmp_path)))
+    ProgressFile(cfg, 0).finished(500)  # an earlier run's count
+    ProgressFile(cfg, 0, start_step=40)  # a resumed attempt that has trained nothing yet
+    assert _steps(tmp_path / "progress" / "stage-0") == 40

@@ -78,3 +78,34 @@ def test_a_resumed_auto_run_keeps_the_placement_of_its_checkpoint(tmp_path, monk
     (step / "MANIFEST.json").write_text(json.dumps({"format": 1, "position": {}, "stages": 2, "files": files}))
     placement, profile = runtime.agree_partition(cfg, 0, 2, torch.device("cpu"))
     assert placement.text == "1.5h,1.5" and profile == {"resumed_placement": ["1.5h", 1.5]}
+
+
+def _resume_where(rank, world, port, results, roots):
+    from helpers import init_gloo
+    from pipeline.config import Config, RunConfig
+    from pipeline.errors import AgreedError
+    from pipeline.runtime import agree_resume
+
+    init_gloo(rank, world, port)
+    try:
+        folder, token = agree_resume(Config(run=RunConfig(checkpoint_dir=roots[rank], resume=True)))
+        results.put((rank, ("agreed", folder, token)))
+    except AgreedError as exc:
+        results.put((rank, ("refused", str(exc), None)))
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_resumes_from_the_same_checkpoint_or_none_does(tmp_path):
+    """Under torchrun each rank decides to resume from what it sees: a folder that is not shared (or a manifest one
+    node does not see yet) is refused on every rank, not trained from two different states."""
+    import json
+
+    from helpers import run_ranks
+
+    for name, step in (("shared", 20), ("other", 40)):
+        (tmp_path / name / f"step-{step:09d}").mkdir(parents=True)
+        (tmp_path / name / f"step-{step:09d}" / "MANIFEST.json").write_text(json.dumps({"position": {"step": step}}))
+    same = run_ranks(_resume_where, 2, args=([str(tmp_path / "shared")] * 2,))
+    assert [r[0] for r in same] == ["agreed"] * 2 and same[0][1:] == same[1][1:]  # one folder, one token
+    differ = run_ranks(_resume_where, 2, args=([str(tmp_path / "shared"), str(tmp_path / "other")],))
+    assert [r[0] for r in differ] == ["refused"] * 2 and "do not see the same checkpoint" in differ[0][1]

@@ -50,9 +50,11 @@ def test_the_header_carries_the_order_and_refuses_a_bad_one():
     assert header.specs[0].wire_shape == (4, 5, 6, 3)
     import msgpack
 
-    bad = msgpack.packb({"v": 1, "kind": 1, "epoch": 0, "index": 0, "tensors": [["float32", [2, 3], [0, 0]]], "meta": {}})
-    with pytest.raises(ProtocolError, match="not a permutation"):
-        decode_header(bad)
+    for order in ([0, 0], [0, "a"], [True, False], [0.0, 1.0]):  # a malformed order is dropped, never a crash
+        bad = msgpack.packb({"v": 1, "kind": 1, "epoch": 0, "index": 0, "tensors": [["float32", [2, 3], order]],
+                             "meta": {}})
+        with pytest.raises(ProtocolError, match="not a permutation"):
+            decode_header(bad)
 
 
 def test_local_transport_keeps_the_layout():

@@ -66,6 +66,8 @@ class LocalHeads(LocalHead):
         if self.uses_pred:
             self.decoder = LinearFA(features, cfg.target_proj_size) if self.bio else nn.Linear(features, num_classes)
             nn.init.zeros_(self.decoder.weight)
+            if self.bio:  # the reference's LinearFA starts with a zero bias too (its nn.Linear decoder does not)
+                nn.init.zeros_(self.decoder.bias)
         self.sim_map: nn.Module | None = None
         self.sim_pool: nn.Module | None = None
         if self.uses_sim and not self.bio:

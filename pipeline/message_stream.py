@@ -27,10 +27,13 @@ def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
     align_every = run.log_alignment
     heldout = [t for b in itertools.islice(source.eval_batches(), run.alignment_batches) for t in (b.x, b.y)] if align_every else []
     every = run.checkpoint_every
+    # the step of the last checkpoint (a resumed run's is the one it resumed from): a stop right after it needs none
+    checkpointed: list[int] = [start["step"]] if start else []
     start = start or {"epoch": 1, "batch": 0, "step": 0}
     step = start["step"]
 
     def checkpoint(epoch: int, batch: int, stopping: bool = False) -> Message:
+        checkpointed[:] = [step]
         return Message(Kind.CHECKPOINT, meta={"position": {"epoch": epoch, "batch": batch, "step": step}, "stop": stopping})
 
     for epoch in range(start["epoch"], run.epochs + 1):
@@ -39,7 +42,7 @@ def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
             if stop is not None and injected_stop_at(epoch, batch.index):
                 stop.set()
             if stop is not None and stop.is_set():
-                if run.checkpoint_dir:
+                if run.checkpoint_dir and checkpointed != [step]:
                     yield checkpoint(epoch, batch.index, stopping=True)
                 yield Message(Kind.END, meta={"stopped_at": {"epoch": epoch, "batch": batch.index, "step": step}})
                 return
@@ -48,7 +51,10 @@ def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
             step += 1
             if align_every and step % align_every == 0:
                 yield Message(Kind.ALIGN, epoch, step, list(heldout), {"epoch_end": False})
-            if run.checkpoint_dir and every and run.checkpoint_unit == "batch" and step % every == 0:
+            # not after the run's last batch: the end of the run's checkpoint comes at the same step, and two
+            # checkpoints must never share a step's folder (their writes overlap: pipeline/checkpoint_writer.py)
+            final = epoch == run.epochs and batch.index + 1 == batches
+            if run.checkpoint_dir and every and run.checkpoint_unit == "batch" and step % every == 0 and not final:
                 yield checkpoint(epoch, batch.index + 1)
         if align_every:
             yield Message(Kind.ALIGN, epoch, step, list(heldout), {"epoch_end": True})

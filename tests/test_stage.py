@@ -38,6 +38,34 @@ def test_stage_zero_streams_epochs_of_train_then_eval_batches_then_end():
     assert [len(m.tensors[1]) for m in stream[:5]] == [32, 32, 6, 32, 8]
 
 
+def test_no_two_checkpoints_share_a_step(tmp_path):
+    """Checkpoints are written in the background, so two at one step would share (and race for) its folder: the
+    last batch's periodic one gives way to the end of the run's, a stop right after one (or right after the
+    checkpoint a run resumed from) adds none."""
+    import threading
+
+    cfg = small_config(run__epochs=2, data__synthetic_train_size=128, data__synthetic_test_size=32,
+                       run__checkpoint_dir=str(tmp_path), run__checkpoint_every=2)  # 4 batches an epoch: steps 2..8
+
+    def positions(start=None, stop_before=None):
+        stop, found = threading.Event(), []
+        for m in data_messages(BatchSource(cfg.data, 0), cfg, start, stop):
+            if m.kind == Kind.CHECKPOINT:
+                found.append(m.meta["position"])
+            if m.kind == Kind.TRAIN and (m.epoch, m.index + 1) == stop_before:
+                stop.set()  # a signal: stop before the next batch
+        return found
+
+    assert [p["step"] for p in positions()] == [2, 4, 6, 8]  # 8: the end of the run's (3, 0), not (2, 4) too
+    assert positions()[-1] == {"epoch": 3, "batch": 0, "step": 8}
+    assert [p["step"] for p in positions(stop_before=(1, 2))] == [2]  # stopped right after step 2's
+    resumed = {"epoch": 1, "batch": 2, "step": 2}
+    assert positions(start=resumed, stop_before=None)[0]["step"] == 4
+    stop = threading.Event()
+    stop.set()  # stopped at once after resuming: the checkpoint it resumed from is that position's
+    assert [m.kind for m in data_messages(BatchSource(cfg.data, 0), cfg, resumed, stop)] == [Kind.END]
+
+
 def test_buffers_go_back_only_after_both_users_are_done():
     released = []
     countdown = release_after(2, lambda: released.append(True))

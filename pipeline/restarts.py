@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import struct
@@ -143,8 +142,9 @@ def record_start(cfg: Config, number: int) -> None:
 def restart_history(cfg: Config) -> dict:
     """summary.json's "restarts": how many, and each one's checkpoint and batches trained again per stage."""
     folder = _progress_folder(cfg)
+    path = os.path.join(folder, "restarts.jsonl") if folder else None
     entries = []
-    for path in glob.glob(os.path.join(folder, "restarts.jsonl")) if folder else []:
+    if path and os.path.exists(path):
         with open(path) as f:
             entries = [json.loads(line) for line in f if line.strip()]
     return {"count": len(entries) if folder else attempt(), "history": entries}

@@ -115,7 +115,7 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     # every rank takes part, and all decide on every rank's facts: the same backend everywhere, or the same error
     backend = agree_backend(cfg.pipeline.dist_backend, device_facts(device)) if cfg.pipeline.transport == "dist" else None
     agree_network(cfg, rank)
-    folder, token = agree_resume(cfg)
+    _, token = agree_resume(cfg)  # verified and restored below, once the blocks are built
     placement, profile = agree_partition(cfg, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
     spec = DATASETS[cfg.data.shape_source]
     blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=placement.ranges[rank], device=device)

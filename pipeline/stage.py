@@ -255,10 +255,11 @@ class Stage:
         durable, and the last stage's completes the checkpoint (pipeline/checkpoint_writer.py)."""
         self._settle()  # no update may be in flight in a checkpoint (a remote gradient awaited)
         started = time.perf_counter()  # the stall: until the snapshot is taken and the marker handed on
-        state = host_copy(stage_state(self.blocks, self.rank, self.world, msg.meta["position"], fingerprint(self.cfg)))
+        print_ = fingerprint(self.cfg)
+        state = host_copy(stage_state(self.blocks, self.rank, self.world, msg.meta["position"], print_))
         if not self.is_last:  # on at once: the next stage never waits for this one's writes
             self.io.put(Message(Kind.CHECKPOINT, meta=msg.meta))
-        self.checkpoints.submit(state, stage_size(self.blocks, self.rank), fingerprint(self.cfg))
+        self.checkpoints.submit(state, stage_size(self.blocks, self.rank), print_)
         self.checkpoint_s.append(time.perf_counter() - started)
 
     def report(self) -> dict[str, Any]:

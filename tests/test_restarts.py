@@ -135,13 +135,7 @@ def test_a_restart_of_a_run_stopped_by_a_signal_stops_at_once(tmp_path, monkeypa
 
 def test_a_signal_while_the_stages_restart_reaches_the_new_ones(monkeypatch):
     from launch import local
-
-    class _Stage:
-        def __init__(self, pid, alive):
-            self.pid, self.alive = pid, alive
-
-        def is_alive(self):
-            return self.alive
+    from test_interrupt import _Stage
 
     sent = []
     monkeypatch.setattr(local.os, "kill", lambda pid, signum: sent.append((pid, signum)))

@@ -216,6 +216,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, help="folder for summary.json, metrics.jsonl, weights and config.toml")
     g.add_argument("--config", default=None, metavar="FILE.toml",
                    help="train options from a TOML file, keys named like the flags (num-hidden = 800); flags given here win")
+    g.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="also test every N training batches, besides after each epoch (tests.jsonl)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="also write TensorBoard event files into DIR (optional extra: pip install -e '.[tensorboard]')")
@@ -279,7 +281,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 dfa_max_delay=chosen("dfa_max_delay"), heads_max_delay=a.heads_max_delay, stall_timeout=a.stall_timeout, master_port=a.master_port,
                                 zmq_curve_keys=a.zmq_curve_keys, dist_backend=a.dist_backend),
         run=RunConfig(epochs=a.epochs, seed=a.seed, device=a.device, threads=a.threads, out=a.out,
-                      progress=not a.no_progress, tensorboard=a.tensorboard, log_alignment=a.log_alignment, skip_nonfinite=a.skip_nonfinite,
+                      progress=not a.no_progress, tensorboard=a.tensorboard, log_alignment=a.log_alignment, eval_every=a.eval_every, skip_nonfinite=a.skip_nonfinite,
                       precision=a.precision,
                       deterministic=a.deterministic,
                       checkpoint_dir=a.checkpoint_dir, resume=a.resume,

@@ -277,6 +277,8 @@ class RunConfig:
     """Folder for summary.json, metrics.jsonl and the trained weights."""
     progress: bool = True
     """Show a progress bar on the console."""
+    eval_every: int | None = None
+    """Also test every this many training batches (tests.jsonl), besides after each epoch: accuracy against time."""
     log_alignment: int | None = None
     """Every this many training steps, log each hidden layer's angle to the backprop gradient (alignment.jsonl)."""
     checkpoint_dir: str | None = None
@@ -314,6 +316,7 @@ class RunConfig:
         _require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         _choice(self.device, DEVICES, "--device")
         _require(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        _require(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
         _require(self.log_alignment is None or self.log_alignment >= 1, f"--log-alignment must be >= 1, got {self.log_alignment}")
         _require(self.alignment_batches >= 1, f"--align-batches must be >= 1, got {self.alignment_batches}")
         _choice(self.precision, PRECISIONS, "--precision")

@@ -1,6 +1,6 @@
 """Stage 0's input stream: each epoch's training batches, then its test batches, then END, with control markers.
 
-    data source ──► TRAIN x N ── [ALIGN] ── [CHECKPOINT] ── EVAL x M ── [CHECKPOINT] ──► … ──► END
+    data source ──► TRAIN x N ── [EVAL x M] ── [ALIGN] ── [CHECKPOINT] ── EVAL x M ── [CHECKPOINT] ──► … ──► END
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
                   stop: threading.Event | None = None) -> Iterator[Message]:
     """Stage 0's input stream: each epoch's training batches, then its test batches, then END.
 
-    Also: an ALIGN message (held-out batches) every --log-alignment steps and at each epoch's end; a CHECKPOINT
-    marker every --checkpoint-every batches or epochs and at the end; and, once `stop` is set, a last CHECKPOINT
-    and END at the next batch boundary. A resumed run starts at `start` (a checkpoint position).
+    Also: a test pass every --eval-every steps within an epoch (its last message's meta says "interim"); an ALIGN
+    message (held-out batches) every --log-alignment steps and at each epoch's end; a CHECKPOINT marker every
+    --checkpoint-every batches or epochs and at the end; and, once `stop` is set, a last CHECKPOINT and END at the
+    next batch boundary. A resumed run starts at `start` (a checkpoint position).
     """
     run = cfg.run
     align_every = run.log_alignment
@@ -31,6 +32,12 @@ def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
     checkpointed: list[int] = [start["step"]] if start else []
     start = start or {"epoch": 1, "batch": 0, "step": 0}
     step = start["step"]
+
+    def test_pass(epoch: int, interim: bool) -> Iterator[Message]:
+        last = source.num_eval_batches - 1
+        for batch in source.eval_batches():
+            meta = {"last": True, "step": step, "interim": interim} if batch.index == last else {}
+            yield Message(Kind.EVAL, epoch, batch.index, [batch.x, batch.y], meta)
 
     def checkpoint(epoch: int, batch: int, stopping: bool = False) -> Message:
         checkpointed[:] = [step]
@@ -49,6 +56,8 @@ def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
             meta = {"batches": batches} if batch.index == 0 else {}
             yield Message(Kind.TRAIN, epoch, batch.index, [batch.x, batch.y], meta)
             step += 1
+            if run.eval_every and step % run.eval_every == 0 and batch.index + 1 != batches:  # the epoch's own comes next
+                yield from test_pass(epoch, interim=True)
             if align_every and step % align_every == 0:
                 yield Message(Kind.ALIGN, epoch, step, list(heldout), {"epoch_end": False})
             # not after the run's last batch: the end of the run's checkpoint comes at the same step, and two
@@ -58,9 +67,7 @@ def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
                 yield checkpoint(epoch, batch.index + 1)
         if align_every:
             yield Message(Kind.ALIGN, epoch, step, list(heldout), {"epoch_end": True})
-        last = source.num_eval_batches - 1
-        for batch in source.eval_batches():
-            yield Message(Kind.EVAL, epoch, batch.index, [batch.x, batch.y], {"last": True} if batch.index == last else {})
+        yield from test_pass(epoch, interim=False)
         due = every and run.checkpoint_unit == "epoch" and epoch % every == 0
         if run.checkpoint_dir and (due or epoch == run.epochs):
             yield checkpoint(epoch + 1, 0)

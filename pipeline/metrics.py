@@ -68,12 +68,15 @@ def layer_errors(hits: list[int | None], examples: int) -> list[float | None]:
 
 
 class MetricsWriter:
-    """Writes metrics.jsonl (one line per epoch) and summary.json into the run's --out folder, if any, and the same
-    scalars as TensorBoard events into `tensorboard`, if given."""
+    """Writes metrics.jsonl (one line per epoch), tests.jsonl (one line per test pass: --eval-every's and each
+    epoch's) and summary.json into the run's --out folder, if any, and the epochs' scalars as TensorBoard events
+    into `tensorboard`, if given."""
 
-    def __init__(self, out_dir: str | None, resumed_epoch: int | None = None, tensorboard: str | None = None):
-        """A run resumed in (or at the start of) `resumed_epoch` keeps the epochs recorded before it; lines of that
-        epoch and later, written by a run that went on past its last checkpoint before it failed, are dropped."""
+    def __init__(self, out_dir: str | None, resumed_epoch: int | None = None, tensorboard: str | None = None,
+                 resumed_step: int = 0):
+        """A run resumed in (or at the start of) `resumed_epoch`, at `resumed_step`, keeps the epochs and the tests
+        recorded before it; lines after it, written by a run that went on past its last checkpoint before it
+        failed, are dropped."""
         self.out_dir = out_dir
         self.tensorboard = None
         if tensorboard:
@@ -82,20 +85,27 @@ class MetricsWriter:
             self.tensorboard = TensorBoardLog(tensorboard)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, "metrics.jsonl")
-            kept = []
-            if resumed_epoch is not None and os.path.exists(path):
-                with open(path) as f:
-                    kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < resumed_epoch]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
+            for name, before in (("metrics.jsonl", lambda r: r["epoch"] < resumed_epoch),
+                                 ("tests.jsonl", lambda r: r["step"] <= resumed_step)):
+                path = os.path.join(out_dir, name)
+                kept = []
+                if resumed_epoch is not None and os.path.exists(path):
+                    with open(path) as f:
+                        kept = [line for line in f if line.strip() and before(json.loads(line))]
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(path + ".tmp", path)
 
     def epoch(self, record: dict[str, Any]) -> None:
         if self.tensorboard:
             self.tensorboard.epoch(record)
         if self.out_dir:
             with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def test(self, record: dict[str, Any]) -> None:
+        if self.out_dir:
+            with open(os.path.join(self.out_dir, "tests.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def summary(self, summary: dict[str, Any]) -> None:
@@ -133,3 +143,10 @@ def epoch_record(epoch: int, lr: float, train_stats: list[dict[str, float | None
         "train_samples_per_s": rate,
         "wall_s": time.perf_counter() - started,
     }
+
+
+def test_record(epoch: int, step: int, hits: list[int | None], examples: int, wall_s: float, test_s: float) -> dict[str, Any]:
+    """The tests.jsonl line of a test pass: wall_s since training began, test_s of it spent testing (so far)."""
+    errors = layer_errors(hits, examples)
+    return {"epoch": epoch, "step": step, "wall_s": round(wall_s, 4), "test_s": round(test_s, 4),
+            "test_error": errors[-1], "layer_test_errors": errors}

@@ -23,7 +23,7 @@ from pipeline.feedback import output_error
 from pipeline.faults import InjectedFault
 from pipeline.interrupt import StopRequest, injected_stop_at
 from pipeline.memory import MemoryMeter
-from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
+from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record, test_record
 from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import progress_bar
@@ -48,6 +48,9 @@ class SequentialTrainer:
             restore_stage(self.blocks, load_stage_checkpoint(folder, 0))
             self.position = dict(manifest["position"])
         self.steps = self.position["step"]
+        self.writer: MetricsWriter | None = None  # run()'s
+        self.started = time.perf_counter()  # when run() began
+        self.test_s = 0.0  # seconds spent in test passes (tests.jsonl)
         self.fault = InjectedFault(0)  # none unless a fault test asks for one (pipeline/faults.py)
         self.alignment: AlignmentLog | None = None
         if cfg.run.log_alignment:
@@ -101,6 +104,10 @@ class SequentialTrainer:
                 self.throughput.batch_done(len(batch.y))
                 self.steps += 1
                 self.position = {"epoch": epoch, "batch": batch.index + 1, "step": self.steps}
+                eval_every = self.cfg.run.eval_every
+                if eval_every and self.steps % eval_every == 0 and batch.index + 1 != self.source.num_train_batches:
+                    self.watch.check()
+                    self.test(epoch)  # the epoch's own test comes after its last batch
                 if self.alignment and self.steps % self.cfg.run.log_alignment == 0:
                     self.watch.check()
                     self.alignment.measure(self.blocks, self.steps, epoch)
@@ -126,12 +133,24 @@ class SequentialTrainer:
             examples += len(batch.y)
         return [None if t is None else int(t) for t in totals], examples
 
+    def test(self, epoch: int) -> tuple[list[int | None], int]:
+        """evaluate(), timed, and its line in tests.jsonl."""
+        began = time.perf_counter()
+        hits, examples = self.evaluate()
+        now = time.perf_counter()
+        self.test_s += now - began
+        if self.writer is not None:
+            self.writer.test(test_record(epoch, self.steps, hits, examples, now - self.started, self.test_s))
+        return hits, examples
+
     def run(self, stop: StopRequest | None = None) -> dict[str, Any]:
         """Train for cfg.run.epochs, evaluating after each; write metrics and weights; return the summary.
         With `stop`, a signal ends the run at the next batch boundary, after a checkpoint."""
         resumed = self.position["epoch"] if self.cfg.run.resume else None
-        writer = MetricsWriter(self.cfg.run.out, resumed_epoch=resumed, tensorboard=self.cfg.run.tensorboard)
-        started = time.perf_counter()
+        writer = MetricsWriter(self.cfg.run.out, resumed_epoch=resumed, tensorboard=self.cfg.run.tensorboard,
+                               resumed_step=self.steps)
+        self.writer, self.started, self.test_s = writer, time.perf_counter(), 0.0
+        started = self.started
         record: dict[str, Any] = {}
         stopped = None
         every_epochs = self.cfg.run.checkpoint_every if self.cfg.run.checkpoint_unit == "epoch" else None
@@ -143,7 +162,7 @@ class SequentialTrainer:
             rate = self.throughput.epoch_rate()
             if self.alignment:
                 self.alignment.measure(self.blocks, self.steps, epoch, epoch_end=True)
-            hits, examples = self.evaluate()
+            hits, examples = self.test(epoch)
             stats = [block.stats.summary() for block in self.blocks]
             record = epoch_record(epoch, learning_rate(self.cfg.optim, epoch), stats, hits, examples, rate, started)
             writer.epoch(record)

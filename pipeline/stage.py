@@ -38,7 +38,7 @@ from pipeline.faults import InjectedFault
 from pipeline.message import Kind, Message
 from pipeline.memory import MemoryMeter
 from pipeline.message_stream import data_messages
-from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record
+from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record, test_record
 from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.progress import LineProgress, progress_bar
@@ -100,6 +100,8 @@ class Stage:
         self._epoch = start["epoch"] if start and start["batch"] > 0 else 0  # mid-epoch: keep its running stats
         self._eval_hits: list[torch.Tensor | None] = [None] * len(self.tested)
         self._eval_examples = 0
+        self._trained_until = self._test_began = time.perf_counter()  # the last stage's test passes, timed
+        self._test_s = 0.0  # their seconds so far (tests.jsonl: time to accuracy without them)
         self.timer = self.streams.timer()  # compute seconds (GPU time from CUDA events on a GPU)
         self.io.pause = self.timer.paused  # a wait for a peer is not compute
         self.started = time.perf_counter()
@@ -107,7 +109,7 @@ class Stage:
         # the last stage keeps the run's metrics
         self.throughput = Throughput(cfg.run.warmup_batches)
         resumed = start["epoch"] if start else None
-        self.writer = MetricsWriter(cfg.run.out, resumed, cfg.run.tensorboard) if self.is_last else None
+        self.writer = MetricsWriter(cfg.run.out, resumed, cfg.run.tensorboard, self.steps) if self.is_last else None
         self._bar: tqdm | LineProgress | None = None
         self.record: dict[str, Any] = {}
         self.notes: dict[str, Any] = {}  # extra facts for this stage's report (e.g. the auto partition's profile)
@@ -151,6 +153,7 @@ class Stage:
         if self.is_last:
             self.throughput.batch_done(len(msg.tensors[1]))
             self._bar.update()
+            self._trained_until = time.perf_counter()
 
     def _train_step(self, msg: Message) -> None:
         if self.dfa is not None:
@@ -208,8 +211,11 @@ class Stage:
         self._eval_hits = [h if t is None else t + h for t, h in zip(self._eval_hits, hits)]
         self._eval_examples += len(y)
         meta = dict(msg.meta)
+        if msg.index == 0:  # the pass's time at the output: from the end of the batch before it
+            self._test_began = self._trained_until
         if meta.get("last"):  # this stage's epoch results ride on the last test batch
-            meta["train_stats"] = meta.get("train_stats", []) + [b.stats.summary() for b in self.scored]
+            if not meta.get("interim"):
+                meta["train_stats"] = meta.get("train_stats", []) + [b.stats.summary() for b in self.scored]
             meta["hits"] = meta.get("hits", []) + [None if h is None else int(h) for h in self._eval_hits]  # self.tested
             examples = self._eval_examples
             self._eval_hits, self._eval_examples = [None] * len(self.tested), 0
@@ -218,10 +224,15 @@ class Stage:
             self.io.put(Message(Kind.EVAL, msg.epoch, msg.index, tensors, meta, release=msg.release))
             return
         msg.release()
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        if meta.get("last"):
+        if not meta.get("last"):
+            return
+        now = time.perf_counter()
+        self._test_s += now - self._test_began
+        self.writer.test(test_record(msg.epoch, meta["step"], meta["hits"], examples, now - self.started, self._test_s))
+        if not meta["interim"]:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
             rate = self.throughput.epoch_rate()
             lr = learning_rate(self.cfg.optim, msg.epoch)
             self.record = epoch_record(msg.epoch, lr, meta["train_stats"], meta["hits"], examples, rate, self.started)

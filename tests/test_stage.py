@@ -34,7 +34,8 @@ def test_stage_zero_streams_epochs_of_train_then_eval_batches_then_end():
     kinds = [(m.kind, m.epoch, m.index) for m in stream]
     expected = [(kind, epoch, i) for epoch in (1, 2) for kind, n in ((Kind.TRAIN, 3), (Kind.EVAL, 2)) for i in range(n)]
     assert kinds == expected + [(Kind.END, 0, 0)]
-    assert stream[0].meta == {"batches": 3} and stream[4].meta == {"last": True} and stream[3].meta == {}
+    assert stream[0].meta == {"batches": 3} and stream[4].meta == {"last": True, "step": 3, "interim": False}
+    assert stream[3].meta == {}
     assert [len(m.tensors[1]) for m in stream[:5]] == [32, 32, 6, 32, 8]
 
 

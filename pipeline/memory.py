@@ -12,7 +12,9 @@ keeps a detached alias, not the tensor: a saved output that referred to its own 
 cycle that only the garbage collector breaks (and the count would wait for it). A pack hook that returns
 something else than the tensor turns off autograd's check that a saved tensor was not modified in place, so the
 unpack hook makes the same check on the version counter, which the alias shares. Messages are counted the same
-way, by storage, from arrival (or creation) until their buffers are released.
+way, by storage, from arrival (or creation) until their buffers are released. Saved tensors and messages are
+also counted together (`live`), where a storage that is both (a stage's input, which its first layer saves) counts
+once: the accounted peak adds that joint peak to the parameters', gradients' and optimizer state's peaks.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ if TYPE_CHECKING:
 class LiveBytes:
     """Bytes of the storages currently held, each counted once, and the peak of that sum (thread-safe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, union: LiveBytes | None = None) -> None:
+        """`union`: a count this one's storages also go into, shared with others (a storage held by two counts
+        once there)."""
         self.lock = threading.RLock()
         self.held: dict[tuple, list] = {}  # storage key -> [references, bytes, tag]
         self.total = self.peak = 0
         self.by_tag: dict[str, int] = {}
         self.peak_by_tag: dict[str, int] = {}
+        self.union = union
 
     @staticmethod
     def key(tensor: torch.Tensor) -> tuple | None:
@@ -56,6 +61,8 @@ class LiveBytes:
                 entry[0] += 1
                 return key
             self.held[key] = [1, key[3], tag]
+            if self.union is not None:
+                self.union.hold(tensor, tag)
             self.total += key[3]
             self.by_tag[tag] = self.by_tag.get(tag, 0) + key[3]
             if self.total > self.peak:
@@ -72,6 +79,8 @@ class LiveBytes:
                 del self.held[key]
                 self.total -= entry[1]
                 self.by_tag[entry[2]] -= entry[1]
+                if self.union is not None:
+                    self.union.drop(key)
 
 
 class _Saved:
@@ -94,8 +103,11 @@ class MemoryMeter:
     """One process's accounting: saved tensors, gradients, optimizer state and messages (see the module's Note)."""
 
     def __init__(self) -> None:
-        self.saved = LiveBytes()
-        self.messages = LiveBytes()
+        # saved tensors and messages, each on its own, and both together: a message that a graph saves (a stage's
+        # input, kept by its first layer; an output that is also h, kept by the heads) is one storage, counted once
+        self.live = LiveBytes()
+        self.saved = LiveBytes(self.live)
+        self.messages = LiveBytes(self.live)
         self.blocks: list[Block] = []
         self._parameters: list[torch.Tensor] = []
         self.model_storages: set[tuple] = set()  # the blocks' parameters and buffers
@@ -182,8 +194,9 @@ class MemoryMeter:
             "saved_peak_heads_bytes": saved.get("heads", 0),
             "messages_peak_bytes": self.messages.peak,
         }
+        report["activations_peak_bytes"] = self.live.peak  # saved tensors and messages together, each storage once
         report["accounted_peak_bytes"] = (report["parameter_bytes"] + report["gradient_peak_bytes"] + optimizer
-                                          + report["saved_peak_bytes"] + report["messages_peak_bytes"])
+                                          + report["activations_peak_bytes"])
         if device is not None and device.type == "cuda":
             report["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         return report

@@ -116,3 +116,23 @@ def test_hooks_of_a_delayed_update_inside_the_meter_are_still_counted():
     assert meter.saved_now() == x.nbytes + out.nbytes + layer.weight.nbytes
     out.sum().backward()
     assert meter.saved_now() == 0 and layer.weight.grad is not None
+
+
+def test_a_message_that_a_graph_saves_is_one_storage_in_the_accounted_peak():
+    """A stage's input arrives as a message and its first layer saves it for backward; an output that is h itself
+    is a message and saved by the heads: each is one storage, counted once in the accounted peak."""
+    layer = torch.nn.Linear(50, 50)
+    meter = MemoryMeter().attach([])
+    x = torch.randn(200, 50)
+    release = meter.hold_message([x], lambda: None)
+    with meter.saving():
+        out = torch.tanh(layer(x))  # saves x (the message) and its own output
+        release_out = meter.hold_message([out], lambda: None)  # sent on while the graph still holds it
+    assert meter.saved.peak == x.nbytes + out.nbytes and meter.messages.peak == x.nbytes + out.nbytes
+    assert meter.report()["activations_peak_bytes"] == x.nbytes + out.nbytes  # not twice
+    out.sum().backward()  # the graph lets go; the messages still hold both
+    assert meter.live.total == x.nbytes + out.nbytes
+    release(), release_out()
+    assert meter.live.total == 0
+    report = meter.report()
+    assert report["accounted_peak_bytes"] == report["parameter_bytes"] + report["gradient_peak_bytes"] + report["optimizer_bytes"] + x.nbytes + out.nbytes

@@ -6,9 +6,11 @@
 K processes over gloo, each pinned to its own core with one intra-op thread; the block list is the one the
 local-learning pipeline uses (without local heads: --loss backprop) and is cut the same way. The batch is split
 into --microbatches micro-batches (default 4K). Prints one JSON line: steady-state samples/s (after --warmup
-steps), each stage's peak resident memory and the same memory accounting as our stages (pipeline/memory.py), and with --epochs the test accuracy after each epoch with its wall
-time (for time-to-accuracy plots). Full batches only: a last smaller batch is dropped (micro-batch shapes are
-fixed once the schedule has run).
+steps), each stage's peak resident memory and the same memory accounting as our stages (pipeline/memory.py),
+and with --epochs the test accuracy after each epoch (and every --eval-every steps) with its wall time and the
+part of it spent testing (for time to accuracy; --target stops the run at an accuracy). Full training batches
+only: a last smaller batch is dropped (micro-batch shapes are fixed once the schedule has run). Tests run every
+test batch through the stages outside the schedule, the same way for every schedule.
 """
 
 from __future__ import annotations
@@ -78,11 +80,32 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
         first, last = rank == 0, rank == world - 1
     meter = MemoryMeter().attach(blocks)  # the accounting our stages get (pipeline/memory.py)
     source = BatchSource(cfg.data, cfg.run.seed)  # every rank walks the batches: the middle ones to keep count
+    # which rank holds each (virtual) stage, and this rank's modules by stage: for the evaluation below
+    owners = list(range(world)) + (list(reversed(range(world))) if args.schedule == "zbv" else [])
+    pieces = ({rank: module[0], 2 * world - 1 - rank: module[1]} if args.schedule == "zbv" else {rank: module})
     steps, timed_from, timed_samples, history = 0, None, 0, []
+    test_s, stop, tested_at = 0.0, False, -1
     started = time.perf_counter()
+
+    def test(epoch: int) -> bool:
+        """A test pass, timed apart from training (after a barrier: every rank's step is done); True: stop."""
+        nonlocal test_s
+        dist.barrier()
+        began = time.perf_counter()
+        accuracy = _evaluate(pieces, owners, rank, source)
+        now = time.perf_counter()
+        test_s += now - began
+        if accuracy is not None:
+            history.append({"epoch": epoch, "step": steps, "wall_s": now - started, "test_s": test_s,
+                            "test_accuracy": accuracy})
+        reached = torch.tensor([float(accuracy is not None and args.target is not None and accuracy >= args.target)])
+        dist.all_reduce(reached)
+        return bool(reached.item())
+
     for epoch in range(1, max(1, args.epochs) + 1):
         module.train()
-        for batch in source.train_batches(epoch):
+        batches = source.train_batches(epoch)
+        for batch in batches:
             if len(batch.y) != cfg.data.batch_size or (args.steps and steps >= args.warmup + args.steps):
                 break
             for block in blocks:
@@ -104,9 +127,14 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
                 timed_from, timed_samples = time.perf_counter(), 0
             elif timed_from is not None:
                 timed_samples += len(batch.y)
-        if args.epochs:
-            history.append({"epoch": epoch, "wall_s": time.perf_counter() - started,
-                            "test_accuracy": _evaluate(schedule, module, source, first, last, cfg)})
+            if args.epochs and args.eval_every and steps % args.eval_every == 0:
+                tested_at = steps
+                if stop := test(epoch):
+                    break
+        if args.epochs and not stop and tested_at != steps:  # the epoch's test, unless one ran at this step
+            stop = test(epoch)
+        if stop:
+            break
     rate = timed_samples / (time.perf_counter() - timed_from) if timed_from and timed_samples else None
     results.put((rank, {"samples_per_s": rate, "steps": steps, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                         "history": history, "memory": meter.report()}))
@@ -114,29 +142,49 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
     dist.destroy_process_group()
 
 
-def _evaluate(schedule, module, source, first: bool, last: bool, cfg: Config) -> float | None:
-    module.eval()
+def _evaluate(pieces: dict[int, nn.Module], owners: list[int], rank: int, source: BatchSource) -> float | None:
+    """Test accuracy (on the rank of the last stage; None elsewhere): every test batch, the last smaller one too,
+    through the stages in order by point-to-point sends, outside the schedule (so every schedule tests alike)."""
+    for piece in pieces.values():
+        piece.eval()
     hits = total = 0
     with torch.no_grad():
         for batch in source.eval_batches():
-            if len(batch.y) != cfg.data.batch_size:
-                break
-            if first:
-                schedule.eval(batch.x)
-            elif last:
-                out = schedule.eval(target=batch.y)
-                hits += int((out.argmax(1) == batch.y).sum())
-                total += len(batch.y)
-            else:
-                schedule.eval()
-    module.train()
-    return 100.0 * hits / total if last and total else None
+            out = batch.x
+            for stage, owner in enumerate(owners):
+                if owner != rank:
+                    continue
+                if stage > 0 and owners[stage - 1] != rank:
+                    out = _receive(owners[stage - 1])
+                out = pieces[stage](out)
+                if stage == len(owners) - 1:
+                    hits += int((out.argmax(1) == batch.y).sum())
+                    total += len(batch.y)
+                elif owners[stage + 1] != rank:
+                    _send(out, owners[stage + 1])
+    for piece in pieces.values():
+        piece.train()
+    return 100.0 * hits / total if total else None
+
+
+def _send(tensor: torch.Tensor, peer: int) -> None:
+    header = torch.zeros(9, dtype=torch.int64)
+    header[0] = tensor.dim()
+    header[1:1 + tensor.dim()] = torch.tensor(tensor.shape)
+    dist.send(header, peer)
+    dist.send(tensor.contiguous().float(), peer)
+
+
+def _receive(peer: int) -> torch.Tensor:
+    header = torch.empty(9, dtype=torch.int64)
+    dist.recv(header, peer)
+    tensor = torch.empty([int(d) for d in header[1:1 + int(header[0])]])
+    dist.recv(tensor, peer)
+    return tensor
 
 
 def run(args: argparse.Namespace) -> dict:
     """Run the K processes; the last stage's rate and history, and every stage's peak memory."""
-    if args.schedule == "zbv" and args.epochs:
-        raise SystemExit("error: --schedule zbv runs --steps only (its evaluation is not wired): drop --epochs")
     context = mp.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     results = context.Queue()
@@ -157,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
                 raise RuntimeError(f"a baseline stage failed with exit code {failed[0].exitcode}")
     for process in processes:
         process.join()
-    last = collected[args.stages - 1]
+    last = collected[0 if args.schedule == "zbv" else args.stages - 1]  # the rank of the last (virtual) stage
     return {"schedule": args.schedule, "stages": args.stages, "samples_per_s": last["samples_per_s"],
             "peak_rss_mib": [collected[r]["peak_rss_mib"] for r in range(args.stages)], "history": last["history"],
             "memory": [collected[r]["memory"] for r in range(args.stages)]}
@@ -167,7 +215,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--schedule", choices=["gpipe", "1f1b", "zbv"], default="gpipe",
-                   help="zbv: torch's ScheduleZBVZeroBubble, two virtual stages per rank (no --epochs: steps only)")
+                   help="zbv: torch's ScheduleZBVZeroBubble, two virtual stages per rank")
     p.add_argument("--microbatches", type=int, default=None, help="default: 4 x stages")
     p.add_argument("--model", default="mlp")
     p.add_argument("--num-layers", type=int, default=3)
@@ -185,6 +233,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0, help="timed steps after warm-up (0: whole epochs)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--epochs", type=int, default=0, help="train this many epochs, testing after each")
+    p.add_argument("--eval-every", type=int, default=None, help="with --epochs: also test every N steps")
+    p.add_argument("--target", type=float, default=None, help="with --epochs: stop once a test reaches this accuracy")
     return p
 
 

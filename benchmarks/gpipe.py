@@ -132,6 +132,7 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
                 if stop := test(epoch):
                     break
         if args.epochs and not stop and tested_at != steps:  # the epoch's test, unless one ran at this step
+            tested_at = steps
             stop = test(epoch)
         if stop:
             break

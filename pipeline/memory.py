@@ -36,7 +36,9 @@ class LiveBytes:
     def __init__(self, union: LiveBytes | None = None) -> None:
         """`union`: a count this one's storages also go into, shared with others (a storage held by two counts
         once there)."""
-        self.lock = threading.RLock()
+        # one lock for a union and the counts that feed it: a child's lock, then the union's, never the reverse
+        # order across threads (a garbage-collected _Saved drops its count inside whatever lock is held)
+        self.lock = union.lock if union is not None else threading.RLock()
         self.held: dict[tuple, list] = {}  # storage key -> [references, bytes, tag]
         self.total = self.peak = 0
         self.by_tag: dict[str, int] = {}

@@ -23,11 +23,18 @@ class Throughput:
         self._last: float | None = None
         self._epoch_samples = 0
         self._seen = 0
+        self._excluded = 0.0  # seconds within this epoch's window spent on something else (interim tests)
 
     def start_epoch(self) -> None:
         self._close_epoch()
         self._first = self._last = None
         self._epoch_samples = self._seen = 0
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (a test pass between two training batches) out of the epoch's window."""
+        if self._first is not None:
+            self._excluded += seconds
 
     def batch_done(self, n: int) -> None:
         now = time.perf_counter()
@@ -43,13 +50,13 @@ class Throughput:
     def _close_epoch(self) -> None:
         if self._first is not None and self._last is not None and self._last > self._first:
             self.samples += self._epoch_samples
-            self.seconds += self._last - self._first
+            self.seconds += self._last - self._first - self._excluded
             self._first = None
 
     def epoch_rate(self) -> float | None:
         if self._first is None or self._last is None or self._last <= self._first:
             return None
-        return self._epoch_samples / (self._last - self._first)
+        return self._epoch_samples / (self._last - self._first - self._excluded)
 
     def rate(self) -> float | None:
         self._close_epoch()
@@ -85,8 +92,9 @@ class MetricsWriter:
             self.tensorboard = TensorBoardLog(tensorboard)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
+            # an epoch's own test comes after its last batch's checkpoint: it is kept only from an earlier epoch
             for name, before in (("metrics.jsonl", lambda r: r["epoch"] < resumed_epoch),
-                                 ("tests.jsonl", lambda r: r["step"] <= resumed_step)):
+                                 ("tests.jsonl", lambda r: r["step"] <= resumed_step if r["interim"] else r["epoch"] < resumed_epoch)):
                 path = os.path.join(out_dir, name)
                 kept = []
                 if resumed_epoch is not None and os.path.exists(path):
@@ -145,8 +153,10 @@ def epoch_record(epoch: int, lr: float, train_stats: list[dict[str, float | None
     }
 
 
-def test_record(epoch: int, step: int, hits: list[int | None], examples: int, wall_s: float, test_s: float) -> dict[str, Any]:
-    """The tests.jsonl line of a test pass: wall_s since training began, test_s of it spent testing (so far)."""
+def test_record(epoch: int, step: int, interim: bool, hits: list[int | None], examples: int, wall_s: float,
+                test_s: float) -> dict[str, Any]:
+    """The tests.jsonl line of a test pass (interim: within an epoch, --eval-every's; else the epoch's own): wall_s
+    since training began (in this run attempt), test_s of it spent testing (so far)."""
     errors = layer_errors(hits, examples)
-    return {"epoch": epoch, "step": step, "wall_s": round(wall_s, 4), "test_s": round(test_s, 4),
+    return {"epoch": epoch, "step": step, "interim": interim, "wall_s": round(wall_s, 4), "test_s": round(test_s, 4),
             "test_error": errors[-1], "layer_test_errors": errors}

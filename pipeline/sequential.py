@@ -107,7 +107,7 @@ class SequentialTrainer:
                 eval_every = self.cfg.run.eval_every
                 if eval_every and self.steps % eval_every == 0 and batch.index + 1 != self.source.num_train_batches:
                     self.watch.check()
-                    self.test(epoch)  # the epoch's own test comes after its last batch
+                    self.test(epoch, interim=True)  # the epoch's own test comes after its last batch
                 if self.alignment and self.steps % self.cfg.run.log_alignment == 0:
                     self.watch.check()
                     self.alignment.measure(self.blocks, self.steps, epoch)
@@ -133,14 +133,16 @@ class SequentialTrainer:
             examples += len(batch.y)
         return [None if t is None else int(t) for t in totals], examples
 
-    def test(self, epoch: int) -> tuple[list[int | None], int]:
+    def test(self, epoch: int, interim: bool) -> tuple[list[int | None], int]:
         """evaluate(), timed, and its line in tests.jsonl."""
         began = time.perf_counter()
         hits, examples = self.evaluate()
         now = time.perf_counter()
         self.test_s += now - began
+        if interim:
+            self.throughput.exclude(now - began)
         if self.writer is not None:
-            self.writer.test(test_record(epoch, self.steps, hits, examples, now - self.started, self.test_s))
+            self.writer.test(test_record(epoch, self.steps, interim, hits, examples, now - self.started, self.test_s))
         return hits, examples
 
     def run(self, stop: StopRequest | None = None) -> dict[str, Any]:
@@ -162,7 +164,7 @@ class SequentialTrainer:
             rate = self.throughput.epoch_rate()
             if self.alignment:
                 self.alignment.measure(self.blocks, self.steps, epoch, epoch_end=True)
-            hits, examples = self.test(epoch)
+            hits, examples = self.test(epoch, interim=False)
             stats = [block.stats.summary() for block in self.blocks]
             record = epoch_record(epoch, learning_rate(self.cfg.optim, epoch), stats, hits, examples, rate, started)
             writer.epoch(record)

@@ -100,7 +100,8 @@ class Stage:
         self._epoch = start["epoch"] if start and start["batch"] > 0 else 0  # mid-epoch: keep its running stats
         self._eval_hits: list[torch.Tensor | None] = [None] * len(self.tested)
         self._eval_examples = 0
-        self._trained_until = self._test_began = time.perf_counter()  # the last stage's test passes, timed
+        self._trained_until = self._test_began = time.perf_counter()  # the last stage's test passes, timed from
+        # the end of the message before each (reset when the loop starts)
         self._test_s = 0.0  # their seconds so far (tests.jsonl: time to accuracy without them)
         self.timer = self.streams.timer()  # compute seconds (GPU time from CUDA events on a GPU)
         self.io.pause = self.timer.paused  # a wait for a peer is not compute
@@ -153,7 +154,6 @@ class Stage:
         if self.is_last:
             self.throughput.batch_done(len(msg.tensors[1]))
             self._bar.update()
-            self._trained_until = time.perf_counter()
 
     def _train_step(self, msg: Message) -> None:
         if self.dfa is not None:
@@ -211,7 +211,7 @@ class Stage:
         self._eval_hits = [h if t is None else t + h for t, h in zip(self._eval_hits, hits)]
         self._eval_examples += len(y)
         meta = dict(msg.meta)
-        if msg.index == 0:  # the pass's time at the output: from the end of the batch before it
+        if msg.index == 0:  # the pass's time at the output: from the end of the message before it
             self._test_began = self._trained_until
         if meta.get("last"):  # this stage's epoch results ride on the last test batch
             if not meta.get("interim"):
@@ -228,7 +228,10 @@ class Stage:
             return
         now = time.perf_counter()
         self._test_s += now - self._test_began
-        self.writer.test(test_record(msg.epoch, meta["step"], meta["hits"], examples, now - self.started, self._test_s))
+        if meta["interim"]:
+            self.throughput.exclude(now - self._test_began)
+        self.writer.test(test_record(msg.epoch, meta["step"], meta["interim"], meta["hits"], examples,
+                                     now - self.started, self._test_s))
         if not meta["interim"]:
             if self._bar is not None:
                 self._bar.close()
@@ -322,8 +325,11 @@ class Stage:
 
     def _loop(self) -> dict[str, Any] | None:
         handlers = {Kind.TRAIN: self._train, Kind.EVAL: self._eval, Kind.ALIGN: self._align, Kind.CHECKPOINT: self._checkpoint}
+        self._trained_until = time.perf_counter()
         while True:
             msg = self.io.next()
             if msg.kind == Kind.END:
                 return self._end(msg)
             handlers[msg.kind](msg)
+            if msg.kind != Kind.EVAL:
+                self._trained_until = time.perf_counter()

@@ -68,3 +68,31 @@ def test_a_pipeline_with_heads_first_tests_as_the_sequential_trainer(tmp_path):
     assert [(t["epoch"], t["step"], t["layer_test_errors"]) for t in mine] == \
         [(t["epoch"], t["step"], t["layer_test_errors"]) for t in theirs]
     assert all(0 < t["test_s"] < t["wall_s"] for t in mine)
+
+
+def test_a_resumed_run_keeps_the_tests_before_its_checkpoint_and_writes_the_rest_once(tmp_path):
+    from pipeline.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path))
+    for epoch, step, interim in ((1, 5, True), (1, 10, False), (2, 15, True), (2, 20, False)):
+        writer.test({"epoch": epoch, "step": step, "interim": interim})
+    # a checkpoint after epoch 2's last batch (step 20) comes before epoch 2's own test, which the resumed run
+    # runs again: that line goes, the interim ones up to step 20 stay
+    MetricsWriter(str(tmp_path), resumed_epoch=2, resumed_step=20)
+    assert [(t["epoch"], t["step"]) for t in _tests(tmp_path)] == [(1, 5), (1, 10), (2, 15)]
+    MetricsWriter(str(tmp_path), resumed_epoch=1, resumed_step=7)  # within epoch 1, after step 5
+    assert [(t["epoch"], t["step"]) for t in _tests(tmp_path)] == [(1, 5)]
+
+
+def test_interim_tests_are_left_out_of_the_samples_per_second(monkeypatch):
+    from pipeline import metrics
+
+    clock = iter([0.0, 1.0, 2.0, 13.0, 14.0])  # a 10 s test between the 2nd and 3rd timed batches
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    throughput = metrics.Throughput(warmup=1)
+    throughput.start_epoch()
+    for i in range(5):
+        throughput.batch_done(100)
+        if i == 2:
+            throughput.exclude(10.0)
+    assert throughput.epoch_rate() == 400 / (14.0 - 0.0 - 10.0)

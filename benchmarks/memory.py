@@ -110,6 +110,34 @@ def measure(models: list[str], stage_counts: list[int], batch: int, steps: int, 
     return rows
 
 
+def largest_batches(rows: list[dict], measured: int, model: str, budget: int, stages: int, contenders: list[str],
+                    steps: int) -> list[dict]:
+    """The largest batch each contender trains within `budget` accounted bytes per device: predicted from its row
+    at the measured batch (what does not grow with the batch, parameters, gradients and optimizer state, plus the
+    rest in proportion to the batch), then confirmed by a real run at that batch."""
+    flags, found = MODELS[model], []
+    for name in contenders:
+        k = 1 if name in ("backprop", "ours") or name.startswith("ours, ") else stages
+        row = next(r for r in rows if r["model"] == model and r["stages"] == k and r["contender"] == name)
+        m = row["max_stage"]
+        fixed = m["parameter_bytes"] + m["gradient_peak_bytes"] + m["optimizer_bytes"]
+        per_sample = (m["accounted_peak_bytes"] - fixed) / measured
+        micro = int(name.split("M=")[1]) if "M=" in name else 1
+        unit = 8 * micro  # whole micro-batches of a multiple of 8
+        batch = int((budget - fixed) / per_sample) // unit * unit
+        if name.startswith("ours") or name == "backprop":
+            extra = OURS.get(name, ["--loss", "backprop"] if name == "backprop" else [])
+            reports = _ours(flags, k, extra, batch, steps)
+        else:
+            schedule = name.split()[0]
+            reports = _peer(flags, schedule, k, micro, batch, steps)["memory"]
+        peak = max(r["accounted_peak_bytes"] for r in reports)
+        found.append({"model": model, "contender": name, "stages": k, "predicted_batch": batch,
+                      "accounted_at_that_batch_mib": peak / MIB, "within_budget": peak <= budget})
+        print(json.dumps(found[-1]), file=sys.stderr, flush=True)
+    return found
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | K | contender | largest stage: accounted | saved for backward (layer + heads) | parameters | gradients | optimizer | messages | vs backprop saved |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -156,17 +184,38 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--microbatches", nargs="+", type=int, default=[1, 4, 8, 32])
-    p.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "zbv"], help="the peers (benchmarks/gpipe.py)")
-    p.add_argument("--peers-only", action="store_true", help="only the peers (merged into an existing results.json)")
+    p.add_argument("--schedules", nargs="*", default=["gpipe", "1f1b", "zbv"], help="the peers (benchmarks/gpipe.py)")
+    p.add_argument("--peers-only", action="store_true", help="only the peers")
+    p.add_argument("--merge", action="store_true",
+                   help="into --out's results.json: the rows measured now replace those of the same model, K and contender")
+    p.add_argument("--budget-mib", type=int, default=None,
+                   help="instead: the largest batch within this budget per device, from --out's results.json, confirmed")
+    p.add_argument("--budget-contenders", nargs="+", default=["backprop", "ours, --sim-pool 4", "ours lean",
+                                                              "ours lean, --sim-pool 4", "gpipe M=8", "1f1b M=8", "zbv M=8"])
     p.add_argument("--out", required=True)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.budget_mib:
+        with open(os.path.join(args.out, "results.json")) as f:
+            measured = json.load(f)
+        found = [row for model in args.models for row in largest_batches(
+            measured["rows"], measured["batch_size"], model, args.budget_mib * MIB, max(args.stages),
+            args.budget_contenders, args.steps)]
+        with open(os.path.join(args.out, f"budget_{args.budget_mib}mib.json"), "w") as f:
+            json.dump({"budget_mib": args.budget_mib, "steps": args.steps, "rows": found}, f, indent=1)
+        print(f"| model | K | contender | largest batch within {args.budget_mib} MiB | accounted at that batch (MiB) |\n|---|---|---|---|---|")
+        for r in found:
+            print(f"| {r['model']} | {r['stages']} | {r['contender']} | {r['predicted_batch']} | "
+                  f"{r['accounted_at_that_batch_mib']:.0f}{'' if r['within_budget'] else ' (over)'} |")
+        return
     rows = measure(args.models, args.stages, args.batch_size, args.steps, args.microbatches, tuple(args.schedules),
                    ours=not args.peers_only)
     existing = os.path.join(args.out, "results.json")
-    if args.peers_only and os.path.exists(existing):
+    if args.merge and os.path.exists(existing):
         with open(existing) as f:
-            rows = json.load(f)["rows"] + rows
+            new = {(r["model"], r["stages"], r["contender"]): r for r in rows}
+            old = json.load(f)["rows"]
+            rows = [new.pop((r["model"], r["stages"], r["contender"]), r) for r in old] + list(new.values())
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"batch_size": args.batch_size, "steps": args.steps, "rows": rows}, f, indent=1)
     text = table(rows)

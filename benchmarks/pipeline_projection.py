@@ -89,7 +89,7 @@ def project(flags: list[str], device: torch.device, ks: tuple[int, ...]) -> dict
         from schedule_sim import gpipe_closed_form, local_step_time, step_time
     except ImportError:
         from benchmarks.schedule_sim import gpipe_closed_form, local_step_time, step_time
-    from pipeline.partition import Placement, balanced_partition, balanced_placement, split_chain, stage_times
+    from pipeline.partition import balanced_partition, balanced_placement, split_chain, stage_times
     from pipeline.profile import block_costs, send_path
 
     cfg = _config(flags)

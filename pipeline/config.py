@@ -278,7 +278,9 @@ class RunConfig:
     progress: bool = True
     """Show a progress bar on the console."""
     eval_every: int | None = None
-    """Also test every this many training batches (tests.jsonl), besides after each epoch: accuracy against time."""
+    """Also test every this many training batches (tests.jsonl), besides after each epoch: accuracy against time.
+    Exact runs train the same with or without it; with a delay (--heads-max-delay, --dfa-max-delay above 0) every
+    test first applies the updates still awaited, as an epoch's test does, which changes the run."""
     log_alignment: int | None = None
     """Every this many training steps, log each hidden layer's angle to the backprop gradient (alignment.jsonl)."""
     checkpoint_dir: str | None = None

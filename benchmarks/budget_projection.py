@@ -14,8 +14,8 @@ Per device, stage k of the best contiguous split by time:
 - 1F1B (torch's Schedule1F1B) holds min(M, K - k) micro-batches' graphs: saved_k(B) x min(M, K - k) / M;
 - both also the stage outputs of those micro-batches (kept for their backward) and 4 x their parameters;
 - ours, lean order, whole blocks: one block's graph at a time at the whole batch (the similarity loss needs it),
-  the largest of its blocks' layer + heads; 4 x the parameters of its layers and heads; the batch's input and
-  output messages.
+  the largest of its blocks' layer + heads (the input message among what it saves); 3 x the parameters of its
+  layers and heads and one block's gradients at a time; the batch's output message.
 Under each budget every peer runs at its fastest M whose every stage fits (its bubble and samples/s from the
 simulated schedule, benchmarks/schedule_sim.py, sends priced as in pipeline_projection.py); ours fits or not.
 """
@@ -84,13 +84,16 @@ def peer_memory(blocks: list[dict], sizes: list[int], m: int, k_total: int, sche
 
 
 def local_memory(blocks: list[dict], sizes: list[int]) -> list[float]:
-    """Bytes per stage of ours in the lean order, whole blocks."""
+    """Bytes per stage of ours in the lean order, whole blocks: parameters and Adam's two moments of every block,
+    the gradients of one block at a time, the largest block's graph (its input, the message that came in, is
+    among what its layer saves) and the batch's output on its way out."""
     stages, begin = [], 0
     for size in sizes:
         mine = blocks[begin:begin + size]
         begin += size
         graph = max(b["saved"]["layer"] + b["saved"]["heads"] for b in mine)
-        stages.append(4 * sum(b["parameter_bytes"] for b in mine) + graph + mine[0]["input_bytes"] + mine[-1]["output_bytes"])
+        parameters = 3 * sum(b["parameter_bytes"] for b in mine) + max(b["parameter_bytes"] for b in mine)
+        stages.append(parameters + graph + mine[-1]["output_bytes"])
     return stages
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/compile_trial.py --out benchmarks/results/compile_trial
 
-One process, one thread, batch 128 of synthetic MNIST-shaped data. Compiled: each block's activation (layer,
+One process, one thread, batch 128 of synthetic MNIST-shaped data. Compiled: each hidden block's activation (layer,
 batch norm, nonlinearity, dropout) and each block's local heads (their loss included) with torch.compile
 (inductor, default mode); the optimizer steps stay eager. Backprop compiles the same activations (it has no
 heads). Eager and compiled alternate --rounds times after a warm-up that includes compilation; reports the
@@ -32,7 +32,8 @@ def trainer(flags: list[str], compiled: bool) -> SequentialTrainer:
     t = SequentialTrainer(config_from_args(build_parser().parse_args(["train", *MLP, *flags])))
     if compiled:
         for block in t.blocks:
-            block.activation = torch.compile(block.activation)
+            if hasattr(block, "activation"):  # the hidden blocks (the output block is one linear map)
+                block.activation = torch.compile(block.activation)
             if getattr(block, "heads", None) is not None:
                 block.heads.compile()
     return t

@@ -123,8 +123,7 @@ def largest_batches(rows: list[dict], measured: int, model: str, budget: int, st
         fixed = m["parameter_bytes"] + m["gradient_peak_bytes"] + m["optimizer_bytes"]
         per_sample = (m["accounted_peak_bytes"] - fixed) / measured
         micro = int(name.split("M=")[1]) if "M=" in name else 1
-        unit = 8 * micro  # whole micro-batches of a multiple of 8
-        batch = int((budget - fixed) / per_sample) // unit * unit
+        batch = int((budget - fixed) / per_sample) // micro * micro  # whole micro-batches
         if name.startswith("ours") or name == "backprop":
             extra = OURS.get(name, ["--loss", "backprop"] if name == "backprop" else [])
             reports = _ours(flags, k, extra, batch, steps)

@@ -16,5 +16,6 @@ def test_gpipe_holds_every_micro_batch_and_1f1b_only_those_in_flight():
 
 def test_a_lean_local_stage_holds_one_block_graph_at_the_whole_batch():
     bigger = {**BLOCK, "saved": {"layer": 300, "heads": 20}}
-    # the largest block's layer + heads, not their sum; the input and output messages at the whole batch
-    assert local_memory([BLOCK, bigger, BLOCK], [2, 1]) == [4 * 20 + 320 + 8 + 4, 4 * 10 + 150 + 8 + 4]
+    # the largest block's layer + heads, not their sum (the input among what the layer saves); one block's gradients
+    # at a time; the output message at the whole batch
+    assert local_memory([BLOCK, bigger, BLOCK], [2, 1]) == [3 * 20 + 10 + 320 + 4, 3 * 10 + 10 + 150 + 4]

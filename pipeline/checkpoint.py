@@ -14,6 +14,7 @@ import torch
 
 from pipeline.blocks import Block
 from pipeline.config import ConfigError
+from pipeline.factories import fingerprint as network_fingerprint
 
 
 def save_weights(out_dir: str, blocks: list[Block], stage: int) -> str:
@@ -78,7 +79,6 @@ KEEP_CHECKPOINTS = 2
 def fingerprint(cfg) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint (epochs may grow, paths may move), the
     structure of its network included (a user's factory may have changed since)."""
-    from pipeline.factories import fingerprint as network_fingerprint
 
     values = cfg.to_dict()
     data = {k: v for k, v in values["data"].items() if k not in ("data_dir", "download")}

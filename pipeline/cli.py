@@ -11,14 +11,26 @@ import sys
 import traceback
 from typing import Any
 
-from pipeline.config import (DEVICES, DIST_BACKENDS, LOSSES, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
-                             DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig, RULE_DEFAULTS, rule_defaults)
+import torch
 
+from pipeline.align import run_align
 from pipeline.blocks import NonFiniteLoss
+from pipeline.config import (DEVICES, DIST_BACKENDS, LOSSES, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
+                             DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig, RULE_DEFAULTS,
+                             default_threads, rule_defaults)
 from pipeline.config_file import config_path, file_values, read, to_flags
 from pipeline.config_file import write as write_config
 from pipeline.factories import check_network
+from pipeline.interrupt import StopRequest
+from pipeline.launcher import launch
+from pipeline.models import MODELS
+from pipeline.plots import plot_runs
 from pipeline.resources import check_resources
+from pipeline.restarts import EXIT_STOPPED, attempt, record_start, resolve_resume, stopped_before
+from pipeline.runtime import run_stage_from_env
+from pipeline.sequential import SequentialTrainer
+from pipeline.trained import evaluate, report
+from pipeline.transport.zmq import CurveKeys
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -136,7 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_names() -> str:
-    from pipeline.models import MODELS
 
     names = list(MODELS)
     return ", ".join(n for n in names if not n.startswith(("vgg", "resnet", "wresnet"))) + ", vgg6a ... vgg19, resnet18 ... resnet152, wresnet10-8 ... wresnet40-10a"
@@ -294,11 +305,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
 
 def run_train(cfg: Config) -> int:
     """Dispatch a checked config: a torchrun rank, the local launcher for K > 1, or the sequential trainer."""
-    from pipeline.restarts import EXIT_STOPPED, attempt, record_start, resolve_resume, stopped_before
 
     world = torchrun_world()
     if world is not None:  # every worker of a torchrun group, started or restarted by its agent
-        from pipeline.runtime import run_stage_from_env
 
         stopped = stopped_before(cfg, attempt())
         if stopped is not None:  # the workers got the signal, not the agent: the run stopped, it did not fail
@@ -311,11 +320,8 @@ def run_train(cfg: Config) -> int:
             record_start(cfg, attempt())
         return run_stage_from_env(cfg)
     if cfg.pipeline.stages > 1:
-        from launch.local import launch
 
         return launch(cfg)
-    from pipeline.interrupt import StopRequest
-    from pipeline.sequential import SequentialTrainer
 
     trainer = SequentialTrainer(resolve_resume(cfg, 0))
     summary = trainer.run(StopRequest().install())
@@ -338,10 +344,7 @@ def resolved_options(cfg: Config) -> dict[str, Any]:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """`evaluate RUN_DIR`: rebuild a finished run's network and print each layer's test error (and early exit)."""
-    import torch
 
-    from pipeline.config import default_threads
-    from pipeline.trained import evaluate, report
 
     for t in args.exit_threshold:
         if not 0.0 <= t <= 1.0:
@@ -364,7 +367,6 @@ def main(argv: list[str] | None = None) -> int:
             argv = [argv[0], *to_flags(read(path), command_parser(parser, argv[0]), path), *argv[1:]]
         args = parser.parse_args(argv)
         if args.command == "keys":
-            from pipeline.transport.zmq import CurveKeys
 
             CurveKeys.create(args.folder)
             print(f"wrote CURVE keys to {args.folder}: give every stage --zmq-curve-keys {args.folder} (keep it private)")
@@ -372,7 +374,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             return run_evaluate(args)
         if args.command == "plot":
-            from pipeline.plots import plot_runs
 
             for path in plot_runs(args.run_dirs, args.out, args.labels):
                 print(f"wrote {path}")
@@ -387,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--align-every must be >= 1, got {args.align_every}")
             if cfg.pipeline.stages > 1:
                 raise ConfigError("align trains in one process: drop --stages (use train --log-alignment for pipelines)")
-            from pipeline.align import run_align
 
             run_align(cfg, args.align_every, args.load)
             return EXIT_OK

@@ -10,6 +10,10 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.partition import Placement, format_sizes
+from pipeline.data import DATASETS
+from pipeline.precision import supported
+from pipeline.tensorboard_log import check_available
+import torch
 
 LOCAL_LOSSES = ("predsim", "pred", "sim")
 GLOBAL_LOSSES = ("backprop", "fa")  # one loss at the output, its error sent back through every layer
@@ -162,7 +166,6 @@ class DataConfig:
     """Evaluate on at most this many batches per epoch."""
 
     def __post_init__(self) -> None:
-        from pipeline.data import DATASETS  # data specs live with the data code
 
         _choice(self.dataset, tuple(DATASETS) + ("synthetic",), "--dataset")
         _choice(self.synthetic_like, tuple(DATASETS), "--synthetic-like")
@@ -326,7 +329,6 @@ class RunConfig:
         _require(self.checkpoint_every is None or self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         _choice(self.checkpoint_unit, ("batch", "epoch"), "checkpoint unit")
         if self.tensorboard:
-            from pipeline.tensorboard_log import check_available
 
             check_available()
         _require(self.checkpoint_dir is not None or not (self.resume or self.checkpoint_every or self.auto_resume),
@@ -360,13 +362,10 @@ class Config:
             self.model.nonlin = "tanh" if self.loss.loss == "dfa" else "relu"
         _require(not (self.pipeline.dist_backend == "nccl" and self.run.device != "cuda"), "--dist-backend nccl needs --device cuda")
         if self.run.device == "cuda":
-            import torch
 
             _require(torch.cuda.is_available(), "--device cuda but no CUDA GPU is visible: use --device cpu")
         if self.run.precision != "fp32":
-            import torch
 
-            from pipeline.precision import supported
 
             _require(supported(self.run.precision, self.run.device),
                      f"--precision {self.run.precision} is not supported on {self.run.device} by torch {torch.__version__}: use --precision fp32 or another device")

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from pipeline.errors import ConfigError
 from pipeline.network import BlockContext, Network, NetworkContext
+from pipeline.blocks import Block, FeedbackTrained, head_loss
+from pipeline.seeding import seeded_init
 
-if TYPE_CHECKING:
-    from pipeline.blocks import Block
 
 
 def first_line(exc: BaseException) -> str:
@@ -65,7 +65,6 @@ def network_shape(network: Network, ctx: NetworkContext) -> NetworkShape:
     except Exception:
         pass
     try:
-        from pipeline.seeding import seeded_init
 
         with seeded_init(0, "dry run"):
             return _dry_run(network, ctx, torch.device("cpu"))
@@ -78,7 +77,6 @@ class _BlockFailed(Exception):
 
 
 def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> NetworkShape:
-    from pipeline.blocks import FeedbackTrained
 
     shapes = []
     x = torch.zeros(DRY_BATCH, *ctx.input_shape, device=device)
@@ -134,7 +132,6 @@ def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> Net
 def _try_heads(block: Block, h: torch.Tensor, index: int, device: torch.device) -> None:
     """The block's heads on its dry-run activation: a loss that is not a scalar, or heads that cannot take the
     activation, are found here rather than at the first training batch."""
-    from pipeline.blocks import head_loss
 
     labels = torch.zeros(h.shape[0], dtype=torch.int64, device=device)
     try:
@@ -151,7 +148,6 @@ def _try_heads(block: Block, h: torch.Tensor, index: int, device: torch.device) 
 def built(spec: Any, ctx: BlockContext, strict: bool = True) -> Block:
     """spec.build(ctx), checked to be a Block. Not `strict` (the meta-device pass), an exception other than a
     ConfigError propagates as it is, so that the network is tried again on the CPU."""
-    from pipeline.blocks import Block
 
     try:
         block = spec.build(ctx)

@@ -16,6 +16,12 @@ import torch
 from pipeline.dry_run import NetworkShape, built, first_line, network_shape
 from pipeline.errors import ConfigError
 from pipeline.network import BlockContext, Network, NetworkContext
+from pipeline.blocks import head_loss, make_optimizer
+from pipeline.data import BatchSource
+from pipeline.models import MODELS
+from pipeline.partition import Placement, format_sizes
+from pipeline.precision import Precision
+from pipeline.seeding import generator, seeded_init
 
 if TYPE_CHECKING:
     from pipeline.blocks import Block
@@ -24,7 +30,6 @@ if TYPE_CHECKING:
 
 def load_factory(name: str) -> Callable[[NetworkContext], Network]:
     """The factory of --model `name`: a built-in, `package.module:function` or `path/to/file.py:function`."""
-    from pipeline.models import MODELS
 
     if name in MODELS:
         return MODELS[name]
@@ -73,7 +78,6 @@ def _running_script(path: str):
 def make_network(cfg: Config, input_shape: tuple[int, int, int], num_classes: int) -> tuple[Network, NetworkContext]:
     """Call the run's network factory and check what it returns. It is called under a seed derived from the run's
     only, so a factory that builds its modules up front gives the same weights in every process."""
-    from pipeline.seeding import seeded_init
 
     ctx = NetworkContext(tuple(input_shape), num_classes, cfg)
     factory = load_factory(cfg.model.name)
@@ -98,7 +102,6 @@ def resolve(cfg: Config, input_shape: tuple[int, int, int] | None = None,
             num_classes: int | None = None) -> tuple[Network, NetworkContext, NetworkShape]:
     """The run's network, its context and its dry-run shapes (once per process and config)."""
     if input_shape is None or num_classes is None:
-        from pipeline.data import BatchSource
 
         input_shape, num_classes = BatchSource.shape_of(cfg.data)
     key = json.dumps([cfg.to_dict(), list(input_shape), num_classes], sort_keys=True, default=str)
@@ -155,7 +158,6 @@ def check_network(cfg: Config) -> None:
         raise ConfigError(f"--stages {stages} is more than the {blocks} blocks of {name} (output classifier "
                           f"included): use at most {blocks}")
     if isinstance(cfg.pipeline.partition, tuple):
-        from pipeline.partition import Placement
 
         placement = Placement.parse(cfg.pipeline.partition)
         if sum(placement.sizes) != blocks:
@@ -192,8 +194,6 @@ def _heads_draw_random_numbers(cfg: Config, index: int) -> bool:
 
 
 def _probe_heads(cfg: Config, index: int) -> bool:
-    from pipeline.blocks import head_loss
-    from pipeline.data import BatchSource
 
     _, ctx, shape = resolve(cfg)
     block = build_blocks(cfg, *BatchSource.shape_of(cfg.data), indices=[index])[0]
@@ -208,7 +208,6 @@ def _probe_heads(cfg: Config, index: int) -> bool:
 def check_splittable(cfg: Config, index: int) -> None:
     why = splittable(cfg, index)
     if why:
-        from pipeline.partition import format_sizes
 
         raise ConfigError(f"--partition {format_sizes(cfg.pipeline.partition)} puts block {index}'s "
                           f"heads on another stage than its layer, but {why}")
@@ -219,9 +218,6 @@ def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: in
     """Build blocks of the run's network (all, or those at `indices`), each under its own seed, so that any
     process builds the same block; parameters are drawn on the CPU and then moved, so a block's initial weights
     do not depend on the device."""
-    from pipeline.blocks import make_optimizer
-    from pipeline.precision import Precision
-    from pipeline.seeding import generator
 
     network, ctx, shape = resolve(cfg, tuple(input_shape), num_classes)
     chosen = range(len(network)) if indices is None else list(indices)
@@ -255,7 +251,6 @@ def weights_checksum(module: torch.nn.Module) -> str:
 
 def initial_checksums(cfg: Config, indices: Sequence[int]) -> dict[int, str]:
     """The checksum of each block at `indices` as this process builds it (on the CPU, one at a time, freed after)."""
-    from pipeline.data import BatchSource
 
     network, ctx, shape = resolve(cfg, *BatchSource.shape_of(cfg.data))
     return {index: weights_checksum(_fresh_block(cfg, network, ctx, shape, index)) for index in indices}
@@ -263,7 +258,6 @@ def initial_checksums(cfg: Config, indices: Sequence[int]) -> dict[int, str]:
 
 def _fresh_block(cfg: Config, network: Network, ctx: NetworkContext, shape: NetworkShape, index: int) -> Block:
     """Block `index` as built, under its own seed, on the CPU."""
-    from pipeline.seeding import seeded_init
 
     seen = shape.blocks[index]
     with seeded_init(cfg.run.seed, "block", index):

@@ -11,7 +11,6 @@ from torch import nn
 from pipeline import losses
 from pipeline.feedback import LinearFA
 from pipeline.precision import float32_math
-from pipeline.rules import LocalHead
 
 if TYPE_CHECKING:
     from pipeline.config import LossConfig
@@ -36,6 +35,35 @@ def decoder_pool(channels: int, size: int, limit: int) -> tuple[tuple[int, int],
     pooled_h = (size + 2 * pad_h - kernel_h) // kernel_h + 1
     pooled_w = (size + 2 * pad_w - kernel_w) // kernel_w + 1
     return (kernel_h, kernel_w), (pad_h, pad_w), channels * pooled_h * pooled_w
+
+
+class LocalHead(nn.Module):
+    """Base of a user's local head: trains the block it sits on from that block's activation alone.
+
+    forward(h, y) returns the block's loss (a scalar), or (loss, scores) with class scores (B, classes) from which
+    its training error is counted. scores(h) gives the class scores of an activation without labels (test error,
+    early exit); None (the default) when the head does not classify.
+    """
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor):  # noqa: D102 (documented on the class)
+        raise NotImplementedError
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def predictions(self, scores: torch.Tensor) -> torch.Tensor:
+        """Classes from scores (B, classes): their argmax."""
+        return scores.argmax(1)
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Class predictions (B,) for activation h, or None when the head does not classify."""
+        scores = self.scores(h)
+        return None if scores is None else self.predictions(scores)
+
+    def class_scores(self, h: torch.Tensor) -> torch.Tensor | None:
+        """fp32 scores whose argmax is the prediction (early exit reads their softmax)."""
+        scores = self.scores(h)
+        return None if scores is None else scores.float()
 
 
 class LocalHeads(LocalHead):

@@ -6,6 +6,7 @@ import json
 import os
 import time
 from typing import Any
+from pipeline.tensorboard_log import TensorBoardLog
 
 
 class Throughput:
@@ -87,7 +88,6 @@ class MetricsWriter:
         self.out_dir = out_dir
         self.tensorboard = None
         if tensorboard:
-            from pipeline.tensorboard_log import TensorBoardLog
 
             self.tensorboard = TensorBoardLog(tensorboard)
         if out_dir:

@@ -16,6 +16,10 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.network import BlockContext, Network, NetworkContext
 from pipeline.rules import DFA, LearningRule, rule_named
+from pipeline import resnet
+from pipeline.blocks import DFABlock, HiddenBlock, OutputBlock
+from pipeline.feedback import Conv2dFA, LinearFA
+from pipeline.losses import output_loss_scale
 
 # Convolution widths; "M" is a 2x2 max pool, folded into the preceding block's output (anokland/local-loss).
 VGG_LAYOUTS: dict[str, list[int | str]] = {
@@ -50,8 +54,6 @@ class StandardBlock:
     optim: dict[str, Any] = field(default_factory=dict)
 
     def build(self, ctx: BlockContext):
-        from pipeline.blocks import DFABlock, HiddenBlock
-        from pipeline.feedback import Conv2dFA, LinearFA
 
         cfg = ctx.network.config
         fa = cfg.loss.loss == "fa"
@@ -79,9 +81,6 @@ class StandardOutput:
     is_output = True
 
     def build(self, ctx: BlockContext):
-        from pipeline.blocks import OutputBlock
-        from pipeline.feedback import LinearFA
-        from pipeline.losses import output_loss_scale
 
         loss = ctx.network.config.loss
         layer = (LinearFA if loss.loss == "fa" else nn.Linear)(self.inputs, ctx.network.num_classes)
@@ -137,7 +136,6 @@ def vgg(name: str) -> Callable[[NetworkContext], Network]:
 
 
 def _registry() -> dict[str, Callable[[NetworkContext], Network]]:
-    from pipeline import resnet
 
     models: dict[str, Callable[[NetworkContext], Network]] = {"mlp": mlp}
     models.update({name: vgg(name) for name in VGG_LAYOUTS})

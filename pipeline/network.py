@@ -26,6 +26,8 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.rules import DFA, LearningRule, rule_named
+from pipeline.blocks import LocalBlock, LocalDFABlock, OutputBlock
+from pipeline.losses import output_loss_scale
 
 if TYPE_CHECKING:
     from pipeline.blocks import Block
@@ -66,7 +68,7 @@ class BlockSpec:
 
     layer: makes the module(s) mapping the block's input to its activation h (the local loss is taken on h);
     rule: a LearningRule (PredSim(), Pred(), Sim(), DFA()), a factory of a head module (h, y) -> loss or
-      (loss, scores) (see pipeline.rules.LocalHead), or None for the run's --loss;
+      (loss, scores) (see pipeline.heads.LocalHead), or None for the run's --loss;
     after: makes what maps h to the block's output (dropout, pooling), applied after the loss;
     optim: this block's optimizer settings over the run's (e.g. {"lr": 1e-3, "weight_decay": 5e-4}).
     Random numbers the modules draw (nn.Dropout) come from the block's own generator.
@@ -78,7 +80,6 @@ class BlockSpec:
     optim: dict[str, Any] = field(default_factory=dict)
 
     def build(self, ctx: BlockContext) -> Block:
-        from pipeline.blocks import LocalBlock, LocalDFABlock
 
         body = self.layer()
         after = self.after() if self.after is not None else None
@@ -109,8 +110,6 @@ class OutputSpec:
     optim: dict[str, Any] = field(default_factory=dict)
 
     def build(self, ctx: BlockContext) -> Block:
-        from pipeline.blocks import OutputBlock
-        from pipeline.losses import output_loss_scale
 
         loss = ctx.network.config.loss
         return OutputBlock(ctx.index, self.layer(), loss_scale=output_loss_scale(loss.loss, loss.beta), flatten=self.flatten)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.resources import check_writable
 
 LINE_STYLES = ["-", "--", ":", "-."]
 
@@ -160,7 +161,6 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
     runs = [read_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
     if len({run.label for run in runs}) < len(runs):  # two folders of the same name: tell them apart by path
         runs = [RunRecord(f"{run.label} [{d}]", run.epochs, run.summary) for run, d in zip(runs, run_dirs)]
-    from pipeline.resources import check_writable
 
     check_writable("--out", out)
     written = []

@@ -21,10 +21,10 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.network import BlockSpec, Network, NetworkContext, OutputSpec
+from pipeline.feedback import Conv2dFA, LinearFA
 
 
 def _conv(ctx: NetworkContext, inputs: int, outputs: int, kernel: int, stride: int = 1, bias: bool = False) -> nn.Module:
-    from pipeline.feedback import Conv2dFA
 
     kind = Conv2dFA if ctx.config.loss.loss == "fa" else nn.Conv2d
     return kind(inputs, outputs, kernel, stride=stride, padding=kernel // 2, bias=bias)
@@ -87,7 +87,6 @@ def _dropout(ctx: NetworkContext) -> Callable[[], nn.Module] | None:
 
 def _head(ctx: NetworkContext, features: int) -> OutputSpec:
     def layer() -> nn.Module:
-        from pipeline.feedback import LinearFA
 
         loss = ctx.config.loss
         linear = (LinearFA if loss.loss == "fa" else nn.Linear)(features, ctx.num_classes)

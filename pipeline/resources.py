@@ -17,6 +17,10 @@ import os
 import tempfile
 
 from pipeline.config import Config, ConfigError
+from pipeline.data import DATASETS
+from pipeline.factories import resolve
+from pipeline.partition import resolve_partition
+import torch
 
 SIM_COPIES = 4
 ACTIVATION_COPIES = 6
@@ -44,7 +48,6 @@ def check_writable(flag: str, folder: str) -> None:
 
 
 def train_examples(cfg: Config) -> int:
-    from pipeline.data import DATASETS
 
     return cfg.data.synthetic_train_size if cfg.data.dataset == "synthetic" else DATASETS[cfg.data.dataset].train_examples
 
@@ -52,7 +55,6 @@ def train_examples(cfg: Config) -> int:
 def check_batch_size(cfg: Config) -> None:
     """A batch the training set can fill, and, with batch norm, more than one example (training batch norm takes a
     variance over the batch; a last batch of one is dropped, pipeline/data.py)."""
-    from pipeline.factories import resolve
 
     examples, batch = train_examples(cfg), cfg.data.batch_size
     if batch > examples:
@@ -67,7 +69,6 @@ def check_batch_size(cfg: Config) -> None:
 
 def block_bytes(cfg: Config) -> list[tuple[int, int]]:
     """(transient bytes at batch B, resident bytes) of each block, in order; see [Note: memory estimate]."""
-    from pipeline.factories import resolve
 
     batch = cfg.data.batch_size
     result = []
@@ -80,7 +81,6 @@ def block_bytes(cfg: Config) -> list[tuple[int, int]]:
 
 def stage_bytes(cfg: Config) -> list[int]:
     """Estimated peak bytes of each stage (even split for --partition auto: its split is measured at start)."""
-    from pipeline.partition import resolve_partition
 
     blocks = block_bytes(cfg)
     sizes = cfg.pipeline.partition if isinstance(cfg.pipeline.partition, tuple) else None
@@ -91,7 +91,6 @@ def stage_bytes(cfg: Config) -> list[int]:
 def device_memory(device: str) -> tuple[int, str]:
     """(bytes, description): physical RAM on CPU, free memory of this process's GPU on CUDA."""
     if device == "cuda":
-        import torch
 
         index = int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
         free, _ = torch.cuda.mem_get_info(index)

@@ -4,7 +4,7 @@
                                                           (none yet: from the start, and it says so)
 
 The attempt number comes from TORCHELASTIC_RESTART_COUNT, which torchrun's elastic agent sets in every worker of
-a worker group it (re)starts, 0 the first time; the local launcher (launch/local.py) sets it the same way. Every
+a worker group it (re)starts, 0 the first time; the local launcher (pipeline/launcher.py) sets it the same way. Every
 stage counts the training steps it has finished in its own small file beside the checkpoints (a write of 8 bytes
 per batch into the page cache, which outlives a killed process), so a restarted run can tell how many batches each
 stage trains a second time.

@@ -2,7 +2,7 @@
 
 A rule is lazy: it builds a block's heads once the block's activation shape is known, so that each stage process
 builds only the heads of its own blocks. A user's head is any module mapping (activation h, labels y) to a loss,
-or to (loss, class scores) to have its layer's test error reported (see LocalHead).
+or to (loss, class scores) to have its layer's test error reported (see pipeline/heads.py's LocalHead).
 """
 
 from __future__ import annotations
@@ -16,38 +16,12 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.feedback import feedback_matrix
+from pipeline.heads import LocalHeads
+from pipeline.seeding import generator
 
 if TYPE_CHECKING:
     from pipeline.config import LossConfig
-
-
-class LocalHead(nn.Module):
-    """Base of a user's local head: trains the block it sits on from that block's activation alone.
-
-    forward(h, y) returns the block's loss (a scalar), or (loss, scores) with class scores (B, classes) from which
-    its training error is counted. scores(h) gives the class scores of an activation without labels (test error,
-    early exit); None (the default) when the head does not classify.
-    """
-
-    def forward(self, h: torch.Tensor, y: torch.Tensor):  # noqa: D102 (documented on the class)
-        raise NotImplementedError
-
-    def scores(self, h: torch.Tensor) -> torch.Tensor | None:
-        return None
-
-    def predictions(self, scores: torch.Tensor) -> torch.Tensor:
-        """Classes from scores (B, classes): their argmax."""
-        return scores.argmax(1)
-
-    def classify(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Class predictions (B,) for activation h, or None when the head does not classify."""
-        scores = self.scores(h)
-        return None if scores is None else self.predictions(scores)
-
-    def class_scores(self, h: torch.Tensor) -> torch.Tensor | None:
-        """fp32 scores whose argmax is the prediction (early exit reads their softmax)."""
-        scores = self.scores(h)
-        return None if scores is None else scores.float()
 
 
 class LearningRule:
@@ -68,7 +42,6 @@ class LocalLoss(LearningRule):
     beta: float | None = None
 
     def heads(self, shape: tuple[int, ...], num_classes: int, loss: LossConfig) -> nn.Module:
-        from pipeline.heads import LocalHeads
 
         overrides = {"loss": self.name} | {k: v for k, v in (("bio", self.bio), ("beta", self.beta)) if v is not None}
         cfg = dataclasses.replace(loss, **overrides)
@@ -110,8 +83,6 @@ class DFA(LearningRule):
     def feedback(ctx) -> torch.Tensor:
         """The fixed random matrix (classes, output features) of the block `ctx` (a BlockContext) builds, drawn from
         its own seed, so every process draws the same one."""
-        from pipeline.feedback import feedback_matrix
-        from pipeline.seeding import generator
 
         cfg = ctx.network.config
         features = math.prod(ctx.output_shape)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 MISSING = "--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' (or pip install tensorboard)"
 

@@ -12,6 +12,9 @@ from typing import Any, Callable
 from pipeline.config import Config, ConfigError
 from pipeline.factories import check_network
 from pipeline.network import NetworkContext
+from pipeline.launcher import launch
+from pipeline.resources import check_resources
+from pipeline.sequential import SequentialTrainer
 
 
 def factory_name(factory: Callable[[NetworkContext], Any]) -> str:
@@ -38,14 +41,11 @@ def train(cfg: Config, network: Callable[[NetworkContext], Any] | str | None = N
         name = network if isinstance(network, str) else factory_name(network)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name))
     check_network(cfg)
-    from pipeline.resources import check_resources
 
     check_resources(cfg)
     if cfg.pipeline.stages == 1:
-        from pipeline.sequential import SequentialTrainer
 
         return SequentialTrainer(cfg).run()
-    from launch.local import launch
 
     with tempfile.TemporaryDirectory(prefix="pipeline-run-") as scratch:
         if cfg.run.out is None:  # the last stage writes the summary where this process can read it

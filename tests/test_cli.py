@@ -155,11 +155,11 @@ def test_a_batch_larger_than_mnist_exits_2_before_any_process_starts(tmp_path):
 
 
 def test_a_batch_whose_similarity_matrices_do_not_fit_exits_2(monkeypatch, capsys):
-    import launch.local
+    import pipeline.cli
     import pipeline.resources
 
     monkeypatch.setattr(pipeline.resources, "device_memory", lambda device: (16 * 2 ** 30, "this host (RAM)"))
-    monkeypatch.setattr(launch.local, "launch", lambda cfg: pytest.fail("stages started"))
+    monkeypatch.setattr(pipeline.cli, "launch", lambda cfg: pytest.fail("stages started"))
     args = ["--dataset", "mnist", "--data-dir", "none", "--no-download", "--no-progress", "--stages", "2"]
     assert main(["train", *args, "--batch-size", "60000"]) == 2  # one 60000x60000 fp32 matrix alone is 14.4 GB
     err = capsys.readouterr().err

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from launch.local import launch
+from pipeline.launcher import launch
 from pipeline.cli import main
 from pipeline.determinism import use_deterministic
 from pipeline.sequential import SequentialTrainer

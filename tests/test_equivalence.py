@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import small_config
-from launch.local import launch
+from pipeline.launcher import launch
 from pipeline.checkpoint import load_weights
 from pipeline.sequential import SequentialTrainer
 

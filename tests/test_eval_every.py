@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import small_config
-from launch.local import launch
+from pipeline.launcher import launch
 from pipeline.checkpoint import load_weights
 from pipeline.data import BatchSource
 from pipeline.message import Kind

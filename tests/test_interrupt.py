@@ -9,7 +9,7 @@ import time
 import pytest
 
 from helpers import OutputWatch, ProcessGroup
-from launch import local
+from pipeline import launcher as local
 from pipeline.interrupt import ABORT_AFTER_S
 
 RUN = [sys.executable, "-m", "pipeline", "train", "--dataset", "synthetic", "--num-layers", "2", "--num-hidden", "32",

@@ -86,7 +86,7 @@ def test_fp32_is_the_plain_pytorch_update_bit_for_bit():
 @pytest.mark.parametrize("loss,transport", [("predsim", "zmq"), ("dfa", "dist")])
 def test_bf16_k_stages_match_the_sequential_bf16_run(loss, transport, tmp_path):
     # the bf16 activations (and fp32 DFA errors) cross the processes; every block computes what it computes alone
-    from launch.local import launch
+    from pipeline.launcher import launch
     from pipeline.checkpoint import load_weights
 
     def cfg(out, stages):

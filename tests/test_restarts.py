@@ -134,7 +134,7 @@ def test_a_restart_of_a_run_stopped_by_a_signal_stops_at_once(tmp_path, monkeypa
 
 
 def test_a_signal_while_the_stages_restart_reaches_the_new_ones(monkeypatch):
-    from launch import local
+    from pipeline import launcher as local
     from test_interrupt import _Stage
 
     sent = []

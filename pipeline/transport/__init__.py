@@ -7,6 +7,9 @@ import datetime
 import torch
 
 from pipeline.transport.base import Channel, Links, dfa_gradient_links
+from pipeline.transport.dist import open_dist
+from pipeline.transport.local import open_local
+from pipeline.transport.zmq import open_zmq
 
 
 def open_links(name: str, rank: int, world: int, device: torch.device, *, gradients: list[tuple[int, int]] = (),
@@ -16,15 +19,12 @@ def open_links(name: str, rank: int, world: int, device: torch.device, *, gradie
     `gradients`, (sender, receiver) pairs listed alike on every rank. `timeout`: how long a dist link may wait (the
     run's stall timeout)."""
     if name == "dist":
-        from pipeline.transport.dist import open_dist
 
         return open_dist(rank, world, device, dist_backend, list(gradients), timeout)
     if name == "zmq":
-        from pipeline.transport.zmq import open_zmq
 
         return open_zmq(rank, world, device, zmq_host, list(gradients), zmq_curve_keys)
     if name == "local":
-        from pipeline.transport.local import open_local
 
         if local_queues is None:
             raise ValueError("the local transport needs the queues of the local launcher")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import small_config
-from launch.local import launch
+from pipeline.launcher import launch
 from pipeline.sequential import SequentialTrainer
 from test_equivalence import TRANSPORTS, _assert_same, _mlp, _results, _vgg
 

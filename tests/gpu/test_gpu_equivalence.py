@@ -7,7 +7,7 @@ run `dist` over NCCL. The configs and comparisons are tests/test_equivalence.py'
 import pytest
 import torch
 
-from launch.local import launch
+from pipeline.launcher import launch
 from test_equivalence import TRANSPORTS, _assert_same, _dfa, _mlp, _results, _vgg
 
 pytestmark = pytest.mark.cuda

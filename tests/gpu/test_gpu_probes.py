@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from launch.local import launch
+from pipeline.launcher import launch
 from test_equivalence import _assert_same, _mlp, _results
 from test_network import _residual
 

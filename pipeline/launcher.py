@@ -1,4 +1,4 @@
-"""Local launcher: start the K stage processes on this host (the emulation mode), watch them, end them together.
+"""The local launcher: start the K stage processes on this host (the emulation mode), watch them, end them together.
 
 It plays torchrun's part for one host: a rendezvous store, one process per stage with its rank, and
 supervision: when a stage fails, the others are stopped within seconds and the run exits non-zero, or, with

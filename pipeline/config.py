@@ -387,7 +387,7 @@ class Config:
 # Options whose default depends on the learning rule: a rule listed here overrides the base defaults for every
 # such option the user leaves unset (on the command line and in a config file; the saved config holds the result).
 RULE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # the DFA recipe measured in the README (MNIST, MLP 2x800, 2 epochs): 3.17% test error against 4.84% with the
+    # the DFA recipe measured in docs/dfa.md (MNIST, MLP 2x800, 2 epochs): 3.17% test error against 4.84% with the
     # local losses' defaults (batch norm, augmentation, lr 5e-4, relu); in a pipeline the errors are applied when
     # they arrive only if asked: over 3 stages a delay of up to 2 batches gave 3.68%, up to 1 batch 3.60%, none 3.17%
     "dfa": {"nonlin": "tanh", "batch_norm": False, "augment": False, "lr": 1e-3, "lr_decay_milestones": (4, 7),

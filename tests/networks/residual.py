@@ -1,4 +1,4 @@
-"""A user's network: a small residual CNN with a custom local head (the README's "Your own network" example)."""
+"""A user's network: a small residual CNN with a custom local head (the example of docs/your-own-network.md)."""
 
 import torch
 import torch.nn.functional as F

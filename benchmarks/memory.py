@@ -75,6 +75,23 @@ def _gpipe_flags(model: list[str]) -> list[str]:
     return flags
 
 
+def split_heads_partition(blocks: int, stages: int) -> str:
+    """The even split with its first cut moved half a block down: the first stage's last block's layer stays, its
+    heads go to the second stage (every stage keeps at least a half block)."""
+    small, extra = divmod(blocks, stages)
+    sizes = [float(small + (k < extra)) for k in range(stages)]
+    sizes[0] -= 0.5
+    sizes[1] += 0.5
+    return ",".join(f"{s:g}" for s in sizes)
+
+
+def _block_count(model: list[str]) -> int:
+    from pipeline.cli import build_parser, config_from_args
+    from pipeline.factories import count_blocks
+
+    return count_blocks(config_from_args(build_parser().parse_args(["train", "--dataset", "synthetic", *model])))
+
+
 def _row(name: str, model: str, stages: int, reports: list[dict], **extra) -> dict:
     worst = max(reports, key=lambda r: r["accounted_peak_bytes"])
     return {"contender": name, "model": model, "stages": stages, "per_stage": reports,
@@ -92,6 +109,11 @@ def measure(models: list[str], stage_counts: list[int], batch: int, steps: int, 
                     continue  # one process learns block by block anyway
                 rows.append(_row(name, model, stages, _ours(flags, stages, extra, batch, steps)))
                 print(json.dumps(rows[-1]["max_stage"]), name, model, stages, file=sys.stderr, flush=True)
+            if ours and stages > 1:  # split heads: the first stage's last block's heads on the next stage
+                sizes = split_heads_partition(_block_count(flags), stages)
+                rows.append(_row("ours, split heads", model, stages,
+                                 _ours(flags, stages, ["--partition", sizes], batch, steps), partition=sizes))
+                print(json.dumps(rows[-1]["max_stage"]), "ours, split heads", sizes, model, stages, file=sys.stderr, flush=True)
             if stages == 1:
                 if ours:
                     rows.append(_row("backprop", model, 1, _ours(flags, 1, ["--loss", "backprop"], batch, steps)))

@@ -47,8 +47,6 @@ def import_graph(root: str = ROOT) -> tuple[dict[str, set[str]], list[str]]:
                         names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                         if not all((name or "").startswith(LAZY) for name in names):
                             inside.append(f"{module}.{function.name} imports {', '.join(map(str, names))}")
-                        elif any(name.startswith("pipeline") for name in names):
-                            inside.append(f"{module}.{function.name} imports {names}")
     return graph, inside
 
 

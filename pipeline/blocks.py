@@ -16,6 +16,7 @@ and is reported to the process's watch (pipeline/nonfinite.py), which is read wi
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -32,6 +33,9 @@ from pipeline.precision import Precision
 if TYPE_CHECKING:
     from pipeline.config import OptimConfig
     from pipeline.memory import MemoryMeter
+
+
+GLOBAL_GENERATORS = threading.RLock()  # held while a block's generator stands in for the process's (own_randomness)
 
 
 class Block(nn.Module):
@@ -70,12 +74,17 @@ class Block(nn.Module):
         The default generator of the block's device takes the block generator's state for the duration and hands
         the advanced state back, so it is as if the modules had been given the block's generator. A block on a GPU
         also has a generator of its own for what its modules draw on the CPU, swapped in the same way: every
-        generator a block can draw from is its own.
+        generator a block can draw from is its own. The default generators are the process's: where stages are
+        threads of one process (pipeline/in_process.py), one block at a time holds them (GLOBAL_GENERATORS).
         """
         generator = self.generator
         if generator is None:
             yield
             return
+        with GLOBAL_GENERATORS:
+            yield from self._swapped_generators(generator)
+
+    def _swapped_generators(self, generator: torch.Generator) -> Iterator[None]:
         device = generator.device
         default = torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[
             device.index if device.index is not None else torch.cuda.current_device()]

@@ -17,17 +17,19 @@ from pipeline.align import run_align
 from pipeline.blocks import NonFiniteLoss
 from pipeline.config import (DEVICES, DIST_BACKENDS, LOSSES, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
                              DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig, RULE_DEFAULTS,
-                             default_threads, rule_defaults)
+                             STAGE_ORDERS, default_threads, rule_defaults)
 from pipeline.config_file import config_path, file_values, read, to_flags
 from pipeline.config_file import write as write_config
 from pipeline.factories import check_network
 from pipeline.interrupt import StopRequest
 from pipeline.launcher import launch
 from pipeline.models import MODELS
+from pipeline.partition import Placement
 from pipeline.plots import plot_runs
 from pipeline.resources import check_resources
 from pipeline.restarts import EXIT_STOPPED, attempt, record_start, resolve_resume, stopped_before
 from pipeline.runtime import run_stage_from_env
+from pipeline.schedule_print import describe
 from pipeline.sequential import SequentialTrainer
 from pipeline.trained import evaluate, report
 from pipeline.transport.zmq import CurveKeys
@@ -142,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs' --out folders, overlaid")
     plot.add_argument("--out", required=True, help="folder for the PNGs")
     plot.add_argument("--labels", nargs="+", default=None, help="legend names of the runs (default: folder, rule, K)")
+    sched = commands.add_parser("schedule", help="every stage's actions per training batch, side by side, and a "
+                                "simulated timeline (pipeline/schedule.py)", formatter_class=_Formatter)
+    sched.add_argument("--stages", type=int, default=None, metavar="K", help="stages, one block each (or give --partition)")
+    sched.add_argument("--partition", type=_partition, default=None, help="as for train: 2,2 or 1.5,2.5 or 1.5h,2.5")
+    sched.add_argument("--loss", default="predsim", help="dfa for DFA's schedule; any other rule has the local one")
+    sched.add_argument("--stage-order", default="overlap", choices=STAGE_ORDERS, help="as for train")
+    sched.add_argument("--heads-max-delay", type=int, default=0, metavar="D", help="as for train")
+    sched.add_argument("--dfa-max-delay", type=_optional_int, default=PipelineConfig().dfa_max_delay, metavar="N",
+                       help="as for train (none: unbounded)")
+    sched.add_argument("--batches", type=int, default=3, help="batches in the simulated timeline")
     keys = commands.add_parser("keys", help="make ZeroMQ CURVE keys for --zmq-curve-keys")
     keys.add_argument("folder", help="where to write server.key*, client.key* and authorized/")
     return parser
@@ -358,6 +370,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_schedule(args: argparse.Namespace) -> str:
+    """What `python -m pipeline schedule` prints, or a ConfigError for a placement it cannot take."""
+    if (args.stages is None) == (args.partition is None or args.partition == "auto"):
+        raise ConfigError("schedule takes --stages K (one block per stage) or an explicit --partition")
+    if args.batches < 1 or args.heads_max_delay < 0 or (args.dfa_max_delay or 0) < 0:
+        raise ConfigError("--batches must be >= 1 and the delays >= 0")
+    try:
+        placement = Placement((1,) * args.stages) if args.stages else Placement.parse(args.partition)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    dfa = args.loss == "dfa"
+    if dfa and placement.split:
+        raise ConfigError("--loss dfa trains whole blocks: no halves in --partition")
+    return describe(placement, args.batches, dfa=dfa, lean=args.stage_order == "lean",
+                    heads_delay=args.heads_max_delay, dfa_delay=args.dfa_max_delay if dfa else 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
@@ -373,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "evaluate":
             return run_evaluate(args)
+        if args.command == "schedule":
+            print(run_schedule(args))
+            return EXIT_OK
         if args.command == "plot":
 
             for path in plot_runs(args.run_dirs, args.out, args.labels):

@@ -16,59 +16,78 @@ import torch
 
 from pipeline.blocks import Block, forward_for_feedback, learn_from_error
 from pipeline.feedback import keep_weights_at_forward, output_error
-from pipeline.message import Kind, Message
+from pipeline.message import Message
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.remote_gradient import RemoteGradients, send_gradient
-from pipeline.stage_io import StageIO, release_after
+from pipeline.roles import Role, Step
+from pipeline.schedule import Action
+from pipeline.stage_io import StageIO
 
 
-class ErrorFeedback:
-    """The DFA side of one stage: forwarding with kept graphs, and updates as the errors come back (the errors are
-    remote gradients, pipeline/remote_gradient.py)."""
+class DfaBlocks(Role):
+    """DFA's hidden blocks on a stage before the last: forwarding with kept graphs, and updates as the output
+    errors come back (remote gradients, pipeline/remote_gradient.py)."""
 
-    def __init__(self, rank: int, blocks: list[Block], io: StageIO, watch: NonFiniteWatch, *, is_last: bool,
-                 has_errors_out: bool, max_delay: int | None):
-        self.rank, self.blocks, self.io = rank, blocks, io
-        self.is_last, self.has_errors_out, self.max_delay = is_last, has_errors_out, max_delay
-        self.errors = RemoteGradients(rank, io, watch, self._learn, max_delay=max_delay,
+    name = "dfa"
+    receives = True  # the output errors
+
+    def __init__(self, rank: int, blocks: list[Block], io: StageIO, watch: NonFiniteWatch, max_delay: int | None):
+        super().__init__(blocks)
+        self.max_delay = max_delay
+        self.errors = RemoteGradients(rank, io, watch, self._learn,
                                       what=lambda index: f"the error of batch {index} from the last stage")
-        self.last_updates = 0  # the last stage applies each error at once: delay 0
 
-    def parameters(self) -> list[torch.Tensor]:
-        return [p for block in self.blocks for p in block.parameters()]
+    def forward(self, step: Step, action: Action) -> None:
+        """Forward, the graphs (and, under a delay, the weights) kept until this batch's error arrives."""
+        parameters = [p for block in self.blocks for p in block.parameters()]
+        with keep_weights_at_forward(parameters) if self.max_delay != 0 else contextlib.nullcontext():
+            states, step.x = forward_for_feedback(self.blocks, step.x)
+        self.errors.expect(step.msg.epoch, step.msg.index, states, step.release, step.seq)
 
-    def train(self, msg: Message) -> None:
-        (self._train_last if self.is_last else self._train_forward)(msg)
-
-    def _train_forward(self, msg: Message) -> None:
-        """A stage before the last: forward, send on, keep the graphs until this batch's error arrives."""
-        x, y = msg.tensors
-        release = release_after(2, msg.release)  # x stays in the kept graph until the update
-        keep = keep_weights_at_forward(self.parameters()) if self.max_delay != 0 else contextlib.nullcontext()
-        with keep:
-            states, out = forward_for_feedback(self.blocks, x)
-        self.io.put(Message(Kind.TRAIN, msg.epoch, msg.index, [out, y], msg.meta, release=release))
-        self.errors.expect(msg.epoch, msg.index, states, release)
-        self.errors.before_forward()  # the next batch may not be forwarded more than max_delay batches past an error
+    def apply(self, step: Step, action: Action) -> None:
+        """The errors that came, and that of batch t - lag, waited for (no batch goes more than lag past one)."""
+        self.errors.apply_through(None if action.lag is None else step.seq - action.lag)
 
     def _learn(self, states: list[torch.Tensor], error: Message) -> None:
         learn_from_error(self.blocks, states, error.tensors[0])
 
-    def _train_last(self, msg: Message) -> None:
-        """The last stage: the output error of the batch goes back to every earlier stage, and updates this one."""
-        x, y = msg.tensors
-        *hidden, output = self.blocks
-        states, x = forward_for_feedback(hidden, x)
-        logits, _ = output.forward_train(x)
-        error = output_error(logits, y)
-        if self.has_errors_out:
-            send_gradient(self.io, msg, [error])
-        output.learn(logits, y)
-        learn_from_error(hidden, states, error)
-        self.last_updates += 1
-        msg.release()
+    def settle(self) -> None:
+        self.errors.settle()
+
+    def await_stream_end(self) -> None:
+        self.errors.await_stream_end()
 
     def report(self) -> dict:
-        if self.is_last:
-            return {"dfa_delay_mean": 0.0 if self.last_updates else None, "dfa_delay_max": 0 if self.last_updates else None}
         return self.errors.report("dfa")
+
+
+class DfaOutput(Role):
+    """The last stage under DFA: its hidden blocks and the output; each batch's output error goes back to every
+    earlier stage and updates this one at once."""
+
+    name = "dfa_output"
+
+    def __init__(self, blocks: list[Block], io: StageIO):
+        super().__init__(blocks)
+        self.io = io
+        self.updates = 0  # each applied at once: delay 0
+        self._batch: tuple = ()
+
+    def forward(self, step: Step, action: Action) -> None:
+        *hidden, output = self.blocks
+        states, x = forward_for_feedback(hidden, step.x)
+        logits, _ = output.forward_train(x)
+        self._batch = (states, logits, output_error(logits, step.y))
+
+    def send_back(self, step: Step, action: Action) -> None:
+        send_gradient(self.io, step.msg, [self._batch[2]])
+
+    def learn(self, step: Step, action: Action) -> None:
+        (states, logits, error), self._batch = self._batch, ()
+        *hidden, output = self.blocks
+        output.learn(logits, step.y)
+        learn_from_error(hidden, states, error)
+        self.updates += 1
+
+    def report(self) -> dict:
+        return {"dfa_delay_mean": 0.0 if self.updates else None, "dfa_delay_max": 0 if self.updates else None}

@@ -114,7 +114,8 @@ class Placement:
                                  f"far add up to a half) and is not the last; stage {k} is not one")
             if (k > 0 and ends[k - 1] % 2) or (k + 1 < len(ends) and ends[k + 1] % 2):
                 raise ValueError(f"partition {self.text}: a block with its heads first ({k}h) must be the only split "
-                                 f"block of both its stages")
+                                 f"block of both its stages (a stage has one remote-gradient link in, and each link out "
+                                 f"carries all it sends: pipeline/simulate.py, link_faults)")
 
     @classmethod
     def parse(cls, entries) -> Placement:

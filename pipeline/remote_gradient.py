@@ -9,10 +9,10 @@ Three learning schemes work this way, over the same channels (Links.feedback_in 
 - heads first: the layer's stage awaits dL/dh from the stage before it, which awaits h from the layer's stage
   (pipeline/upstream_heads.py): the same bookkeeping, with the other stage earlier in the pipeline.
 
-With max_delay 0 the gradient of t is applied before the awaiting blocks forward t+1: exactly the sequential
-trainer. With max_delay D > 0 they forward at most D batches past the oldest batch still awaiting its
-gradient, the weights each batch was forwarded with kept for its update (a delayed gradient), and the delay
-seen is reported.
+The schedule (pipeline/schedule.py) says when a stage applies them and which batch it waits for. Exact, the
+gradient of t is applied before the awaiting blocks forward t+1: the sequential trainer. With a delay D > 0
+they forward at most D batches past the oldest batch still awaiting its gradient, the weights each batch was
+forwarded with kept for its update (a delayed gradient), and the delay seen is reported.
 """
 
 from __future__ import annotations
@@ -35,23 +35,25 @@ class Awaiting:
     graph: Any  # what the update needs: the awaiting blocks' output graphs
     release: Callable[[], None]  # its receive buffers, kept until the update is done (the graph reads them)
     forwarded: int  # how many batches this stage had forwarded before it
+    seq: int  # the stage's training step that forwarded it (Step.seq)
 
 
 class RemoteGradients:
     """The batches of one stage that await a gradient from `source`, and their updates as the gradients come."""
 
     def __init__(self, rank: int, io: StageIO, watch: NonFiniteWatch, learn: Callable[[Any, Message], None], *,
-                 what: Callable[[int], str], max_delay: int | None):
+                 what: Callable[[int], str]):
         """`what(index)` names batch index's gradient in messages, e.g. "the error of batch 3 from the last stage"."""
         self.rank, self.io, self.watch, self.learn = rank, io, watch, learn
-        self.what, self.max_delay = what, max_delay
+        self.what = what
         self.awaiting: deque[Awaiting] = deque()
         self.forwarded = 0
         self.delay_sum = self.delay_max = self.updates = 0
 
-    def expect(self, epoch: int, index: int, graph: Any, release: Callable[[], None]) -> None:
-        """Batch (epoch, index) was forwarded; `learn(graph, gradient message)` applies its update later."""
-        self.awaiting.append(Awaiting(epoch, index, graph, release, self.forwarded))
+    def expect(self, epoch: int, index: int, graph: Any, release: Callable[[], None], seq: int) -> None:
+        """Batch (epoch, index), training step `seq`, was forwarded; `learn(graph, gradient message)` applies its
+        update later."""
+        self.awaiting.append(Awaiting(epoch, index, graph, release, self.forwarded, seq))
         self.forwarded += 1
         self.io.want_error()
 
@@ -72,11 +74,12 @@ class RemoteGradients:
             batch.release()
             item.release()
 
-    def before_forward(self) -> None:
-        """Before the awaiting blocks forward the next batch: apply what has come, and wait for what must have."""
+    def apply_through(self, seq: int | None) -> None:
+        """The schedule's apply action: the updates whose gradients have come, and then, unless `seq` is None,
+        every update of training steps up to `seq`, waiting for their gradients."""
         self.apply(wait=False)
-        if self.max_delay is not None:
-            self.apply(wait=True, keep=self.max_delay)
+        if seq is not None:
+            self.apply(wait=True, keep=sum(batch.seq > seq for batch in self.awaiting))
 
     def settle(self) -> None:
         """Apply every outstanding update (before a test, a checkpoint or the end)."""

@@ -21,7 +21,6 @@ its update.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import torch
 
@@ -30,25 +29,39 @@ from pipeline.feedback import keep_weights_at_forward
 from pipeline.message import Message
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.remote_gradient import RemoteGradients, send_gradient
+from pipeline.roles import Role, Step
+from pipeline.schedule import Action
 from pipeline.stage_io import StageIO
 
 
-class SplitLayer:
+class SplitLayer(Role):
     """The layer half of a split block, on the stage before its heads' (or after, pipeline/upstream_heads.py)."""
 
+    name = "layer"
+    receives = True  # dL/dh
+
     def __init__(self, rank: int, block: LocalBlock, io: StageIO, watch: NonFiniteWatch, max_delay: int):
+        super().__init__([block])
         self.block, self.max_delay = block, max_delay
         self.parameters = list(block.parameters())  # their values at forward time are kept under a delay
-        self.gradients = RemoteGradients(rank, io, watch, self._learn, max_delay=max_delay,
+        self.gradients = RemoteGradients(rank, io, watch, self._learn,
                                          what=lambda index: f"dL/dh of block {block.index}, batch {index}, from stage {block.partner}")
 
-    def forward(self, msg: Message, x: torch.Tensor, release: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(detached output, detached h) of batch msg; its graph is kept until dL/dh arrives (then `release`)."""
-        self.gradients.before_forward()
+    @property
+    def tested(self) -> list:
+        return []  # its classifier is in its heads, scored on their stage
+
+    def apply(self, step: Step, action: Action) -> None:
+        """dL/dh of the batches before: what has come, and the one of step t - lag, waited for."""
+        self.gradients.apply_through(None if action.lag is None else step.seq - action.lag)
+
+    def forward(self, step: Step, action: Action) -> None:
+        """step.x becomes the detached output, step.h_out the detached h; the graph is kept until dL/dh arrives
+        (then the step's `release`)."""
         with keep_weights_at_forward(self.parameters) if self.max_delay else contextlib.nullcontext():
-            h, out = self.block.forward_train(x)
-        self.gradients.expect(msg.epoch, msg.index, h, release)
-        return out.detach(), h.detach()
+            h, out = self.block.forward_train(step.x)
+        self.gradients.expect(step.msg.epoch, step.msg.index, h, step.release, step.seq)
+        step.x, step.h_out = out.detach(), h.detach()
 
     def _learn(self, h: torch.Tensor, gradient: Message) -> None:
         grad, bad = gradient.tensors
@@ -57,31 +70,51 @@ class SplitLayer:
         self.block.step(bad.reshape(()))  # the heads' stage reported the flag; the layer only follows it
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval mode: (output, h); the block's classifier runs on the heads' stage."""
+    def evaluate(self, step: Step) -> None:
+        """Eval mode: step.x becomes the output, step.h_out h; the block's classifier runs on the heads' stage."""
         self.block.eval()
-        h = self.block.activation(x)
-        return self.block.emit(h), h
+        h = self.block.activation(step.x)
+        step.x, step.h_out = self.block.emit(h), h
+
+    def settle(self) -> None:
+        self.gradients.settle()
+
+    def await_stream_end(self) -> None:
+        self.gradients.await_stream_end()
+
+    def report(self) -> dict:
+        return self.gradients.report("heads")
 
 
-class RemoteHeads:
+class RemoteHeads(Role):
     """The heads half of a split block, on the stage after its layer's."""
 
-    def __init__(self, block: LocalBlock, io: StageIO):
-        self.block, self.io = block, io
+    name = "heads"
 
-    def learn(self, msg: Message, h: torch.Tensor, y: torch.Tensor) -> None:
-        """The heads' loss on the received h, their step, and dL/dh (with the loss's non-finite flag) sent back."""
+    def __init__(self, block: LocalBlock, io: StageIO):
+        super().__init__([block])
+        self.block, self.io = block, io
+        self._unsent: list[tuple[Message, list, dict]] = []  # dL/dh and the loss's non-finite flag, per batch learned
+
+
+    def learn(self, step: Step, action: Action | None = None) -> None:
+        """The heads' loss on the received h and their step; dL/dh (with the flag) waits for `send_back`."""
         self.block.train()  # the heads' modules in training mode, as forward_train puts the whole block in one process
-        leaf = h.detach().requires_grad_(True)  # a new tensor: the flag never sticks to a reused receive buffer
+        leaf = step.h_in.detach().requires_grad_(True)  # a new tensor: the flag never sticks to a reused receive buffer
         # heads that would draw from the block's generator are refused at start (factories.splittable): the layer's
         # stage advances that generator, so these draws could not be the sequential trainer's
-        bad = self.block.learn(leaf, y)  # steps the heads' parameters only: the layer's have no gradient here
+        bad = self.block.learn(leaf, step.y)  # steps the heads' parameters only: the layer's have no gradient here
         # no gradient (a loss that does not depend on h): the layer gets none either, as in one process
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        send_gradient(self.io, msg, [grad, bad.reshape(1)], {"gradient": leaf.grad is not None})
+        self._unsent.append((step.msg, [grad, bad.reshape(1)], {"gradient": leaf.grad is not None}))
 
-    def hits(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    def send_back(self, step: Step | None = None, action: Action | None = None) -> None:
+        """dL/dh of every batch learned from since the last send, to the layer's stage."""
+        for msg, tensors, meta in self._unsent:
+            send_gradient(self.io, msg, tensors, meta)
+        self._unsent.clear()
+
+    def evaluate(self, step: Step) -> None:
         """The block's classifier's correct count on a test batch's h (None without a classifier)."""
         self.block.eval()
-        return self.block.hits(h, y)
+        step.hits.append(self.block.hits(step.h_in, step.y))

@@ -117,22 +117,12 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     agree_network(cfg, rank)
     _, token = agree_resume(cfg)  # verified and restored below, once the blocks are built
     placement, profile = agree_partition(cfg, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
-    spec = DATASETS[cfg.data.shape_source]
-    blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=placement.ranges[rank], device=device)
+    blocks = stage_blocks(cfg, rank, placement, device)
     agree_initial_weights(cfg, rank, world, blocks, placement)
-    for block in blocks:
-        block.part, block.partner = placement.part(rank, block.index), placement.partner(rank, block.index)
-    start = None
-    if cfg.run.resume:
-        folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg)
-        restore_stage(blocks, load_stage_checkpoint(folder, rank))
-        start = manifest["position"]
-    source = BatchSource(cfg.data, cfg.run.seed, device) if rank == 0 else None
     links = open_links(cfg.pipeline.transport, rank, world, device, gradients=gradient_links(cfg, placement),
                        dist_backend=backend or "gloo", zmq_host=cfg.pipeline.zmq_host,
                        zmq_curve_keys=cfg.pipeline.zmq_curve_keys, local_queues=local_queues, timeout=timeout)
-    stage = Stage(cfg, rank, world, blocks, links=links, source=source, device=device, host=socket.gethostname(),
-                  start=start, stop=stop.event, token=token)
+    stage = make_stage(cfg, rank, world, placement, blocks, links, device, stop.event, token)
     if profile:
         stage.notes["partition_profile"] = profile
     stage.notes.update(dist_backend=backend, deterministic=torch.are_deterministic_algorithms_enabled())
@@ -144,6 +134,28 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     links.close()
     dist.destroy_process_group()
     return EXIT_STOPPED if stage.stopped_at else 0
+
+
+def stage_blocks(cfg: Config, rank: int, placement: Placement, device: torch.device) -> list:
+    """The blocks stage `rank` trains, built from the run's seed (a split block: both halves, each stepping its own)."""
+    spec = DATASETS[cfg.data.shape_source]
+    blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=placement.ranges[rank], device=device)
+    for block in blocks:
+        block.part, block.partner = placement.part(rank, block.index), placement.partner(rank, block.index)
+    return blocks
+
+
+def make_stage(cfg: Config, rank: int, world: int, placement: Placement, blocks: list, links, device: torch.device,
+               stop: threading.Event | None, token: str) -> Stage:
+    """Stage `rank` on its blocks and links, restored from the run's checkpoint when it resumes."""
+    start = None
+    if cfg.run.resume:
+        folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg)
+        restore_stage(blocks, load_stage_checkpoint(folder, rank))
+        start = manifest["position"]
+    source = BatchSource(cfg.data, cfg.run.seed, device) if rank == 0 else None
+    return Stage(cfg, rank, world, blocks, placement, links=links, source=source, device=device,
+                 host=socket.gethostname(), start=start, stop=stop, token=token)
 
 
 def attempt_store(store: dist.Store | None, rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
@@ -220,14 +232,28 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
                     path: str = "host") -> tuple[Placement, dict | None]:
     """Where every block's layer and heads run, the same on every rank. For "auto", stage 0 profiles the blocks'
     layers and heads and broadcasts its choice (timings differ between processes; the placement must not)."""
+    if cfg.pipeline.partition != "auto":
+        return choose_placement(cfg, world, device, path)
+    placement, profile = Placement((1,) * world), None  # the other ranks receive rank 0's choice
+    if rank == 0:
+        placement, profile = choose_placement(cfg, world, device, path)
+    # half-blocks per stage, negative where the stage ends with a block's heads (heads first)
+    halves = torch.tensor([int(2 * s) * (-1 if k in placement.heads_first else 1) for k, s in enumerate(placement.sizes)])
+    dist.broadcast(halves, src=0)
+    chosen = halves.tolist()
+    return Placement(as_sizes([abs(h) for h in chosen]), frozenset(k for k, h in enumerate(chosen) if h < 0)), profile
+
+
+def choose_placement(cfg: Config, world: int, device: torch.device, path: str = "host") -> tuple[Placement, dict | None]:
+    """The run's placement as one process decides it: --partition as given, or for "auto" the checkpoint's (a
+    resumed run) or the one that profiling the blocks' layers and heads here makes fastest, with the profile."""
     blocks = count_blocks(cfg)
     if cfg.pipeline.partition != "auto":
         return resolve_placement(blocks, world, cfg.pipeline.partition), None
-    placement, profile = Placement((1,) * world), None  # the other ranks receive rank 0's choice
-    resumed = _checkpoint_placement(cfg, world, blocks) if rank == 0 and cfg.run.resume else None
+    resumed = _checkpoint_placement(cfg, world, blocks) if cfg.run.resume else None
     if resumed is not None:  # the placement the checkpoint was written with, not a new profile's
         placement, profile = resumed, {"resumed_placement": list(resumed.entries)}
-    elif rank == 0:
+    else:
         costs = block_costs(cfg, device, path=path)
         splittable = [cfg.loss.local and splittable_block(cfg, i) is None for i in range(blocks)]
         placement, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, world,
@@ -240,11 +266,7 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
                    "splittable": splittable, "chosen": list(placement.entries), "chosen_stage_ms": ms(times),
                    "whole_blocks": list(whole), "whole_blocks_stage_ms": ms(stage_times(costs.compute, costs.send, whole)),
                    "even_stage_ms": ms(stage_times(costs.compute, costs.send, even))}
-    # half-blocks per stage, negative where the stage ends with a block's heads (heads first)
-    halves = torch.tensor([int(2 * s) * (-1 if k in placement.heads_first else 1) for k, s in enumerate(placement.sizes)])
-    dist.broadcast(halves, src=0)
-    chosen = halves.tolist()
-    return Placement(as_sizes([abs(h) for h in chosen]), frozenset(k for k, h in enumerate(chosen) if h < 0)), profile
+    return placement, profile
 
 
 def _checkpoint_placement(cfg: Config, world: int, blocks: int) -> Placement | None:

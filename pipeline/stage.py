@@ -8,6 +8,7 @@ The compute thread never waits for anything but its next input (under backpressu
 remote gradient, the gradient its next forward needs; with a block's heads first on this stage, h of the batch
 before, and the heads' weights for a test on the layer's stage). The output is handed to the send thread as soon as the
 blocks' forward passes are done; the blocks learn while it travels. Around this loop:
+- pipeline/schedule.py: the stage's actions for each batch, as data; its roles (pipeline/roles.py) take them;
 - pipeline/stage_io.py: the helper threads and queues;
 - pipeline/remote_gradient.py: batches awaiting a gradient from another stage, for
   pipeline/dfa_stage.py (DFA's output errors), pipeline/remote_heads.py (a block's heads on the next stage) and
@@ -27,13 +28,13 @@ import torch
 from tqdm import tqdm
 
 from pipeline.alignment import AlignmentLog
-from pipeline.blocks import Block, evaluate_blocks, learning_rate, train_blocks
+from pipeline.blocks import Block, learning_rate
 from pipeline.checkpoint import fingerprint, flatten_state, save_weights, stage_state, unflatten_state
 from pipeline.checkpoint_writer import CheckpointWriter, host_copy
-from pipeline.config import Config
+from pipeline.config import Config, PipelineConfig
 from pipeline.cuda_streams import NoStreams, stage_streams
 from pipeline.data import BatchSource
-from pipeline.dfa_stage import ErrorFeedback
+from pipeline.dfa_stage import DfaBlocks, DfaOutput
 from pipeline.faults import InjectedFault
 from pipeline.message import Kind, Message
 from pipeline.memory import MemoryMeter
@@ -41,9 +42,12 @@ from pipeline.message_stream import data_messages
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record, test_record
 from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
+from pipeline.partition import Placement
 from pipeline.progress import LineProgress, progress_bar
 from pipeline.remote_heads import RemoteHeads, SplitLayer
 from pipeline.restarts import ProgressFile, mark_stopped
+from pipeline.roles import Role, Step, WholeBlocks, take_actions
+from pipeline.schedule import buffer_users, stage_roles, stage_schedule
 from pipeline.stage_io import StageIO, StallError, release_after
 from pipeline.stage_report import run_summary, stage_report, stage_size
 from pipeline.transport import Links
@@ -52,10 +56,26 @@ from pipeline.upstream_heads import HeadsFirst, LayerAfterHeads
 __all__ = ["Stage", "StallError", "data_messages", "release_after"]
 
 
+def make_roles(names: list[str], rank: int, blocks: list[Block], io: StageIO, watch: NonFiniteWatch,
+               pipe: PipelineConfig) -> dict[str, Role]:
+    """The role objects of a stage, in block order: `names` from stage_roles, each on its blocks."""
+    first, last = blocks[0], blocks[-1]
+    whole = [b for b in blocks if b.part == "whole"]
+    delay = pipe.heads_max_delay
+    made = {"heads": lambda: RemoteHeads(first, io),
+            "layer_after": lambda: LayerAfterHeads(rank, first, io, watch, delay),
+            "blocks": lambda: WholeBlocks(whole),
+            "layer": lambda: SplitLayer(rank, last, io, watch, delay),
+            "heads_first": lambda: HeadsFirst(rank, last, io, watch),
+            "dfa": lambda: DfaBlocks(rank, blocks, io, watch, pipe.dfa_max_delay),
+            "dfa_output": lambda: DfaOutput(blocks, io)}
+    return {name: made[name]() for name in names}
+
+
 class Stage:
     """The blocks of one stage and the loop that trains them on the stream from upstream."""
 
-    def __init__(self, cfg: Config, rank: int, world: int, blocks: list[Block], *, links: Links,
+    def __init__(self, cfg: Config, rank: int, world: int, blocks: list[Block], placement: Placement, *, links: Links,
                  source: BatchSource | None, device: torch.device, host: str, start: dict | None = None,
                  stop: threading.Event | None = None, streams: NoStreams | None = None, token: str = ""):
         """`token`: this run attempt's, the same on every stage (it tells its checkpoint entries from stale ones)."""
@@ -71,28 +91,18 @@ class Stage:
                           stall_timeout=cfg.pipeline.stall_timeout, streams=self.streams, stop=stop, memory=self.memory)
         # every block's update flags, read every few batches and before anything reads weights or statistics
         self.watch = NonFiniteWatch(device=device, where=f"stage {rank}, ").attach(blocks)
-        self.dfa = ErrorFeedback(rank, blocks, self.io, self.watch, is_last=self.is_last,
-                                 has_errors_out=bool(links.feedback_out),
-                                 max_delay=cfg.pipeline.dfa_max_delay) if cfg.loss.loss == "dfa" else None
-        # split heads (pipeline/remote_heads.py): the heads of the previous stage's last block may run first here,
-        # the layer of this stage's last block may have its heads on the next stage; heads first
-        # (pipeline/upstream_heads.py): this stage's last block may be the next stage's first block's heads, or
-        # its first block the layer of the previous stage's heads
-        first = blocks[0] if blocks and blocks[0].partner == rank - 1 else None  # its other half upstream
-        last = blocks[-1] if blocks and blocks[-1].partner == rank + 1 else None  # its other half downstream
-        delay = cfg.pipeline.heads_max_delay
-        self.heads = RemoteHeads(first, self.io) if first and first.part == "heads" else None
-        self.late_layer = LayerAfterHeads(rank, first, self.io, self.watch, delay) if first and first.part == "layer" else None
-        self.split = SplitLayer(rank, last, self.io, self.watch, delay) if last and last.part == "layer" else None
-        self.heads_first = HeadsFirst(rank, last, self.io, self.watch) if last and last.part == "heads" else None
-        self.front = [b for b in blocks if b.part == "whole"]  # the blocks trained here, whole
+        # the roles of this stage's blocks and their actions for each batch, as data (pipeline/schedule.py)
+        pipe = cfg.pipeline
+        dfa = cfg.loss.loss == "dfa"
+        self.schedule = stage_schedule(placement, rank, dfa=dfa, lean=pipe.stage_order == "lean",
+                                       heads_delay=pipe.heads_max_delay, dfa_delay=pipe.dfa_max_delay)
+        self.roles = make_roles(stage_roles(placement, rank, dfa), rank, blocks, self.io, self.watch, pipe)
+        self.users = buffer_users(self.schedule)  # of a training batch's receive buffers
         self.scored = [b for b in blocks if b.part != "layer"]  # the blocks whose training statistics this stage reports
-        # and those whose classifier it scores on test batches (where their h is)
-        self.tested = [x.block for x in (self.heads, self.late_layer) if x is not None] + self.front
-        self.remote = (self.dfa.errors if self.dfa is not None else self.split.gradients if self.split
-                       else self.late_layer.gradients if self.late_layer else self.heads_first)
+        self.tested = [block for role in self.roles.values() for block in role.tested]  # and whose classifier it scores
         self.start = start  # resume position
         self.steps = start["step"] if start else 0  # training steps finished, counted as checkpoint positions are
+        self.seq = 0  # and those of this process (Step.seq)
         self.progress = ProgressFile(cfg, rank, self.steps)  # and kept where a restarted run reads how far this one got
         self.stopped_at: dict | None = None  # where a signal stopped the run early (END's position)
         self.checkpoint_s: list[float] = []  # each checkpoint's stall of this stage's compute thread
@@ -156,58 +166,34 @@ class Stage:
             self._bar.update()
 
     def _train_step(self, msg: Message) -> None:
-        if self.dfa is not None:
-            self.dfa.train(msg)
-            return
-        x, y, *activation = msg.tensors
-        if self.heads is not None:  # first: the previous stage awaits this dL/dh
-            self.heads.learn(msg, activation[0], y)
-        # the exact overlapped schedule ([Note: the exact overlapped schedule] in pipeline/remote_heads.py); with the
-        # heads first, [Note: the heads-first schedule] in pipeline/upstream_heads.py
-        uses = 1 + (self.links.outbox is not None) + (self.split is not None) + (self.late_layer is not None)
-        release = release_after(uses, msg.release)  # compute, send, the updates that await a remote gradient
-        if self.late_layer is not None:  # its heads, on the previous stage, await h
-            x, _ = self.late_layer.forward(msg, x, release)
+        """Run this stage's schedule on the batch, action by action."""
+        x, y, *h = msg.tensors
+        step = Step(msg, x, y, h[0] if h else None, release=release_after(self.users, msg.release), seq=self.seq)
+        take_actions(self.schedule, self.roles, step, self._send)
+        self.seq += 1
+        step.release()
 
-        def hand_off(out: torch.Tensor) -> None:  # after the front blocks' forwards, before they learn
-            tensors = [out, y]
-            if self.split is not None:
-                out, h = self.split.forward(msg, out, release)
-                tensors = [out, y, h]
-            self.io.put(Message(Kind.TRAIN, msg.epoch, msg.index, tensors, msg.meta, release=release))
-
-        train_blocks(self.front, x, y, hand_off if self.links.outbox is not None else None,
-                     lean=self.cfg.pipeline.stage_order == "lean")
-        if self.heads_first is not None:  # the batch went on: learn from the h of the one before
-            self.heads_first.expect(msg)
-            self.heads_first.learn()
-        release()
+    def _send(self, step: Step) -> None:
+        """The batch on to the next stage, after the forwards (whole blocks may learn while it travels)."""
+        tensors = [step.x, step.y] + ([step.h_out] if step.h_out is not None else [])
+        msg = step.msg
+        self.io.put(Message(Kind.TRAIN, msg.epoch, msg.index, tensors, msg.meta, release=step.release))
 
     def _settle(self) -> None:
         """Every update of the batches before this point is in (remote gradients applied) and was finite."""
-        if self.remote is not None:
-            self.remote.settle()
+        for role in self.roles.values():
+            role.settle()
         self.watch.check()
 
     def _eval(self, msg: Message) -> None:
         self._settle()  # the epoch's updates are all in before its test
-        x, y, *activation = msg.tensors
-        if self.heads_first is not None:  # the next stage scores their classifier
-            self.heads_first.share_weights()
-        layer = self.late_layer
-        if layer is not None:  # it scores the block's classifier, with the heads' weights as of this test
-            layer.take_heads_weights()
+        x, y, *h = msg.tensors
         self.timer.start()
-        hits = [self.heads.hits(activation[0], y)] if self.heads is not None else []
-        if layer is not None:
-            x, h = layer.evaluate(x)
-            hits.append(layer.block.hits(h, y))
-        out, front_hits = evaluate_blocks(self.front, x, y)
-        hits += front_hits
-        tensors = [out, y]
-        if self.split is not None:
-            out, h = self.split.evaluate(out)
-            tensors = [out, y, h]
+        step = Step(msg, x, y, h[0] if h else None)
+        for role in self.roles.values():
+            role.evaluate(step)
+        hits = step.hits
+        tensors = [step.x, y] + ([step.h_out] if step.h_out is not None else [])
         self._eval_hits = [h if t is None else t + h for t, h in zip(self._eval_hits, hits)]
         self._eval_examples += len(y)
         meta = dict(msg.meta)
@@ -317,7 +303,9 @@ class Stage:
             summary = self._loop()
             self.io.finish_sending()
             if self.links.feedback_in:
-                self.remote.await_stream_end()
+                for role in self.roles.values():
+                    if role.receives:
+                        role.await_stream_end()
         # the last checkpoint durable (and complete) before the stage leaves; not before END went on: a peer that
         # stops on a signal waits only seconds for END (StageIO.patience)
         self.checkpoints.wait()

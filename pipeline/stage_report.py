@@ -28,7 +28,6 @@ def stage_report(stage: Stage) -> dict[str, Any]:
     """Where a stage's wall time went, how full its input queue was, and what it ran."""
     wall = time.perf_counter() - stage.started
     io, compute = stage.io, stage.timer.total()
-    layer = stage.split or stage.late_layer  # the layer of a split block, awaiting its dL/dh
     inbox = stage.links.inbox
     return {
         "stage": stage.rank,
@@ -53,8 +52,8 @@ def stage_report(stage: Stage) -> dict[str, Any]:
         "rejected_messages": getattr(inbox, "rejected", None),
         "size": stage_size(stage.blocks, stage.rank),
         "parts": {str(b.index): b.part for b in stage.blocks if b.part != "whole"},
-        **(stage.dfa.report() if stage.dfa is not None else {"dfa_delay_mean": None, "dfa_delay_max": None}),
-        **(layer.gradients.report("heads") if layer else {"heads_delay_mean": None, "heads_delay_max": None}),
+        "dfa_delay_mean": None, "dfa_delay_max": None, "heads_delay_mean": None, "heads_delay_max": None,
+        **{key: value for role in stage.roles.values() for key, value in role.report().items()},  # the delays seen
         "error_wait_s": io.error_wait_s,
         "checkpoint_s": [round(s, 4) for s in stage.checkpoint_s],  # each checkpoint's stall of the compute thread
         "checkpoint_write_s": [round(s, 4) for s in stage.checkpoints.write_s],  # and its write, on the writer thread

@@ -24,50 +24,57 @@ the batches before it are in, stage k sends the heads' weights to stage k+1, whi
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
-
-
 from pipeline.blocks import LocalBlock
 from pipeline.checkpoint import flatten_state, unflatten_state
 from pipeline.message import Kind, Message
 from pipeline.nonfinite import NonFiniteWatch
 from pipeline.remote_gradient import RemoteGradients, send_gradient
 from pipeline.remote_heads import RemoteHeads, SplitLayer
+from pipeline.roles import Role, Step
+from pipeline.schedule import Action
 from pipeline.stage_io import StageIO
 
 
-class HeadsFirst:
+class HeadsFirst(Role):
     """The heads of the first block of the next stage, on this stage: h of batch t arrives while this stage
     trains its own blocks on t+1, then the heads learn from it and send dL/dh on."""
 
+    name = "heads_first"
+    receives = True  # h
+
     def __init__(self, rank: int, block: LocalBlock, io: StageIO, watch: NonFiniteWatch):
+        super().__init__([block])
         self.block, self.io = block, io
         self.heads = RemoteHeads(block, io)
-        self.incoming = RemoteGradients(rank, io, watch, self._learn, max_delay=None,
+        self.incoming = RemoteGradients(rank, io, watch, self._learn,
                                         what=lambda index: f"h of block {block.index}, batch {index}, from stage {rank + 1}")
         self.shared_at = -1  # how many batches the heads had learned from when their weights were last sent
 
-    def expect(self, msg: Message) -> None:
-        """Batch msg went on to the layer's stage: its h will come back."""
-        self.incoming.expect(msg.epoch, msg.index, None, lambda: None)
+    @property
+    def tested(self) -> list:
+        return []  # scored on the layer's stage, where h is
 
-    def learn(self) -> None:
-        """After this stage handed batch t+1 on: learn from h of batch t (waiting for it), and earlier ones."""
-        self.incoming.apply(wait=True, keep=1)
+    def apply(self, step: Step, action: Action) -> None:
+        """Batch t went on to the layer's stage, so its h will come back; learn from h of the batches up to
+        t - lag (waiting for it), and of any later ones that came."""
+        self.incoming.expect(step.msg.epoch, step.msg.index, None, lambda: None, step.seq)
+        self.incoming.apply_through(None if action.lag is None else step.seq - action.lag)
 
     def _learn(self, _graph, item: Message) -> None:
         h, y = item.tensors
-        self.heads.learn(item, h, y)
+        self.heads.learn(Step(item, h, y, h_in=h))
+
+    def send_back(self, step: Step, action: Action) -> None:
+        self.heads.send_back()
 
     def settle(self) -> None:
         self.incoming.settle()
+        self.heads.send_back()
 
     def await_stream_end(self) -> None:
         self.incoming.await_stream_end()
 
-    def share_weights(self) -> None:
+    def evaluate(self, step: Step) -> None:
         """Before a test: the heads' weights to the layer's stage, which scores the block's classifier. One frame
         and a manifest, as for ALIGN (a user's heads may hold more tensors than a message carries frames)."""
         if self.incoming.updates == self.shared_at:
@@ -80,21 +87,38 @@ class HeadsFirst:
 class LayerAfterHeads(SplitLayer):
     """The layer half of a heads-first block, on the stage after its heads': h goes back, dL/dh comes on."""
 
+    name = "layer_after"
+
     def __init__(self, rank: int, block: LocalBlock, io: StageIO, watch: NonFiniteWatch, max_delay: int):
         super().__init__(rank, block, io, watch, max_delay)
         self.io = io
         self.received_at = -1  # how many updates were in when the heads' weights last came
+        self._h = None  # the batch's detached h, between its forward and its send back
 
-    def forward(self, msg: Message, x: torch.Tensor, release: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """As SplitLayer.forward; h goes back to the heads' stage with the batch's labels (a copy: their receive
-        buffer is not held for the send)."""
-        out, h = super().forward(msg, x, release)
-        send_gradient(self.io, msg, [h, msg.tensors[1].clone()])
-        return out, h
+    @property
+    def tested(self) -> list:
+        return [self.block]  # h is here: the heads' weights come for each test
 
-    def take_heads_weights(self) -> None:
-        """Before a test: load the heads' weights their stage sent after the last dL/dh (whenever the updates
-        changed since they last came)."""
+    def forward(self, step: Step, action: Action) -> None:
+        """As SplitLayer.forward; step.x goes on through this stage's blocks (h stays here)."""
+        super().forward(step, action)
+        self._h, step.h_out = step.h_out, None
+
+    def send_back(self, step: Step, action: Action) -> None:
+        """h to the heads' stage with the batch's labels (a copy: their receive buffer is not held for the send)."""
+        send_gradient(self.io, step.msg, [self._h, step.y.clone()])
+        self._h = None
+
+    def evaluate(self, step: Step) -> None:
+        """It scores the block's classifier, with the heads' weights as of this test."""
+        self._take_heads_weights()
+        super().evaluate(step)
+        step.hits.append(self.block.hits(step.h_out, step.y))
+        step.h_out = None
+
+    def _take_heads_weights(self) -> None:
+        """Load the heads' weights their stage sent after the last dL/dh (whenever the updates changed since they
+        last came)."""
         updates = self.gradients.updates
         if updates == self.received_at:
             return

@@ -1,6 +1,10 @@
 """Helpers shared by the tests: small, fast configs on synthetic data."""
 
+import dataclasses
+
 from pipeline.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig
+from pipeline.in_process import run_in_process
+from pipeline.training import train
 
 
 def small_config(model="mlp", loss="predsim", like="mnist", stages=1, **overrides) -> Config:
@@ -19,6 +23,14 @@ def small_config(model="mlp", loss="predsim", like="mnist", stages=1, **override
     return Config(model=ModelConfig(**sections["model"]), loss=LossConfig(**sections["loss"]),
                   optim=OptimConfig(**sections["optim"]), data=DataConfig(**sections["data"]),
                   pipeline=PipelineConfig(**sections["pipeline"]), run=RunConfig(**sections["run"]))
+
+
+def run_pipeline(cfg: Config, transport: str = "threads") -> dict:
+    """Train cfg's pipeline with its stages as threads of this process ("threads": pipeline/in_process.py, the fast
+    tier), or as stage processes over `transport` (pipeline.train); returns the run's summary."""
+    if transport == "threads":
+        return run_in_process(cfg)
+    return train(dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, transport=transport)))
 
 
 def run_ranks(target, world: int, timeout: float = 60.0, args: tuple = ()) -> list:

@@ -14,6 +14,7 @@ from helpers import ProcessGroup, run_group, small_config
 from pipeline.checkpoint import MANIFEST, _sha256, load_stage_checkpoint, load_weights, verify_checkpoint
 from pipeline.cli import main
 from pipeline.config import ConfigError
+from pipeline.in_process import run_in_process
 from pipeline.interrupt import STOP_ENV
 from pipeline.restarts import EXIT_STOPPED, PROGRESS
 from pipeline.sequential import SequentialTrainer
@@ -59,15 +60,13 @@ def _strip(lines):
     return [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "train_samples_per_s")} for l in lines]
 
 
+# the command line, in stage processes: once per transport (and torchrun), and the sequential trainer; the
+# placements and rules run as threads below
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stages,transport,torchrun,every,dfa,extra", [
-    (1, None, False, "20", False, []), (2, "dist", False, "20", False, []), (3, "zmq", False, "20", False, []),
-    (2, "local", False, "20", False, []), (3, "zmq", True, "20", False, []), (2, "local", False, "1e", False, []),
-    (1, None, False, "1e", True, []), (2, "local", False, "20", True, []),
-    (2, "dist", False, "20", False, ["--partition", "1.5,1.5"]),  # block 1's layer on stage 0, its heads on 1
-    (2, "zmq", False, "20", False, ["--partition", "1.5h,1.5"])],  # block 1's heads on stage 0, its layer on 1
-    ids=["sequential", "dist", "zmq", "local", "zmq-torchrun", "local-epochs", "sequential-dfa", "local-dfa",
-         "dist-split-heads", "zmq-heads-first"])
+    (1, None, False, "20", False, []), (2, "dist", False, "20", False, ["--partition", "1.5,1.5"]),
+    (3, "zmq", True, "20", False, []), (2, "local", False, "1e", False, []), (1, None, False, "1e", True, [])],
+    ids=["sequential", "dist-split-heads", "zmq-torchrun", "local-epochs", "sequential-dfa"])
 def test_a_run_stopped_at_a_batch_resumes_there_and_ends_bit_identical(uninterrupted, uninterrupted_dfa, tmp_path,
                                                                         stages, transport, torchrun, every, dfa, extra):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
@@ -97,6 +96,37 @@ def test_a_run_stopped_at_a_batch_resumes_there_and_ends_bit_identical(uninterru
     resumed = run_group(args + ["--resume"], timeout=180, env={STOP_ENV: BEFORE_STOP})
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["stopped_at"] is None, "the resumed run trained batch 149 again"
+    weights, metrics = uninterrupted_dfa if dfa else uninterrupted
+    assert _same_weights(load_weights(str(out)), weights)
+    assert _strip((out / "metrics.jsonl").read_text().splitlines()) == _strip(metrics)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stages,partition,dfa", [
+    (2, None, False), (3, None, False), (2, None, True), (3, None, True),
+    (2, (1.5, 1.5), False),  # block 1's layer on stage 0, its heads on 1
+    (2, ("1.5h", 1.5), False),  # block 1's heads on stage 0, its layer on 1
+    (3, "auto", False)],  # the resumed run takes the placement from the checkpoint's manifest, not a new profile
+    ids=["2", "3", "2-dfa", "3-dfa", "split-heads", "heads-first", "3-auto"])
+def test_stages_as_threads_stopped_at_a_batch_resume_there_bit_identical(uninterrupted, uninterrupted_dfa, tmp_path,
+                                                                         monkeypatch, stages, partition, dfa):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    kw = dict(pipeline__stages=stages, pipeline__partition=partition, run__checkpoint_dir=str(ckpt),
+              run__checkpoint_every=20, run__out=str(out))
+    if dfa:
+        kw.update(loss="dfa", model__nonlin="tanh", model__batch_norm=False, data__augment=False,  # = _dfa(ARGS):
+                  optim__lr_decay_milestones=(4, 7), optim__lr_decay_fact=0.3, pipeline__dfa_sync=True)  # its defaults
+    monkeypatch.setenv(STOP_ENV, STOP)
+    stopped = run_in_process(_config(**kw))
+    assert stopped["stopped_at"] == {"epoch": 2, "batch": 150, "step": 350}
+    newest = json.loads((ckpt / "step-000000350" / MANIFEST).read_text())
+    sizes = [entry["size"] for entry in sorted(newest["files"], key=lambda e: e["stage"])]
+    assert sizes == stopped["partition"] and len(sizes) == stages
+    monkeypatch.setenv(STOP_ENV, BEFORE_STOP)  # the resumed run starts at batch 150: it never passes 149
+    resumed = run_in_process(_config(**kw, run__resume=True))
+    assert resumed["stopped_at"] is None and resumed["partition"] == sizes
+    if partition == "auto":  # stage 0 read the placement from the manifest's sizes
+        assert resumed["stage_stats"][0]["partition_profile"] == {"resumed_placement": sizes}
     weights, metrics = uninterrupted_dfa if dfa else uninterrupted
     assert _same_weights(load_weights(str(out)), weights)
     assert _strip((out / "metrics.jsonl").read_text().splitlines()) == _strip(metrics)

@@ -7,14 +7,17 @@ import pytest
 import torch
 
 from helpers import small_config
-from pipeline.dfa_stage import ErrorFeedback
+from pipeline.dfa_stage import DfaBlocks
 from pipeline.message import Kind, Message
 from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
+from pipeline.partition import Placement
+from pipeline.roles import Step, take_actions
+from pipeline.schedule import stage_schedule
 
 
 class _Link:
-    """The stage's I/O as ErrorFeedback sees it: forwarded batches are sent at once; the test decides when each
+    """The stage's I/O as its DFA blocks see it: forwarded batches are sent at once; the test decides when each
     batch's error arrives, and a blocking wait delivers the oldest error still due (as the last stage would)."""
 
     def __init__(self):
@@ -51,13 +54,15 @@ def _stage(max_delay):
     cfg = small_config(loss="dfa", model__nonlin="tanh", model__num_layers=2, model__num_hidden=16)
     blocks = build_blocks(cfg, (1, 28, 28), 10, indices=[0, 1])
     link = _Link()
-    feedback = ErrorFeedback(0, blocks, link, NonFiniteWatch().attach(blocks), is_last=False, has_errors_out=False,
-                             max_delay=max_delay)
+    feedback = DfaBlocks(0, blocks, link, NonFiniteWatch().attach(blocks), max_delay=max_delay)
+    feedback.link, feedback.schedule = link, stage_schedule(Placement((1, 1)), 0, dfa=True, dfa_delay=max_delay)
     return feedback, link
 
 
 def _train(feedback, index):
-    feedback.train(Message(Kind.TRAIN, 1, index, [torch.randn(8, 1, 28, 28), torch.arange(8) % 10]))
+    """Stage 0's schedule for one batch, as Stage takes it."""
+    msg = Message(Kind.TRAIN, 1, index, [torch.randn(8, 1, 28, 28), torch.arange(8) % 10])
+    take_actions(feedback.schedule, {"dfa": feedback}, Step(msg, *msg.tensors, seq=index), lambda step: feedback.link.put(msg))
 
 
 def test_the_delay_counts_the_batches_forwarded_before_each_update():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pipeline as lp
-from helpers import run_group, small_config
+from helpers import run_group, run_pipeline, small_config
 from pipeline.checkpoint import load_weights
 from pipeline.cli import main
 
@@ -60,19 +60,20 @@ def test_the_users_head_and_the_built_in_rules_report_their_layers(residual_refe
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("stages,transport", [(2, "dist"), (3, "dist"), (2, "zmq"), (3, "zmq")])
+@pytest.mark.parametrize("stages,transport", [(2, "threads"), (3, "threads"), (4, "threads"), (3, "dist")])
 def test_a_users_network_as_k_stages_equals_one_process(residual_reference, tmp_path, stages, transport):
-    summary = lp.train(_residual(pipeline__stages=stages, pipeline__transport=transport, run__out=str(tmp_path)))
+    summary = run_pipeline(_residual(pipeline__stages=stages, run__out=str(tmp_path)), transport)
     assert summary["stages"] == stages and summary["mode"] == "pipeline"
     _assert_same(_results(tmp_path), residual_reference)
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("sizes,transport", [((1.5, 2.5), "zmq"), ((0.5, 1.5, 2), "dist")])
+@pytest.mark.parametrize("sizes,transport", [((1.5, 2.5), "threads"), ((0.5, 1.5, 2), "threads"), (("0.5h", 3.5), "threads"),
+                                             ((1.5, 2.5), "zmq")])
 def test_a_users_network_with_split_heads_equals_one_process(residual_reference, tmp_path, sizes, transport):
     """Block 1 (PredSim, dropout in `after`) or block 0 (the user's own head) split from its layer."""
-    summary = lp.train(_residual(pipeline__stages=len(sizes), pipeline__transport=transport, pipeline__partition=sizes,
-                                 run__out=str(tmp_path)))
+    summary = run_pipeline(_residual(pipeline__stages=len(sizes), pipeline__partition=sizes, run__out=str(tmp_path)),
+                           transport)
     assert summary["partition"] == list(sizes)
     _assert_same(_results(tmp_path), residual_reference)
 
@@ -113,9 +114,9 @@ def _resnet(**kw):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("stages,transport", [(1, "dist"), (2, "dist"), (3, "zmq"), (4, "local")])
+@pytest.mark.parametrize("stages,transport", [(1, "dist"), (2, "threads"), (3, "threads"), (4, "threads"), (4, "local")])
 def test_resnet18_as_k_stages_equals_one_process(resnet_reference, tmp_path, stages, transport):
-    summary = lp.train(_resnet(pipeline__stages=stages, pipeline__transport=transport, run__out=str(tmp_path)))
+    summary = run_pipeline(_resnet(pipeline__stages=stages, run__out=str(tmp_path)), transport)
     assert len(summary["layer_test_errors"]) == 10
     _assert_same(_results(tmp_path), resnet_reference)
 
@@ -182,7 +183,9 @@ def test_a_users_network_trained_by_dfa_as_3_stages_equals_one_process(tmp_path)
         return lp.train(cfg)
 
     run(tmp_path / "sequential")
-    summary = run(tmp_path / "pipeline", pipeline__stages=3, pipeline__transport="zmq", pipeline__dfa_sync=True)
+    summary = run_pipeline(small_config(model="networks.plain:build", loss="dfa", data__synthetic_train_size=96,
+                                        data__batch_size=16, run__out=str(tmp_path / "pipeline"), pipeline__stages=3,
+                                        pipeline__dfa_sync=True))
     assert all(s["dfa_delay_max"] == 0 for s in summary["stage_stats"])  # each error applied in step
     reference = _results(tmp_path / "sequential")
     assert all(k.startswith("feedback") or not k.startswith("heads") for k in reference[2][1])  # no heads: DFA
@@ -298,8 +301,8 @@ def test_torchvision_resnet18_through_from_modules_as_1_2_and_3_stages_is_bit_id
     assert len(blocks) == 6  # stem, layer1..4, the output (avgpool, flatten, fc)
     assert sum(p.numel() for b in blocks for p in b.layer.parameters()) == 11_181_642  # torchvision's, 10 classes
     counts = [sum(p.numel() for p in b.parameters()) for b in blocks]  # heads included
-    for stages, transport in ((2, "dist"), (3, "zmq")):
-        summary = lp.train(_torchvision(tmp_path / f"{stages}", pipeline__stages=stages, pipeline__transport=transport))
+    for stages, transport in ((2, "dist"), (3, "threads")):
+        summary = run_pipeline(_torchvision(tmp_path / f"{stages}", pipeline__stages=stages), transport)
         _assert_same(_results(tmp_path / f"{stages}"), reference)
         for stats in summary["stage_stats"]:  # each stage process holds its own blocks' parameters, no others
             assert stats["memory"]["parameters"] == sum(counts[i] for i in stats["blocks"]) < sum(counts)

@@ -1,8 +1,10 @@
 """The documented examples are the tested ones: docs/your-own-network.md's code is tests/networks/residual.py verbatim,
-and the README stays a newcomer's page."""
+docs/schedule.md shows what the schedule printer prints, and the README stays a newcomer's page."""
 
 import os
 import re
+
+from pipeline.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -19,3 +21,12 @@ def test_the_readme_is_short_and_every_page_it_links_exists():
     for target in re.findall(r"\]\(([^)#]+)\)", readme):
         if not target.startswith("http"):
             assert os.path.exists(os.path.join(ROOT, target)), target
+
+
+def test_the_documented_schedules_are_what_the_printer_prints(capsys):
+    doc = open(os.path.join(ROOT, "docs", "schedule.md")).read()
+    shown = re.findall(r"```\n\$ python -m pipeline (schedule [^\n]*)\n(.*?)```", doc, re.S)
+    assert len(shown) == 3  # 1.5,2.5; 1.5h,2.5; DFA
+    for command, output in shown:
+        assert main(command.split()) == 0
+        assert capsys.readouterr().out == output, command

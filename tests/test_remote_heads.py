@@ -9,7 +9,10 @@ from helpers import small_config
 from pipeline.factories import build_blocks
 from pipeline.message import Kind, Message
 from pipeline.nonfinite import NonFiniteWatch
+from pipeline.partition import Placement
 from pipeline.remote_heads import RemoteHeads, SplitLayer
+from pipeline.roles import Step, take_actions
+from pipeline.schedule import stage_schedule
 
 
 class _Link:
@@ -38,27 +41,38 @@ def _blocks(model):
     return build_blocks(cfg, (1, 28, 28), 10, indices=[0])[0]
 
 
+def remote_hits(remote, step, y):
+    scored = Step(step.msg, step.x, y, h_in=step.h_out)
+    remote.evaluate(scored)
+    return scored.hits[0]
+
+
 def test_the_two_halves_of_a_block_learn_exactly_what_the_whole_block_learns():
     whole, layer, heads = (_blocks("networks.plain:normed_heads") for _ in range(3))
     (layer.part, layer.partner), (heads.part, heads.partner) = ("layer", 1), ("heads", 0)
     link = _Link()
     split = SplitLayer(0, layer, link, NonFiniteWatch().attach([layer]), max_delay=0)
     remote = RemoteHeads(heads, link)
+    placement = Placement.parse([0.5, 0.5])  # the layer alone on stage 0, the heads alone on stage 1
+    layer_steps, heads_steps = stage_schedule(placement, 0), stage_schedule(placement, 1)
     generator = torch.Generator().manual_seed(0)
     for index in range(4):
         x, y = torch.randn(16, 1, 28, 28, generator=generator), torch.randint(0, 10, (16,), generator=generator)
         h, _ = whole.forward_train(x)
         whole.learn(h, y)
         msg = Message(Kind.TRAIN, 1, index, [x, y])
-        _, sent_h = split.forward(msg, x, lambda: None)
-        remote.learn(msg, sent_h, y)
+        sent = []
+        take_actions(layer_steps, {"layer": split}, Step(msg, x, y, seq=index), sent.append)
+        take_actions(heads_steps, {"heads": remote}, Step(msg, sent[0].x, y, h_in=sent[0].h_out, seq=index), None)
         if index == 1:  # a test pass: the heads classify in eval mode, then must train in training mode again
-            split.gradients.settle()  # as a stage settles before a test
+            split.settle()  # as a stage settles before a test
             test = torch.randn(16, 1, 28, 28, generator=generator)
             with torch.no_grad():
                 _, expected = whole.evaluate(test, y)
-            assert remote.hits(split.evaluate(test)[1], y) == expected
-    split.gradients.settle()
+            step = Step(msg, test, y)
+            split.evaluate(step)
+            assert step.hits == [] and remote_hits(remote, step, y) == expected
+    split.settle()
     assert link.wanted == link.taken == 4  # each gradient awaited once, none left with a receive posted
     assert layer.owned_state().keys() | heads.owned_state().keys() == whole.state_dict().keys()
     for name, tensor in whole.state_dict().items():

@@ -6,6 +6,9 @@ is the same checked msgpack header as on the wire.
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import torch
 
 from pipeline.message import Message, decode_header, encode_header, to_wire
@@ -29,14 +32,21 @@ def _shareable(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty(tensor.shape, dtype=tensor.dtype).share_memory_().copy_(tensor)
 
 
+def _private(tensor: torch.Tensor) -> torch.Tensor:
+    """The queue's own copy of a tensor, for a receiver that is a thread of this process."""
+    return to_wire(tensor.detach()).clone()
+
+
 class QueueChannel(Channel):
-    """One end of a bounded torch.multiprocessing queue between two stage processes on this host."""
+    """One end of a bounded queue between two stages on this host: a torch.multiprocessing queue between stage
+    processes, or (ThreadQueues) a thread queue between stages that are threads of one process."""
 
     def __init__(self, queue, device: torch.device):
         self.queue, self.device = queue, device
+        self.copy = _private if isinstance(queue, ThreadQueue) else _shareable
 
     def send(self, msg: Message) -> None:
-        self.queue.put((encode_header(msg), [_shareable(t) for t in msg.tensors]))
+        self.queue.put((encode_header(msg), [self.copy(t) for t in msg.tensors]))
 
     def recv(self) -> Message:
         try:
@@ -49,6 +59,48 @@ class QueueChannel(Channel):
 
     def close(self) -> None:
         self.queue.close()
+
+
+class ThreadQueue(queue.Queue):
+    """A bounded queue between stages that are threads of one process (pipeline/in_process.py): waits give up with
+    PeerGone once `abort` is set (a stage failed), so no stage waits for ever on one that is gone."""
+
+    def __init__(self, maxsize: int = 0, abort: threading.Event | None = None):
+        super().__init__(maxsize)
+        self.abort = abort or threading.Event()
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        if not block or timeout is not None:
+            return super().put(item, block, timeout)
+        while True:
+            try:
+                return super().put(item, timeout=0.1)
+            except queue.Full:
+                if self.abort.is_set():
+                    raise PeerGone("a stage of this process failed") from None
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        if not block or timeout is not None:
+            return super().get(block, timeout)
+        while True:
+            try:
+                return super().get(timeout=0.1)
+            except queue.Empty:
+                if self.abort.is_set():
+                    raise PeerGone("a stage of this process failed") from None
+
+    def close(self) -> None:
+        pass
+
+
+class ThreadQueues:
+    """What make_queues asks of a multiprocessing context, for stages that are threads of one process."""
+
+    def __init__(self, abort: threading.Event):
+        self.abort = abort
+
+    def Queue(self, maxsize: int = 0) -> ThreadQueue:  # noqa: N802 (multiprocessing's name)
+        return ThreadQueue(maxsize, self.abort)
 
 
 def make_queues(context, world: int, depth: int, gradients: list[tuple[int, int]]) -> dict:

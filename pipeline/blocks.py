@@ -381,26 +381,13 @@ class OutputBlock(Block):
         return logits, (logits.argmax(1) == y).sum()
 
 
-def train_blocks(blocks: list[Block], x: torch.Tensor, y: torch.Tensor, hand_off=None, lean: bool = False) -> torch.Tensor:
-    """One local-learning step of consecutive blocks on a batch; returns the last block's detached output.
-
-    Each block sees the detached output of the one before, so its update depends only on blocks above it.
-    Lean, or without `hand_off`, each block learns right after its forward (one block's graph held at a time),
-    and `hand_off(output)` (a stage sends the batch downstream there) comes last. Otherwise all blocks run forward
-    first, `hand_off(output)` is called, then they learn: the same numbers, but the next stage can start sooner,
-    while every block's graph is held until it learns.
-    """
-    pending = []
+def train_blocks(blocks: list[Block], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One local-learning step of consecutive blocks on a batch, each learning right after its forward (one
+    block's graph held at a time); returns the last block's detached output. Each block sees the detached output
+    of the one before, so its update depends only on blocks above it."""
     for block in blocks:
         h, x = block.forward_local(x)
-        if hand_off is None or lean:
-            block.learn(h, y)
-        else:
-            pending.append((block, h))
-    if hand_off is not None:
-        hand_off(x)
-        for block, h in pending:
-            block.learn(h, y)
+        block.learn(h, y)
     return x
 
 

@@ -29,12 +29,19 @@ def save_weights(out_dir: str, blocks: list[Block], stage: int) -> str:
 
 
 def load_weights(out_dir: str) -> dict[int, dict[str, torch.Tensor]]:
-    """All blocks' weights saved under out_dir, whatever the number of stages that wrote them (the halves of a
-    split block joined)."""
+    """All blocks' weights saved under out_dir (on the CPU), whatever the number of stages that wrote them (the
+    halves of a split block joined); a file that is damaged or not a weights file of this project is a ConfigError."""
     merged: dict[int, dict[str, torch.Tensor]] = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "weights-stage*.pt"))):
-        for index, state in torch.load(path, weights_only=True).items():
-            merged.setdefault(index, {}).update(state)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises many kinds on a damaged file
+            raise ConfigError(f"cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'damaged'})") from None
+        if not (isinstance(state, dict) and all(isinstance(k, int) and isinstance(v, dict) for k, v in state.items())
+                and all(isinstance(t, torch.Tensor) for v in state.values() for t in v.values())):
+            raise ConfigError(f"{path} is not a weights file of this project (block index -> state dict)")
+        for index, block_state in state.items():  # a split block's halves come from two stages' files
+            merged.setdefault(index, {}).update(block_state)
     return dict(sorted(merged.items()))
 
 

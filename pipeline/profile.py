@@ -12,6 +12,7 @@ from pipeline.config import Config
 from pipeline.data import BatchSource
 from pipeline.feedback import output_error
 from pipeline.factories import build_blocks
+from pipeline.remote_heads import heads_step, layer_step
 
 
 def timed(step, device: torch.device) -> float:
@@ -95,19 +96,16 @@ def _block_step(block: Block, x: torch.Tensor, y: torch.Tensor, dfa: bool, class
     def forward() -> None:
         held.extend(block.forward_train(x))
 
-    def heads_step() -> None:
-        leaf = held[0].detach().requires_grad_(True)
-        block.learn(leaf, y)
-        held.append(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+    def heads_half() -> None:  # (dL/dh or None, the loss's flag)
+        held.extend(heads_step(block, held[0], y))
 
-    def layer_step() -> None:
-        torch.autograd.backward(held[0], held[2])
-        block.step()
+    def layer_half() -> None:
+        layer_step(block, held[0], held[2], held[3])
 
-    layer = timed(forward, device)
-    heads_s = timed(heads_step, device)
-    layer += timed(layer_step, device)
-    return layer, heads_s, held[1].detach(), held[0].detach()
+    layer_s = timed(forward, device)
+    heads_s = timed(heads_half, device)
+    layer_s += timed(layer_half, device)
+    return layer_s, heads_s, held[1].detach(), held[0].detach()
 
 
 def block_costs(cfg: Config, device: torch.device, batches: int = 6, warmup: int = 2, path: str = "host") -> BlockCosts:

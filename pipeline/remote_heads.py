@@ -34,6 +34,26 @@ from pipeline.schedule import Action
 from pipeline.stage_io import StageIO
 
 
+def heads_step(block: LocalBlock, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The heads' half of a split block's training step: their loss on h, their update, and (dL/dh or None where
+    the loss does not depend on h, the loss's non-finite flag). Written once: the heads' stage, and the profile
+    that times a block's two halves (pipeline/profile.py)."""
+    block.train()  # the heads' modules in training mode, as forward_train puts the whole block in one process
+    leaf = h.detach().requires_grad_(True)  # a new tensor: the flag never sticks to a reused receive buffer
+    # heads that would draw from the block's generator are refused at start (factories.splittable): the layer's
+    # stage advances that generator, so these draws could not be the sequential trainer's
+    bad = block.learn(leaf, y)  # steps the heads' parameters only: the layer's have no gradient here
+    return leaf.grad, bad
+
+
+def layer_step(block: LocalBlock, h: torch.Tensor, grad: torch.Tensor | None, bad: torch.Tensor) -> None:
+    """The layer's half: dL/dh back through the graph of h (none: no gradient), and the layer's update, skipped
+    where the heads reported a non-finite loss (the layer only follows their flag)."""
+    if grad is not None:
+        torch.autograd.backward(h, grad)
+    block.step(bad.reshape(()))
+
+
 class SplitLayer(Role):
     """The layer half of a split block, on the stage before its heads' (or after, pipeline/upstream_heads.py)."""
 
@@ -65,9 +85,7 @@ class SplitLayer(Role):
 
     def _learn(self, h: torch.Tensor, gradient: Message) -> None:
         grad, bad = gradient.tensors
-        if gradient.meta.get("gradient", True):
-            torch.autograd.backward(h, grad)
-        self.block.step(bad.reshape(()))  # the heads' stage reported the flag; the layer only follows it
+        layer_step(self.block, h, grad if gradient.meta.get("gradient", True) else None, bad)
 
     @torch.no_grad()
     def evaluate(self, step: Step) -> None:
@@ -99,14 +117,10 @@ class RemoteHeads(Role):
 
     def learn(self, step: Step, action: Action | None = None) -> None:
         """The heads' loss on the received h and their step; dL/dh (with the flag) waits for `send_back`."""
-        self.block.train()  # the heads' modules in training mode, as forward_train puts the whole block in one process
-        leaf = step.h_in.detach().requires_grad_(True)  # a new tensor: the flag never sticks to a reused receive buffer
-        # heads that would draw from the block's generator are refused at start (factories.splittable): the layer's
-        # stage advances that generator, so these draws could not be the sequential trainer's
-        bad = self.block.learn(leaf, step.y)  # steps the heads' parameters only: the layer's have no gradient here
+        grad, bad = heads_step(self.block, step.h_in, step.y)
         # no gradient (a loss that does not depend on h): the layer gets none either, as in one process
-        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        self._unsent.append((step.msg, [grad, bad.reshape(1)], {"gradient": leaf.grad is not None}))
+        self._unsent.append((step.msg, [torch.zeros_like(step.h_in) if grad is None else grad, bad.reshape(1)],
+                             {"gradient": grad is not None}))
 
     def send_back(self, step: Step | None = None, action: Action | None = None) -> None:
         """dL/dh of every batch learned from since the last send, to the layer's stage."""

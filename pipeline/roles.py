@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.blocks import Block, evaluate_blocks
+from pipeline.blocks import Block, evaluate_blocks, train_blocks
 from pipeline.message import Message
 from pipeline.schedule import Action
 
@@ -102,11 +102,7 @@ class WholeBlocks(Role):
 
     def train(self, step: Step, action: Action) -> None:
         """Forward and learn one block at a time: one block's graph held at a time."""
-        x = step.x
-        for block in self.blocks:
-            h, x = block.forward_local(x)
-            block.learn(h, step.y)
-        step.x = x
+        step.x = train_blocks(self.blocks, step.x, step.y)
 
 
 def take_actions(actions: list[Action], roles: dict[str, Role], step: Step, send: Callable[[Step], None]) -> None:

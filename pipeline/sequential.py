@@ -13,20 +13,23 @@ import torch
 from tqdm import tqdm
 
 from pipeline.alignment import AlignmentLog
-from pipeline.blocks import Block, evaluate_blocks, forward_for_feedback, learn_from_error, learning_rate, train_blocks
+from pipeline.blocks import Block, evaluate_blocks, learning_rate
 from pipeline.checkpoint import (fingerprint, finish_checkpoint, load_stage_checkpoint, restore_stage, save_stage_checkpoint,
                                  save_weights, stage_state, verify_checkpoint)
 from pipeline.config import Config, default_threads
 from pipeline.data import BatchSource
 from pipeline.determinism import use_deterministic
-from pipeline.feedback import output_error
+from pipeline.dfa_stage import DfaOutput
 from pipeline.faults import InjectedFault
 from pipeline.interrupt import StopRequest, injected_stop_at
 from pipeline.memory import MemoryMeter
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record, test_record
 from pipeline.factories import build_blocks
 from pipeline.nonfinite import NonFiniteWatch
+from pipeline.partition import Placement
 from pipeline.progress import progress_bar
+from pipeline.roles import Step, WholeBlocks, take_actions
+from pipeline.schedule import stage_schedule
 
 
 class SequentialTrainer:
@@ -52,25 +55,22 @@ class SequentialTrainer:
         self.started = time.perf_counter()  # when run() began
         self.test_s = 0.0  # seconds spent in test passes (tests.jsonl)
         self.fault = InjectedFault(0)  # none unless a fault test asks for one (pipeline/faults.py)
+        dfa = cfg.loss.loss == "dfa"
+        self.schedule = (stage_schedule(Placement((len(self.blocks),)), 0, dfa=dfa)
+                         if cfg.loss.local or dfa else [])  # K = 1: every block trained whole, in order
+        self.roles = {"dfa_output": DfaOutput(self.blocks, None)} if dfa else {"blocks": WholeBlocks(self.blocks)}
         self.alignment: AlignmentLog | None = None
         if cfg.run.log_alignment:
             heldout = [(b.x, b.y) for b in itertools.islice(self.source.eval_batches(), cfg.run.alignment_batches)]
             self.alignment = AlignmentLog(heldout, cfg.loss.loss, cfg.run.out)
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        rule = self.cfg.loss.loss
-        if self.cfg.loss.local:
-            train_blocks(self.blocks, x, y)
+        if self.schedule:  # local rules and DFA: one stage's schedule (pipeline/schedule.py), taken as a stage takes it
+            take_actions(self.schedule, self.roles, Step(None, x, y), send=None)
             return
         # backprop / fa: one loss at the output, its error sent back through every block (through the forward
-        # weights, or fixed random ones); dfa: the output error goes straight to every block instead.
+        # weights, or fixed random ones)
         *hidden, output = self.blocks
-        if rule == "dfa":
-            states, x = forward_for_feedback(hidden, x)
-            logits, _ = output.forward_train(x)
-            output.learn(logits, y)
-            learn_from_error(hidden, states, output_error(logits, y))
-            return
         for block in hidden:
             _, x = block.forward_train(x)
         logits, _ = output.forward_train(x)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.blocks import Block, LocalBlock, evaluate_blocks
+from pipeline.checkpoint import load_weights
 from pipeline.config import Config, ConfigError
 from pipeline.data import BatchSource
 from pipeline.metrics import layer_errors
@@ -91,21 +92,9 @@ def run_config(run_dir: str, device: str = "cpu", **data: object) -> Config:
 
 def read_weights(run_dir: str) -> dict[int, dict[str, torch.Tensor]]:
     """Every block's weights from the run's weights-stage*.pt files, each checked to be a block -> state dict."""
-    paths = sorted(glob.glob(os.path.join(run_dir, "weights-stage*.pt")))
-    if not paths:
+    if not glob.glob(os.path.join(run_dir, "weights-stage*.pt")):
         raise _fail(run_dir, "no weights-stage*.pt (was the run given --out, and did it finish?)")
-    merged: dict[int, dict[str, torch.Tensor]] = {}
-    for path in paths:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch.load raises many kinds on a damaged file
-            raise ConfigError(f"cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'damaged'})") from None
-        if not (isinstance(state, dict) and all(isinstance(k, int) and isinstance(v, dict) for k, v in state.items())
-                and all(isinstance(t, torch.Tensor) for v in state.values() for t in v.values())):
-            raise ConfigError(f"{path} is not a weights file of this project (block index -> state dict)")
-        for index, block_state in state.items():  # a split block's halves come from two stages' files
-            merged.setdefault(index, {}).update(block_state)
-    return merged
+    return load_weights(run_dir)
 
 
 def load(run_dir: str, device: str = "cpu") -> TrainedNetwork:

@@ -5,6 +5,8 @@ import torch
 
 from helpers import small_config
 from pipeline.blocks import learning_rate, train_blocks
+from pipeline.roles import Step, WholeBlocks
+from pipeline.schedule import Action
 from pipeline.epoch_stats import EpochStats
 from pipeline.config import OptimConfig
 from pipeline.factories import build_blocks
@@ -55,12 +57,15 @@ def test_a_block_learns_only_its_own_parameters_and_passes_on_detached_output():
 
 
 def test_forward_first_then_learn_gives_the_same_numbers_as_learn_as_you_go():
+    """The overlapping order (forward every block, send, then learn) and the lean one (train, block by block)."""
     eager, deferred = _blocks(), _blocks()
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    handed = []
     out_a = train_blocks(eager, x, y)
-    out_b = train_blocks(deferred, x, y, hand_off=handed.append)
-    assert torch.equal(out_a, out_b) and torch.equal(handed[0], out_b)
+    step, role = Step(None, x, y), WholeBlocks(deferred)
+    role.forward(step, Action("forward", "blocks"))
+    handed = step.x.clone()  # what a stage sends on before the blocks learn
+    role.learn(step, Action("learn", "blocks"))
+    assert torch.equal(out_a, step.x) and torch.equal(handed, out_a)
     for a, b in zip(eager, deferred):
         for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(v, w), k

@@ -18,6 +18,8 @@ from helpers import run_pipeline, small_config
 from pipeline.checkpoint import load_weights
 from pipeline.sequential import SequentialTrainer
 
+TRANSPORTS = ["dist", "zmq", "local"]  # tests/gpu runs every one
+
 
 
 def _mlp(**kw):

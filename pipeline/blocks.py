@@ -16,7 +16,6 @@ and is reported to the process's watch (pipeline/nonfinite.py), which is read wi
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -29,13 +28,11 @@ from pipeline.epoch_stats import EpochStats
 from pipeline.nonfinite import NonFiniteLoss, NonFiniteWatch  # noqa: F401 (NonFiniteLoss: also imported from here)
 from pipeline.optim import learning_rate, make_optimizer  # noqa: F401 (a block's optimizer; imported from here too)
 from pipeline.precision import Precision
+from pipeline.seeding import GLOBAL_GENERATORS
 
 if TYPE_CHECKING:
     from pipeline.config import OptimConfig
     from pipeline.memory import MemoryMeter
-
-
-GLOBAL_GENERATORS = threading.RLock()  # held while a block's generator stands in for the process's (own_randomness)
 
 
 class Block(nn.Module):
@@ -74,8 +71,8 @@ class Block(nn.Module):
         The default generator of the block's device takes the block generator's state for the duration and hands
         the advanced state back, so it is as if the modules had been given the block's generator. A block on a GPU
         also has a generator of its own for what its modules draw on the CPU, swapped in the same way: every
-        generator a block can draw from is its own. The default generators are the process's: where stages are
-        threads of one process (pipeline/in_process.py), one block at a time holds them (GLOBAL_GENERATORS).
+        generator a block can draw from is its own. The default generators are the process's: one block at a time
+        holds them (pipeline/seeding.py: GLOBAL_GENERATORS), for stages that are threads of one process.
         """
         generator = self.generator
         if generator is None:

@@ -4,8 +4,9 @@ The stages are the real Stage objects, with the schedule, roles, threads and que
 only the channels differ (pipeline/transport/local.py: ThreadQueue, a private copy of every tensor sent) and
 what processes agree on over their control group (pipeline/runtime.py) holds by construction: one process
 builds the network, chooses the placement and picks the checkpoint once. Blocks are built one stage after the
-other before any thread starts (building seeds the process's generators), and a block's generator stands in
-for the process's one block at a time (pipeline/blocks.py: GLOBAL_GENERATORS). All stages share the process's
+other before any thread starts, and whatever reseeds the process's generators (building blocks: the last stage's
+copy for --log-alignment) or lends them a block's state (a block's forward) holds them alone while it does
+(pipeline/seeding.py: GLOBAL_GENERATORS). All stages share the process's
 intra-op threads (torch.set_num_threads is global): a run is bit-identical to a multi-process one where both use
 one thread per stage, as the equivalence tests do.
 """
@@ -19,6 +20,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.determinism import use_deterministic
+from pipeline.faults import Hooks
 from pipeline.launcher import preflight
 from pipeline.restarts import record_start, resolve_resume
 from pipeline.runtime import choose_placement, gradient_links, make_stage, stage_blocks
@@ -27,12 +29,18 @@ from pipeline.transport.local import ThreadQueues, make_queues, open_local
 
 
 class StageFailed(RuntimeError):
-    """A stage thread raised: the first failure, with the stage named."""
+    """A stage thread raised: the first failure, with the stage named; `failures` holds every stage's (rank,
+    exception), in the order they came."""
+
+    def __init__(self, message: str, failures: list[tuple[int, BaseException]] | None = None):
+        super().__init__(message)
+        self.failures = failures or []
 
 
-def run_in_process(cfg: Config, timeout: float = 300.0) -> dict | None:
-    """Run the pipeline `cfg` describes with its K stages as threads here; returns the last stage's summary.
-    Raises StageFailed with the first stage's exception as its cause when a stage fails."""
+def run_in_process(cfg: Config, hooks: Hooks = Hooks(), timeout: float = 300.0) -> dict | None:
+    """Run the pipeline `cfg` describes with its K stages as threads here, with the faults or stop `hooks` inject;
+    returns the last stage's summary. Raises StageFailed with the first stage's exception as its cause when a
+    stage fails."""
     cfg = resolve_resume(cfg, 0)
     preflight(cfg)  # as the launcher judges a run before its processes start
     record_start(cfg, 0)
@@ -47,7 +55,7 @@ def run_in_process(cfg: Config, timeout: float = 300.0) -> dict | None:
         links = open_local(rank, world, device, queues, gradient_links(cfg, placement))
         stop = threading.Event()  # no signal handler sets it here (the process's are its caller's)
         stage = make_stage(cfg, rank, world, placement, stage_blocks(cfg, rank, placement, device), links, device,
-                           stop, token)
+                           stop, token, hooks)
         if profile and rank == 0:
             stage.notes["partition_profile"] = profile
         stage.notes.update(dist_backend=None, deterministic=torch.are_deterministic_algorithms_enabled())
@@ -76,5 +84,5 @@ def _run_threads(stages: list[Stage], abort: threading.Event, timeout: float) ->
             raise StageFailed(f"{thread.name} did not end within {timeout:g} s")
     if failures:
         rank, exc = failures[0]
-        raise StageFailed(f"stage {rank} failed: {type(exc).__name__}: {exc}") from exc
+        raise StageFailed(f"stage {rank} failed: {type(exc).__name__}: {exc}", failures) from exc
     return results[stages[-1].rank]

@@ -7,14 +7,12 @@ when it has --auto-resume (launch/slurm.sbatch requeues the job on that code).
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
 import time
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-STOP_ENV = "PIPELINE_STOP_AT"  # "EPOCH:BATCH": act as if a signal came just before that training batch (resume tests)
 ABORT_AFTER_S = 2.0  # a repeat within this window is the same interrupt arriving twice (terminal + launcher)
 
 
@@ -47,7 +45,3 @@ class StopRequest:
     def requested(self) -> bool:
         return self.event.is_set()
 
-
-def injected_stop_at(epoch: int, batch: int) -> bool:
-    """True at the position where a resume test asked the run to stop (PIPELINE_STOP_AT), as if a signal came."""
-    return os.environ.get(STOP_ENV) == f"{epoch}:{batch}"

@@ -11,18 +11,19 @@ from typing import Iterator
 
 from pipeline.config import Config
 from pipeline.data import BatchSource
-from pipeline.interrupt import injected_stop_at
+from pipeline.faults import Hooks
 from pipeline.message import Kind, Message
 
 
 def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
-                  stop: threading.Event | None = None) -> Iterator[Message]:
+                  stop: threading.Event | None = None, hooks: Hooks = Hooks()) -> Iterator[Message]:
     """Stage 0's input stream: each epoch's training batches, then its test batches, then END.
 
     Also: a test pass every --eval-every steps within an epoch (its last message's meta says "interim"); an ALIGN
     message (held-out batches) every --log-alignment steps and at each epoch's end; a CHECKPOINT marker every
     --checkpoint-every batches or epochs and at the end; and, once `stop` is set, a last CHECKPOINT and END at the
-    next batch boundary. A resumed run starts at `start` (a checkpoint position).
+    next batch boundary (or where `hooks` stop the run, as if a signal came). A resumed run starts at `start` (a
+    checkpoint position).
     """
     run = cfg.run
     align_every = run.log_alignment
@@ -46,7 +47,7 @@ def data_messages(source: BatchSource, cfg: Config, start: dict | None = None,
     for epoch in range(start["epoch"], run.epochs + 1):
         batches = source.num_train_batches
         for batch in source.train_batches(epoch, start["batch"] if epoch == start["epoch"] else 0):
-            if stop is not None and injected_stop_at(epoch, batch.index):
+            if stop is not None and hooks.stops_before(epoch, batch.index):
                 stop.set()
             if stop is not None and stop.is_set():
                 if run.checkpoint_dir and checkpointed != [step]:

@@ -29,6 +29,7 @@ from pipeline.control import agree_backend, device_facts, exchange_strings
 from pipeline.errors import AgreedError
 from pipeline.data import DATASETS, BatchSource
 from pipeline.determinism import use_deterministic
+from pipeline.faults import Hooks
 from pipeline.interrupt import StopRequest
 from pipeline.factories import build_blocks, count_blocks, fingerprint, initial_checksums, weights_checksum
 from pipeline.factories import splittable as splittable_block
@@ -122,7 +123,7 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     links = open_links(cfg.pipeline.transport, rank, world, device, gradients=gradient_links(cfg, placement),
                        dist_backend=backend or "gloo", zmq_host=cfg.pipeline.zmq_host,
                        zmq_curve_keys=cfg.pipeline.zmq_curve_keys, local_queues=local_queues, timeout=timeout)
-    stage = make_stage(cfg, rank, world, placement, blocks, links, device, stop.event, token)
+    stage = make_stage(cfg, rank, world, placement, blocks, links, device, stop.event, token, Hooks.from_env())
     if profile:
         stage.notes["partition_profile"] = profile
     stage.notes.update(dist_backend=backend, deterministic=torch.are_deterministic_algorithms_enabled())
@@ -146,7 +147,7 @@ def stage_blocks(cfg: Config, rank: int, placement: Placement, device: torch.dev
 
 
 def make_stage(cfg: Config, rank: int, world: int, placement: Placement, blocks: list, links, device: torch.device,
-               stop: threading.Event | None, token: str) -> Stage:
+               stop: threading.Event | None, token: str, hooks: Hooks) -> Stage:
     """Stage `rank` on its blocks and links, restored from the run's checkpoint when it resumes."""
     start = None
     if cfg.run.resume:
@@ -155,7 +156,7 @@ def make_stage(cfg: Config, rank: int, world: int, placement: Placement, blocks:
         start = manifest["position"]
     source = BatchSource(cfg.data, cfg.run.seed, device) if rank == 0 else None
     return Stage(cfg, rank, world, blocks, placement, links=links, source=source, device=device,
-                 host=socket.gethostname(), start=start, stop=stop, token=token)
+                 host=socket.gethostname(), start=start, stop=stop, token=token, hooks=hooks)
 
 
 def attempt_store(store: dist.Store | None, rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:

@@ -6,9 +6,16 @@ import contextlib
 import hashlib
 import random
 import sys
+import threading
 from typing import Iterator
 
 import torch
+
+
+# The process's global generators (torch's default ones, Python's, numpy's) are used by one code path at a time:
+# seeded_init, and a block's own_randomness (pipeline/blocks.py), hold this while they stand in other states. Stages
+# that are threads of one process (pipeline/in_process.py) would otherwise reseed or swap them under each other.
+GLOBAL_GENERATORS = threading.RLock()
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -34,7 +41,7 @@ def seeded_init(seed: int, *parts: object) -> Iterator[None]:
     numpy = sys.modules.get("numpy")
     python_state = random.getstate()
     numpy_state = numpy.random.get_state() if numpy is not None else None
-    with torch.random.fork_rng(devices=[]):
+    with GLOBAL_GENERATORS, torch.random.fork_rng(devices=[]):
         torch.manual_seed(derived)
         random.seed(derived)
         if numpy is not None:

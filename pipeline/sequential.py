@@ -20,8 +20,8 @@ from pipeline.config import Config, default_threads
 from pipeline.data import BatchSource
 from pipeline.determinism import use_deterministic
 from pipeline.dfa_stage import DfaOutput
-from pipeline.faults import InjectedFault
-from pipeline.interrupt import StopRequest, injected_stop_at
+from pipeline.faults import Hooks
+from pipeline.interrupt import StopRequest
 from pipeline.memory import MemoryMeter
 from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record, test_record
 from pipeline.factories import build_blocks
@@ -35,7 +35,8 @@ from pipeline.schedule import stage_schedule
 class SequentialTrainer:
     """Trains all blocks in one process: per batch each block does forward, local loss, update, then detaches."""
 
-    def __init__(self, cfg: Config, source: BatchSource | None = None):
+    def __init__(self, cfg: Config, source: BatchSource | None = None, hooks: Hooks | None = None):
+        """`hooks`: the faults and stop a test injects (default: what the environment asks for, pipeline/faults.py)."""
         self.cfg = cfg
         use_deterministic(cfg.run.deterministic)  # before anything touches the GPU (see pipeline/determinism.py)
         self.device = torch.device(cfg.run.device)
@@ -54,7 +55,8 @@ class SequentialTrainer:
         self.writer: MetricsWriter | None = None  # run()'s
         self.started = time.perf_counter()  # when run() began
         self.test_s = 0.0  # seconds spent in test passes (tests.jsonl)
-        self.fault = InjectedFault(0)  # none unless a fault test asks for one (pipeline/faults.py)
+        self.hooks = Hooks.from_env() if hooks is None else hooks  # a test's faults and stop (pipeline/faults.py)
+        self.fault = self.hooks.fault(0)
         dfa = cfg.loss.loss == "dfa"
         self.schedule = (stage_schedule(Placement((len(self.blocks),)), 0, dfa=dfa)
                          if cfg.loss.local or dfa else [])  # K = 1: every block trained whole, in order
@@ -111,7 +113,7 @@ class SequentialTrainer:
                 if self.alignment and self.steps % self.cfg.run.log_alignment == 0:
                     self.watch.check()
                     self.alignment.measure(self.blocks, self.steps, epoch)
-                if stop and injected_stop_at(epoch, batch.index + 1):  # as if a signal came during this batch
+                if stop and self.hooks.stops_before(epoch, batch.index + 1):  # as if a signal came during this batch
                     stop.event.set()
                 if (every and self.steps % every == 0) or (stop and stop.requested):
                     self.checkpoint()

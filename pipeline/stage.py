@@ -35,7 +35,7 @@ from pipeline.config import Config, PipelineConfig
 from pipeline.cuda_streams import NoStreams, stage_streams
 from pipeline.data import BatchSource
 from pipeline.dfa_stage import DfaBlocks, DfaOutput
-from pipeline.faults import InjectedFault
+from pipeline.faults import Hooks
 from pipeline.message import Kind, Message
 from pipeline.memory import MemoryMeter
 from pipeline.message_stream import data_messages
@@ -77,8 +77,10 @@ class Stage:
 
     def __init__(self, cfg: Config, rank: int, world: int, blocks: list[Block], placement: Placement, *, links: Links,
                  source: BatchSource | None, device: torch.device, host: str, start: dict | None = None,
-                 stop: threading.Event | None = None, streams: NoStreams | None = None, token: str = ""):
-        """`token`: this run attempt's, the same on every stage (it tells its checkpoint entries from stale ones)."""
+                 stop: threading.Event | None = None, streams: NoStreams | None = None, token: str = "",
+                 hooks: Hooks = Hooks()):
+        """`token`: this run attempt's, the same on every stage (it tells its checkpoint entries from stale ones);
+        `hooks`: the faults and stops a test injects (pipeline/faults.py)."""
         if (rank == 0) != (source is not None) or (rank > 0) != (links.inbox is not None) or (rank < world - 1) != (links.outbox is not None):
             raise ValueError(f"stage {rank} of {world} is wired wrongly")
         self.cfg, self.rank, self.world, self.blocks = cfg, rank, world, blocks
@@ -116,7 +118,8 @@ class Stage:
         self.timer = self.streams.timer()  # compute seconds (GPU time from CUDA events on a GPU)
         self.io.pause = self.timer.paused  # a wait for a peer is not compute
         self.started = time.perf_counter()
-        self.fault = InjectedFault(rank)  # none unless a fault test asks for one (pipeline/faults.py)
+        self.hooks = hooks
+        self.fault = hooks.fault(rank)  # none unless a fault test asks for one
         # the last stage keeps the run's metrics
         self.throughput = Throughput(cfg.run.warmup_batches)
         resumed = start["epoch"] if start else None
@@ -130,7 +133,7 @@ class Stage:
     def _incoming(self) -> Iterator[Message]:
         """What the feed thread reads: stage 0's data source, or the link from upstream."""
         if self.source is not None:
-            yield from data_messages(self.source, self.cfg, self.start, self.io.stop)
+            yield from data_messages(self.source, self.cfg, self.start, self.io.stop, self.hooks)
             return
         while True:
             yield self.links.inbox.recv()

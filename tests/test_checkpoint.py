@@ -15,7 +15,7 @@ from pipeline.checkpoint import MANIFEST, _sha256, load_stage_checkpoint, load_w
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.in_process import run_in_process
-from pipeline.interrupt import STOP_ENV
+from pipeline.faults import STOP_ENV, Hooks
 from pipeline.restarts import EXIT_STOPPED, PROGRESS
 from pipeline.sequential import SequentialTrainer
 
@@ -109,21 +109,20 @@ def test_a_run_stopped_at_a_batch_resumes_there_and_ends_bit_identical(uninterru
     (3, "auto", False)],  # the resumed run takes the placement from the checkpoint's manifest, not a new profile
     ids=["2", "3", "2-dfa", "3-dfa", "split-heads", "heads-first", "3-auto"])
 def test_stages_as_threads_stopped_at_a_batch_resume_there_bit_identical(uninterrupted, uninterrupted_dfa, tmp_path,
-                                                                         monkeypatch, stages, partition, dfa):
+                                                                         stages, partition, dfa):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     kw = dict(pipeline__stages=stages, pipeline__partition=partition, run__checkpoint_dir=str(ckpt),
               run__checkpoint_every=20, run__out=str(out))
     if dfa:
         kw.update(loss="dfa", model__nonlin="tanh", model__batch_norm=False, data__augment=False,  # = _dfa(ARGS):
                   optim__lr_decay_milestones=(4, 7), optim__lr_decay_fact=0.3, pipeline__dfa_sync=True)  # its defaults
-    monkeypatch.setenv(STOP_ENV, STOP)
-    stopped = run_in_process(_config(**kw))
+    stopped = run_in_process(_config(**kw), Hooks(stop_at=(2, 150)))  # = STOP
     assert stopped["stopped_at"] == {"epoch": 2, "batch": 150, "step": 350}
     newest = json.loads((ckpt / "step-000000350" / MANIFEST).read_text())
     sizes = [entry["size"] for entry in sorted(newest["files"], key=lambda e: e["stage"])]
     assert sizes == stopped["partition"] and len(sizes) == stages
-    monkeypatch.setenv(STOP_ENV, BEFORE_STOP)  # the resumed run starts at batch 150: it never passes 149
-    resumed = run_in_process(_config(**kw, run__resume=True))
+    # the resumed run starts at batch 150: told to stop just before 149 (BEFORE_STOP), it never gets there
+    resumed = run_in_process(_config(**kw, run__resume=True), Hooks(stop_at=(2, 149)))
     assert resumed["stopped_at"] is None and resumed["partition"] == sizes
     if partition == "auto":  # stage 0 read the placement from the manifest's sizes
         assert resumed["stage_stats"][0]["partition_profile"] == {"resumed_placement": sizes}

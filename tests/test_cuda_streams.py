@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import small_config
+from pipeline.partition import Placement
 from pipeline.cuda_streams import NoStreams
 from pipeline.data import BatchSource
 from pipeline.factories import build_blocks
@@ -107,7 +108,7 @@ def _two_stages(monkeypatch, cfg):
     streams = [RecordingStreams(), RecordingStreams()]
     blocks = [build_blocks(cfg, (1, 28, 28), 10, indices=[0, 1]), build_blocks(cfg, (1, 28, 28), 10, indices=[2])]
     source = BatchSource(cfg.data, cfg.run.seed)
-    stages = [Stage(cfg, k, 2, blocks[k], links=stage_links[k], source=source if k == 0 else None, device=cpu,
+    stages = [Stage(cfg, k, 2, blocks[k], Placement((2, 1)), links=stage_links[k], source=source if k == 0 else None, device=cpu,
                     host="test", streams=streams[k]) for k in range(2)]
     return fake, stages, streams
 

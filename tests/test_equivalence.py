@@ -130,11 +130,15 @@ def test_synchronous_dfa_pipeline_equals_the_dfa_trainer(dfa_reference, tmp_path
 
 
 @pytest.mark.timeout(180)
-def test_alignment_logged_by_the_pipeline_equals_the_sequential_log(tmp_path_factory, tmp_path):
-    common = dict(loss="dfa", model__nonlin="tanh", optim__lr=5e-3, run__log_alignment=3)  # 8 steps: 3, 6, end
+@pytest.mark.parametrize("loss,partition", [("dfa", (1, 1, 1)), ("predsim", (1.5, 1.5)), ("predsim", ("1.5h", 1.5))],
+                         ids=["dfa-3", "split-heads", "heads-first"])
+def test_alignment_logged_by_the_pipeline_equals_the_sequential_log(tmp_path_factory, tmp_path, loss, partition):
+    """The last stage rebuilds the network from every stage's blocks (each split block from its two halves)."""
+    common = dict(loss=loss, model__nonlin="tanh", optim__lr=5e-3, run__log_alignment=3)  # 8 steps: 3, 6, end
     reference = tmp_path_factory.mktemp("sequential-align")
     SequentialTrainer(small_config(run__out=str(reference), **common)).run()
-    run_pipeline(small_config(pipeline__stages=3, pipeline__dfa_sync=True, run__out=str(tmp_path), **common), "threads")
+    run_pipeline(small_config(pipeline__stages=len(partition), pipeline__partition=partition,
+                              pipeline__dfa_sync=loss == "dfa", run__out=str(tmp_path), **common), "threads")
     logged = (tmp_path / "alignment.jsonl").read_text()
     assert logged == (reference / "alignment.jsonl").read_text() and logged.count("\n") == 3
 
@@ -226,13 +230,15 @@ def test_split_heads_pipeline_equals_sequential(references, tmp_path, model, siz
 
 
 @pytest.mark.timeout(180)
-def test_split_heads_with_a_bounded_delay_learn_within_it(references, tmp_path):
+@pytest.mark.parametrize("sizes", [(0.5, 3.5), ("0.5h", 3.5)], ids=["split-heads", "heads-first"])
+def test_split_heads_with_a_bounded_delay_learn_within_it(references, tmp_path, sizes):
     """Block 0's layer alone on stage 0 has no work to overlap with dL/dh's return trip: with --heads-max-delay 2 it
-    runs up to 2 batches ahead, each update with the weights of its forward."""
-    run_pipeline(_mlp(pipeline__stages=2, pipeline__partition=(0.5, 3.5), pipeline__heads_max_delay=2,
+    runs up to 2 batches ahead, each update with the weights of its forward. With its heads first (on stage 0), the
+    layer on stage 1 does the same. (tests/test_remote_heads.py checks the updates against a delayed reference.)"""
+    run_pipeline(_mlp(pipeline__stages=2, pipeline__partition=sizes, pipeline__heads_max_delay=2,
                       run__out=str(tmp_path)), "threads")
     summary, epochs, weights = _results(tmp_path)
-    first = summary["stage_stats"][0]
+    first = summary["stage_stats"][1 if isinstance(sizes[0], str) else 0]  # the layer's stage
     assert 0 < first["heads_delay_mean"] <= first["heads_delay_max"] <= 2
     ref_summary, _, ref_weights = references["mlp"]
     assert not torch.equal(weights[0]["layer.weight"], ref_weights[0]["layer.weight"])  # stale updates, not the exact ones

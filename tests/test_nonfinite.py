@@ -186,3 +186,23 @@ def test_heads_first_skip_a_nan_update_on_both_halves_as_the_sequential_trainer_
     assert [s["skipped_updates"] for s in summary["stage_stats"]] == [{"0": 1}, {}]  # counted where the loss is
     assert summary["layer_test_errors"] == sequential["layer_test_errors"]
     assert all(torch.equal(weights[i][k], ref_weights[i][k]) for i in ref_weights for k in ref_weights[i])
+
+
+# Stop mode (no --skip-nonfinite) on a split block: the stage whose loss went bad stops the run, naming itself, the
+# batch the update belongs to and the block; the other half follows the flag that came with dL/dh.
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("partition,stage,batch", [
+    ((0.5, 2.5), 1, 7),  # block 0's heads on stage 1: their loss at batch 7
+    (("0.5h", 2.5), 0, 6)],  # block 0's heads first on stage 0: its step of batch 7 learns from h of batch 6
+    ids=["split-heads", "heads-first"])
+def test_a_nan_on_a_split_block_stops_the_run_naming_stage_batch_and_block(partition, stage, batch):
+    from pipeline.faults import Hooks
+    from pipeline.in_process import StageFailed, run_in_process
+
+    cfg = small_config(model__num_layers=2, data__synthetic_train_size=640, pipeline__stages=2,
+                       pipeline__partition=partition)
+    with pytest.raises(StageFailed) as raised:
+        run_in_process(cfg, Hooks(fail_stage=stage, fail_batch=7, fail_mode="nan"))
+    named = [str(exc) for _, exc in raised.value.failures if isinstance(exc, NonFiniteLoss)]
+    assert named and named[0] == (f"stage {stage}, epoch 1 batch {batch}, block 0: loss is not finite "
+                                  f"(use --skip-nonfinite to skip such updates)"), named

@@ -83,19 +83,23 @@ def test_fp32_is_the_plain_pytorch_update_bit_for_bit():
             assert torch.equal(p, q), (mine.index, name)
 
 
-@pytest.mark.parametrize("loss,transport", [("predsim", "zmq"), ("dfa", "dist")])
-def test_bf16_k_stages_match_the_sequential_bf16_run(loss, transport, tmp_path):
+@pytest.mark.parametrize("loss,transport,partition", [
+    ("predsim", "zmq", None), ("dfa", "dist", None),
+    ("predsim", "threads", (1.5, 2.5)),  # block 1's bf16 h and fp32 dL/dh between its halves
+    ("predsim", "threads", ("1.5h", 2.5))])
+def test_bf16_k_stages_match_the_sequential_bf16_run(loss, transport, partition, tmp_path):
     # the bf16 activations (and fp32 DFA errors) cross the processes; every block computes what it computes alone
-    from pipeline.launcher import launch
+    from helpers import run_pipeline
     from pipeline.checkpoint import load_weights
 
     def cfg(out, stages):
         return small_config(loss=loss, stages=stages, model__num_layers=3, data__batch_size=16, data__synthetic_train_size=160,
                             data__synthetic_test_size=48, run__precision="bf16", run__out=str(out),
-                            pipeline__transport=transport, pipeline__dfa_sync=loss == "dfa")
+                            pipeline__dfa_sync=loss == "dfa", pipeline__partition=partition if stages > 1 else None)
 
     SequentialTrainer(cfg(tmp_path / "seq", 1)).run()
-    assert launch(cfg(tmp_path / "k2", 2)) == 0
+    summary = run_pipeline(cfg(tmp_path / "k2", 2), transport)
+    assert summary["partition"] == list(partition or (2, 2))
     ref, mine = load_weights(str(tmp_path / "seq")), load_weights(str(tmp_path / "k2"))
     assert sorted(ref) == sorted(mine)
     for index, state in ref.items():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import small_config
+from pipeline.partition import Placement
 from pipeline.data import BatchSource
 from pipeline.message import Kind
 from pipeline.factories import build_blocks
@@ -87,8 +88,9 @@ def _stages(cfg, slow_learning_s=0.0):
             block.learn = lambda h, y, learn=learn: (time.sleep(slow_learning_s), learn(h, y))
     cpu = torch.device("cpu")
     source = BatchSource(cfg.data, cfg.run.seed)
-    s0 = Stage(cfg, 0, 2, first, links=Links(outbox=link), source=source, device=cpu, host="test")
-    s1 = Stage(cfg, 1, 2, second, links=Links(inbox=link), source=None, device=cpu, host="test")
+    placement = Placement((2, 1))
+    s0 = Stage(cfg, 0, 2, first, placement, links=Links(outbox=link), source=source, device=cpu, host="test")
+    s1 = Stage(cfg, 1, 2, second, placement, links=Links(inbox=link), source=None, device=cpu, host="test")
     return s0, s1
 
 

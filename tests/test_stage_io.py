@@ -38,11 +38,11 @@ def test_a_gradient_link_posts_a_receive_only_while_a_batch_awaits_its_gradient(
                  stall_timeout=10, streams=NoStreams())
     learned = []
     gradients = RemoteGradients(0, io, NonFiniteWatch(), lambda graph, item: learned.append(item.index),
-                                what=lambda index: f"the gradient of batch {index}", max_delay=0)
+                                what=lambda index: f"the gradient of batch {index}")
     io.start()
     assert _posted_after(link) == 0  # nothing forwarded yet: no receive
     for index in range(3):
-        gradients.expect(1, index, None, lambda: None)  # batch forwarded: its gradient is awaited
+        gradients.expect(1, index, None, lambda: None, index)  # batch forwarded: its gradient is awaited
         deadline = time.monotonic() + 5
         while link.posted < index + 1:
             assert time.monotonic() < deadline, "the awaited gradient's receive was never posted"

@@ -61,21 +61,35 @@ def test_every_link_group_gets_the_stall_timeout(monkeypatch):
     assert all(kw == {"backend": "nccl", "timeout": timeout} for _, kw in made)
 
 
+class _Group:
+    """A fake process group: its ranks, and an identity of its own (two groups of the same ranks are two groups)."""
+
+    def __init__(self, ranks):
+        self.ranks = list(ranks)
+
+
 def test_split_heads_get_a_gradient_group_from_each_heads_stage_to_its_layer_stage(monkeypatch):
     from pipeline.partition import Placement
     from pipeline.transport import dist as dist_transport
 
     made = []
-    monkeypatch.setattr(dist_transport.dist, "new_group", lambda ranks, **kw: made.append(ranks) or tuple(ranks))
+    monkeypatch.setattr(dist_transport.dist, "new_group", lambda ranks, **kw: made.append(_Group(ranks)) or made[-1])
+
+    def distinct(forward, errors):  # every link its own group: none shared with the forward pipe or another link
+        groups = [*forward, *errors]
+        return all(a is not b for i, a in enumerate(groups) for b in groups[i + 1:])
+
     gradients = Placement((1.5, 1, 1.5)).gradient_links()
     assert gradients == [(1, 0), (2, 1)]
     forward, errors = dist_transport.link_groups(3, "gloo", gradients)
-    assert made == [[0, 1], [1, 2], [0, 1], [1, 2]] and errors == [(0, 1), (1, 2)]  # own groups, not the forward ones
+    assert [g.ranks for g in made] == [[0, 1], [1, 2], [0, 1], [1, 2]]
+    assert [g.ranks for g in errors] == [[0, 1], [1, 2]] and distinct(forward, errors)
     made.clear()  # heads first: h back to the heads' stage and dL/dh on to the layer's, each link its own group
     gradients = Placement.parse((1, "1.5h", 1.5)).gradient_links()
     assert gradients == [(2, 1), (1, 2)]
     forward, errors = dist_transport.link_groups(3, "gloo", gradients)
-    assert made == [[0, 1], [1, 2], [1, 2], [1, 2]] and errors == [(1, 2), (1, 2)]
+    assert [g.ranks for g in made] == [[0, 1], [1, 2], [1, 2], [1, 2]]
+    assert [g.ranks for g in errors] == [[1, 2], [1, 2]] and distinct(forward, errors)
 
 
 def _warm_up_order(rank, world, port, results):

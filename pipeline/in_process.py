@@ -14,6 +14,7 @@ one thread per stage, as the equivalence tests do.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import torch
@@ -45,8 +46,17 @@ def run_in_process(cfg: Config, hooks: Hooks = Hooks(), timeout: float = 300.0) 
     preflight(cfg)  # as the launcher judges a run before its processes start
     record_start(cfg, 0)
     world, device = cfg.pipeline.stages, torch.device("cuda" if cfg.run.device == "cuda" else "cpu")
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     use_deterministic(cfg.run.deterministic)
-    torch.set_num_threads(cfg.run.threads or 1)
+    torch.set_num_threads(cfg.run.threads or 1)  # the process's: every stage's (and given back after)
+    try:
+        return _run(cfg, hooks, timeout, world, device)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _run(cfg: Config, hooks: Hooks, timeout: float, world: int, device: torch.device) -> dict | None:
     placement, profile = choose_placement(cfg, world, device)
     abort = threading.Event()
     queues = make_queues(ThreadQueues(abort), world, cfg.pipeline.queue_depth, gradient_links(cfg, placement))
@@ -63,26 +73,34 @@ def run_in_process(cfg: Config, hooks: Hooks = Hooks(), timeout: float = 300.0) 
     return _run_threads(stages, abort, timeout)
 
 
-def _run_threads(stages: list[Stage], abort: threading.Event, timeout: float) -> dict | None:
+def _run_threads(stages: list[Stage], abort: threading.Event, timeout: float, grace: float = 10.0) -> dict | None:
+    """Run the stages' threads; once one fails, the others get `grace` seconds to end (their waits on it give up:
+    ThreadQueue) before the failure is raised; a stage that is still waiting then is left behind (a daemon)."""
     results: dict[int, dict | None] = {}
     failures: list[tuple[int, BaseException]] = []
+    failed_at: list[float] = []
 
     def body(stage: Stage) -> None:
         try:
             results[stage.rank] = stage.run()
         except BaseException as exc:  # noqa: BLE001 (carried to the caller)
             failures.append((stage.rank, exc))
+            failed_at.append(time.monotonic())
             abort.set()  # the other stages' waits on this one give up (ThreadQueue)
 
     threads = [threading.Thread(target=body, args=(s,), name=f"stage {s.rank}", daemon=True) for s in stages]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(timeout)
-        if thread.is_alive():
+    deadline = time.monotonic() + timeout
+    while any(t.is_alive() for t in threads):
+        if time.monotonic() > deadline:
             abort.set()
-            raise StageFailed(f"{thread.name} did not end within {timeout:g} s")
+            failures.append((-1, TimeoutError(f"the stages did not end within {timeout:g} s")))
+            break
+        if failed_at and time.monotonic() > failed_at[0] + grace:
+            break
+        next(t for t in threads if t.is_alive()).join(0.1)
     if failures:
         rank, exc = failures[0]
-        raise StageFailed(f"stage {rank} failed: {type(exc).__name__}: {exc}", failures) from exc
+        raise StageFailed(f"stage {rank} failed: {type(exc).__name__}: {exc}", list(failures)) from exc
     return results[stages[-1].rank]

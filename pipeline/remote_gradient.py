@@ -74,10 +74,11 @@ class RemoteGradients:
             batch.release()
             item.release()
 
-    def apply_through(self, seq: int | None) -> None:
-        """The schedule's apply action: the updates whose gradients have come, and then, unless `seq` is None,
-        every update of training steps up to `seq`, waiting for their gradients."""
-        self.apply(wait=False)
+    def apply_through(self, seq: int | None, early: bool = True) -> None:
+        """The schedule's apply action: the updates whose gradients have come (with `early`), and then, unless
+        `seq` is None, every update of training steps up to `seq`, waiting for their gradients."""
+        if early:
+            self.apply(wait=False)
         if seq is not None:
             self.apply(wait=True, keep=sum(batch.seq > seq for batch in self.awaiting))
 

@@ -11,7 +11,8 @@ dL/dh, so the layer skips the update its heads skipped.
 [Note: the exact overlapped schedule]
 The layer's update for batch t must be in before its forward of t+1, but the blocks before it on stage k need
 nothing from stage k+1. So stage k forwards those blocks for t+1 while dL/dh of t travels, then waits for it,
-applies it, forwards the split block, sends t+1 on, and lets the blocks before it learn from t+1 (train_local).
+applies it, forwards the split block, sends t+1 on, and lets the blocks before it learn from t+1
+(pipeline/schedule.py: stage_schedule).
 Every number is the sequential trainer's; the stages overlap by the blocks before the split one. A stage with
 no such work (the split block first on its stage) can instead take a bounded delay (--heads-max-delay D): the
 layer forwards at most D batches past the oldest one awaiting dL/dh, with the weights of each forward kept for

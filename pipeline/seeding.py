@@ -39,9 +39,9 @@ def seeded_init(seed: int, *parts: object) -> Iterator[None]:
     process, whatever that process drew before."""
     derived = derive_seed(seed, *parts)
     numpy = sys.modules.get("numpy")
-    python_state = random.getstate()
-    numpy_state = numpy.random.get_state() if numpy is not None else None
     with GLOBAL_GENERATORS, torch.random.fork_rng(devices=[]):
+        python_state = random.getstate()  # under the lock: another thread's seeded_init cannot be half way
+        numpy_state = numpy.random.get_state() if numpy is not None else None
         torch.manual_seed(derived)
         random.seed(derived)
         if numpy is not None:

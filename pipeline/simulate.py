@@ -1,17 +1,23 @@
 """Every stage's schedule run against the others, with no process and no tensor: deadlock, order, buffers, overlap.
 
-Each stage takes its actions (pipeline/schedule.py) for batches 0..N-1 in order, then the end of the run as
-Stage does it: END from the stage before, its updates settled, END to its remote-gradient peers and on. Every
-action takes simulated time (a forward, a learn or an applied update one slot per role; a message one slot to
-travel), and waits for what it needs: a receive for the message, a send for room in the bounded queue to the
-next stage, an apply for the gradients of the batches up to t - lag. If no stage can go on before all are done,
-the placement deadlocks. From the trace, `check` tells whether:
-- every update of batch t landed before the forward of t + 1 + D that needs it (D: the role's delay);
-- buffers stayed bounded: messages waiting in each link, and batches awaiting a remote gradient;
-- each exact schedule overlaps what it claims: a split layer's stage forwards its whole blocks for t+1 while
-  dL/dh of t travels; a heads-first stage hands t+1 on before it awaits h of t; DFA with a delay forwards t+1
-  before the error of t is back;
-and reports each stage's idle slots.
+Each stage takes its actions (pipeline/schedule.py) for batches 0..N-1 in order, with a test pass every few
+batches (its first batch: every update settled, a heads-first block's heads weights to its layer's stage; a
+checkpoint or ALIGN marker settles alike), then the end of the run as Stage does it: END from the stage before,
+its updates settled, END to its remote-gradient peers and on. Every action takes simulated time (a forward, a
+learn or an applied update one slot per role; a message one slot to travel), and waits for what it needs: a
+receive for the message, a send for room in the bounded queue to the next stage, an apply for the gradients of
+the batches up to t - lag. If no stage can go on before all are done, the placement deadlocks (`Deadlock` names
+what each stuck stage waits for). The Trace keeps every action's times, the most messages each link held and
+the most batches each role had awaiting a gradient, and each stage's idle slots; from it:
+- ordering_faults: updates of batch t that did not land before the forward of t + 1 + D that needs it (D: the
+  role's delay; the heads' halves have no forward of their own to order);
+- overlap_faults: exact schedules that do not overlap what they claim: a split layer's stage forwards its whole
+  blocks for t+1 before it applies dL/dh of t; a heads-first stage hands t+1 on before it awaits h of t; DFA with
+  a delay forwards t+1 before it applies the error of t (an order within each stage: the idle slots show what
+  the order buys);
+- link_faults: what one stage's links cannot carry.
+Not modelled: a link's receive being posted only once a batch awaits it (StageIO.want_error), and an apply's
+taking gradients early, before they are due (it only ever takes them sooner than the model does).
 """
 
 from __future__ import annotations
@@ -58,17 +64,43 @@ class Trace:
                 and (batch is None or e.batch == batch)]
 
 
-def _program(rank: int, schedule: list[Action], batches: int) -> list[tuple[Action, int | None]]:
-    """The stage's actions for every batch, then the end of the run (pipeline/stage.py: Stage._end, run)."""
-    steps = [(action, t) for t in range(batches) for action in schedule]
+def _settle(schedule: list[Action], upto: int) -> list[tuple[Action, int | None]]:
+    """Every update outstanding through batch `upto`, and what a role sends after its update (Role.settle)."""
+    actions: list[tuple[Action, int | None]] = []
+    for k, action in enumerate(schedule):
+        if action.op == "apply":
+            actions.append((Action("settle", action.role, lag=0, peers=action.peers, what=action.what), upto))
+            actions += [(a, upto + a.lag) for a in schedule[k + 1:]  # the heads' dL/dh of what they learned
+                        if a.op == "send_back" and a.role == action.role and a.lag == action.lag]
+    return actions
+
+
+def _marker(rank: int, schedule: list[Action], upto: int) -> list[tuple[Action, int | None]]:
+    """A test pass's first batch after batch `upto` (Stage._eval; a checkpoint and ALIGN settle alike): from the
+    stage before, every update in, a heads-first stage's heads weights to the layer's stage, which takes them,
+    and on."""
+    roles = {a.role for a in schedule}
+    actions: list[tuple[Action, int | None]] = [(Action("recv", peers=(rank - 1,), what="EVAL"), upto)] if rank else []
+    actions += _settle(schedule, upto)
+    if "heads_first" in roles:
+        actions.append((Action("send_back", peers=(rank + 1,), what="W"), upto))
+    if "layer_after" in roles:
+        actions.append((Action("recv", peers=(rank - 1,), what="W"), upto))
+    return actions + [(Action("send", peers=a.peers, what="EVAL"), upto) for a in schedule if a.op == "send"]
+
+
+def _program(rank: int, schedule: list[Action], batches: int, every: int) -> list[tuple[Action, int | None]]:
+    """The stage's actions for every batch, a test pass every `every` batches, then the end of the run
+    (pipeline/stage.py: Stage._end, run)."""
+    steps: list[tuple[Action, int | None]] = []
+    for t in range(batches):
+        steps += [(action, t) for action in schedule]
+        if (t + 1) % every == 0:
+            steps += _marker(rank, schedule, t)
     end: list[tuple[Action, int | None]] = []
     if rank > 0:
         end.append((Action("recv", peers=(rank - 1,), what="END"), None))
-    for k, action in enumerate(schedule):  # settle: every outstanding update, and what the role sends after it
-        if action.op == "apply":
-            end.append((Action("settle", action.role, lag=0, peers=action.peers, what=action.what), batches - 1))
-            end += [(a, batches - 1 + a.lag) for a in schedule[k + 1:]  # the heads' dL/dh of what they learned
-                    if a.op == "send_back" and a.role == action.role and a.lag == action.lag]
+    end += _settle(schedule, batches - 1)
     back = sorted({p for a in schedule if a.op == "send_back" for p in a.peers})
     end += [(Action("send_back", peers=(p,), what="END"), None) for p in back]
     end += [(Action("send", peers=a.peers, what="END"), None) for a in schedule if a.op == "send"]
@@ -77,10 +109,11 @@ def _program(rank: int, schedule: list[Action], batches: int) -> list[tuple[Acti
     return steps + end
 
 
-def simulate(schedules: list[list[Action]], batches: int = 8, capacity: int = 2) -> Trace:
-    """Run every stage's program; raise Deadlock, naming what each stuck stage waits for, if they stop short."""
+def simulate(schedules: list[list[Action]], batches: int = 8, capacity: int = 2, every: int = 5) -> Trace:
+    """Run every stage's program (`capacity` batches in the queue between two stages, a test pass every `every`
+    batches); raise Deadlock, naming what each stuck stage waits for, if they stop short."""
     world = len(schedules)
-    programs = [_program(k, s, batches) for k, s in enumerate(schedules)]
+    programs = [_program(k, s, batches, every) for k, s in enumerate(schedules)]
     pc, clock, idle = [0] * world, [0.0] * world, [0.0] * world
     sent: dict = {}
     consumed: dict = {}
@@ -92,7 +125,7 @@ def simulate(schedules: list[list[Action]], batches: int = 8, capacity: int = 2)
     events: list[Event] = []
 
     def what_of(action: Action) -> str:  # the name a message travels under (what the receiver waits for)
-        return "x" if action.op in ("send", "recv") and action.what != "END" else action.what
+        return "x" if action.what in ("x", "x,h") else action.what
 
     def take(rank: int, action: Action, t: int | None) -> Event | None:
         """Take the action if what it needs is there: its Event, else None."""
@@ -115,7 +148,7 @@ def simulate(schedules: list[list[Action]], batches: int = 8, capacity: int = 2)
             start = now
             for peer in action.peers:
                 key = (rank, peer, what_of(action))
-                if op == "send" and action.what != "END" and t is not None and t >= capacity:
+                if what_of(action) == "x" and t >= capacity:
                     taken = consumed.get(key + (t - capacity,))
                     if taken is None:
                         return None  # the queue to the next stage is full
@@ -211,24 +244,25 @@ def overlap_faults(trace: Trace, schedules: list[list[Action]], batches: int) ->
     """The overlaps the exact schedules claim, where they do not happen (steady state: batches 1..N-3)."""
     faults = []
 
-    def applied(rank: int, role: str, t: int) -> Event:  # the apply (or settle) that took batch t's gradient
-        return next(e for e in trace.events if e.stage == rank and e.action.role == role and t in e.updates)
+    def applied(rank: int, role: str, t: int) -> float:  # when the apply that took batch t's gradient began
+        event = next(e for e in trace.events if e.stage == rank and e.action.role == role and t in e.updates)
+        return event.start if event.action.op == "apply" else float("inf")  # a test pass's settle: not a step's
 
     for rank, schedule in enumerate(schedules):
         ops = {(a.op, a.role) for a in schedule}
         steady = range(1, batches - 2)
         if ("forward", "blocks") in ops and ("apply", "layer") in ops:
             for t in steady:  # the blocks forward t+1 while dL/dh of t travels: its apply comes after
-                if applied(rank, "layer", t).start <= trace.find(rank, "forward", "blocks", t + 1)[0].start:
+                if applied(rank, "layer", t) <= trace.find(rank, "forward", "blocks", t + 1)[0].start:
                     faults.append(f"stage {rank}: its blocks forward batch {t + 1} only after dL/dh of {t} is back")
         if ("apply", "heads_first") in ops:
             for t in steady:  # h of t awaited only after t+1 went on
-                if applied(rank, "heads_first", t).start < trace.find(rank, "send", "", t + 1)[0].start:
+                if applied(rank, "heads_first", t) < trace.find(rank, "send", "", t + 1)[0].start:
                     faults.append(f"stage {rank}: awaits h of {t} before batch {t + 1} went on")
         lag = next((a.lag for a in schedule if a.op == "apply" and a.role == "dfa"), 0)
         if lag != 0:
             for t in steady:  # with a delay, forward t+1 before the error of t is applied
-                if applied(rank, "dfa", t).start <= trace.find(rank, "forward", "dfa", t + 1)[0].start:
+                if applied(rank, "dfa", t) <= trace.find(rank, "forward", "dfa", t + 1)[0].start:
                     faults.append(f"stage {rank}: forwards batch {t + 1} only after the error of {t} is back")
     return faults
 

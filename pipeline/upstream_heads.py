@@ -56,9 +56,10 @@ class HeadsFirst(Role):
 
     def apply(self, step: Step, action: Action) -> None:
         """Batch t went on to the layer's stage, so its h will come back; learn from h of the batches up to
-        t - lag (waiting for it), and of any later ones that came."""
+        t - lag, waiting for it, and of no later one (a step learns from the same batches whatever the timing:
+        an injected fault or a non-finite loss is named by the same batch)."""
         self.incoming.expect(step.msg.epoch, step.msg.index, None, lambda: None, step.seq)
-        self.incoming.apply_through(None if action.lag is None else step.seq - action.lag)
+        self.incoming.apply_through(None if action.lag is None else step.seq - action.lag, early=False)
 
     def _learn(self, _graph, item: Message) -> None:
         h, y = item.tensors

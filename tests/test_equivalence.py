@@ -2,7 +2,7 @@
 
 Block k's input at batch t depends only on blocks < k at batch t, so splitting the blocks over processes must
 not change a single bit (each process uses one intra-op thread, as does the reference: CPU reductions such as
-batch norm's depend on the thread count).
+batch norm's depend on the thread count; stages that are threads share their process's one).
 
 Two tiers: the grid (models x K x placements x rules) runs its stages as threads of the test's process
 ("threads": pipeline/in_process.py, the real Stage objects over in-memory queues), in about a second a cell;

@@ -16,7 +16,8 @@ from pipeline.transport.base import Channel, Links, PeerGone, received
 
 
 def _shareable(tensor: torch.Tensor) -> torch.Tensor:
-    """The queue's own copy of a tensor, in shared host memory (whatever device the stage computes on).
+    """The queue's own copy of a tensor, in shared host memory (whatever device the stage computes on), for a
+    receiver in another process (ThreadQueue's receivers, threads of this process, get _private's).
 
     [Note: local transport on a GPU]
     Pickling a tensor for the queue, which the queue's feeder thread does later, changes its storage in place
@@ -33,8 +34,11 @@ def _shareable(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _private(tensor: torch.Tensor) -> torch.Tensor:
-    """The queue's own copy of a tensor, for a receiver that is a thread of this process."""
-    return to_wire(tensor.detach()).clone()
+    """The queue's own copy of a tensor, for a receiver that is a thread of this process: in host memory, copied
+    synchronously (a GPU tensor's copy waits for the send thread's stream, as for _shareable), so the receiver
+    never reads a copy still in flight; it moves it to its device on its own stream."""
+    tensor = to_wire(tensor.detach())
+    return tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
 
 
 class QueueChannel(Channel):

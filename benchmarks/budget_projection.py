@@ -6,7 +6,7 @@ For vgg8b and resnet18 (CIFAR-10-shaped, batch B) at K = 4 and 8, from costs mea
 a time (a projection, not a measurement: one device per stage assumed, no fragmentation, no workspace):
 - time: every block's forward and backward + step under global backprop at the micro-batch size B/M for every M
   (pipeline_projection.backprop_costs), and every block's layer and heads under local learning (profile.block_costs);
-- memory, per block at batch B (pipeline/memory.py's meter): what autograd saves for backward (under backprop the
+- memory, per block at batch B (pipeline/observe/memory.py's meter): what autograd saves for backward (under backprop the
   block's forward graph; under local learning its layer's and its heads'), its parameters (with their gradients
   and Adam's two moments: 4x) and its output.
 Per device, stage k of the best contiguous split by time:
@@ -42,10 +42,10 @@ HEADS = {"the reference's heads": [], "--sim-pool 4": ["--sim-pool", "4"]}
 
 def block_memory(flags: list[str], device: torch.device) -> list[dict]:
     """Per block at the batch size: bytes saved for backward (layer and heads), parameter bytes, output bytes."""
-    from pipeline.blocks import train_blocks
+    from pipeline.block.blocks import train_blocks
     from pipeline.data import BatchSource
-    from pipeline.factories import build_blocks
-    from pipeline.memory import MemoryMeter
+    from pipeline.model.factories import build_blocks
+    from pipeline.observe.memory import MemoryMeter
 
     cfg = _config(flags)
     shape, classes = BatchSource.shape_of(cfg.data)
@@ -98,8 +98,8 @@ def local_memory(blocks: list[dict], sizes: list[int]) -> list[float]:
 
 
 def project(name: str, flags: list[str], device: torch.device, ks: tuple[int, ...], budgets: list[int], rounds: int) -> dict:
-    from pipeline.partition import balanced_partition, stage_times
-    from pipeline.profile import block_costs, send_path
+    from pipeline.engine.partition import balanced_partition, stage_times
+    from pipeline.engine.profile import block_costs, send_path
 
     batch = _config(flags).data.batch_size
     path = send_path(device, "dist", "nccl" if device.type == "cuda" else "gloo")

@@ -6,7 +6,7 @@ Real MNIST, 2 threads: MLP 3x1024 for 3 epochs and vgg8b x0.25 for 1 epoch (the 
 reference's heads and once per cheaper setting (--sim-pool, --sim-dim, --dim-in-decoder). A setting's training run
 is kept in DIR/<name>/ and not run again when its summary.json is there. Per setting: the test error after each
 epoch (output classifier) and the best hidden layer's, samples/s, the bytes autograd saved at the peak (layers and
-heads, pipeline/memory.py), and each block's layer and heads times per step (pipeline/profile.py, medians on one
+heads, pipeline/observe/memory.py), and each block's layer and heads times per step (pipeline/engine/profile.py, medians on one
 thread, measured here for every setting one after another). Writes results.json, table.md and cheap_heads.png.
 """
 
@@ -50,7 +50,7 @@ def costs(flags: list[str], data_dir: str) -> dict:
     import torch
 
     from pipeline.cli import build_parser, config_from_args
-    from pipeline.profile import block_costs
+    from pipeline.engine.profile import block_costs
 
     torch.set_num_threads(1)
     cfg = config_from_args(build_parser().parse_args(["train", *flags, "--dataset", "mnist", "--data-dir", data_dir]))

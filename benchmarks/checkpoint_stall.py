@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline.checkpoint import latest_checkpoint  # noqa: E402
+from pipeline.persistence.checkpoint import latest_checkpoint  # noqa: E402
 
 MODEL = ["--model", "vgg8b", "--feat-mult", "1", "--dropout", "0.1", "--synthetic-like", "cifar10"]
 

@@ -6,7 +6,7 @@
 K processes over gloo, each pinned to its own core with one intra-op thread; the block list is the one the
 local-learning pipeline uses (without local heads: --loss backprop) and is cut the same way. The batch is split
 into --microbatches micro-batches (default 4K). Prints one JSON line: steady-state samples/s (after --warmup
-steps), each stage's peak resident memory and the same memory accounting as our stages (pipeline/memory.py),
+steps), each stage's peak resident memory and the same memory accounting as our stages (pipeline/observe/memory.py),
 and with --epochs the test accuracy after each epoch (and every --eval-every steps) with its wall time and the
 part of it spent testing (for time to accuracy; --target stops the run at an accuracy). Full training batches
 only: a last smaller batch is dropped (micro-batch shapes are fixed once the schedule has run). Tests run every
@@ -30,10 +30,10 @@ from torch import nn
 
 from pipeline.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig
 from pipeline.data import BatchSource
-from pipeline.factories import build_blocks, count_blocks
-from pipeline.memory import MemoryMeter
-from pipeline.partition import resolve_partition
-from pipeline.runtime import pin_cores
+from pipeline.model.factories import build_blocks, count_blocks
+from pipeline.observe.memory import MemoryMeter
+from pipeline.engine.partition import resolve_partition
+from pipeline.run.runtime import pin_cores
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, port: int, results, args: argparse.Namespace)
         schedule_class = ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B
         schedule = schedule_class(stage, n_microbatches=microbatches, loss_fn=F.cross_entropy)
         first, last = rank == 0, rank == world - 1
-    meter = MemoryMeter().attach(blocks)  # the accounting our stages get (pipeline/memory.py)
+    meter = MemoryMeter().attach(blocks)  # the accounting our stages get (pipeline/observe/memory.py)
     source = BatchSource(cfg.data, cfg.run.seed)  # every rank walks the batches: the middle ones to keep count
     # which rank holds each (virtual) stage, and this rank's modules by stage: for the evaluation below
     owners = list(range(world)) + (list(reversed(range(world))) if args.schedule == "zbv" else [])

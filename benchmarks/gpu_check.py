@@ -33,7 +33,7 @@ from gpu_projection import PROJECTION_LABEL, block_profile, projections, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRANSPORTS = ("local", "zmq", "dist")
 # bf16 against fp32, in points of the MLP's test error on MNIST's 10000 test images after 200 steps. bf16 rounds
-# only the blocks' forward (losses, weights and optimizer stay fp32: pipeline/precision.py), but the rounding
+# only the blocks' forward (losses, weights and optimizer stay fp32: pipeline/block/precision.py), but the rounding
 # still sends training down another path: on CPU (20 test batches) three fp32 seeds ended at 5.2, 5.4 and
 # 6.2%, and bf16 at 5.3% against fp32's 5.4% for the same seed. 1.5 points covers that seed-to-seed spread; a
 # bf16 path that hurts learning (overflow, lost updates, a bad cast on the wire) lands far outside it.

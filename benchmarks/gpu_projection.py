@@ -4,7 +4,7 @@
 
 Measures, on the one GPU: the sequential trainer's samples/s; K-stage emulation runs (all stages on the one
 GPU, --transport local, so activations stay on it) for K = 2 and 4; and each block's training-step time and
-output size (pipeline/profile.py). The projection, labelled as such in the output, assumes one GPU per stage:
+output size (pipeline/engine/profile.py). The projection, labelled as such in the output, assumes one GPU per stage:
 
     projected samples/s (K GPUs) = B / max over stages k of ( sum of block times in k + bytes_k / link )
 
@@ -33,7 +33,7 @@ VGG = ["--model", "vgg8b", "--num-layers", "1", "--num-hidden", "1024", "--dropo
 
 def projection(compute_s: list[float], out_bytes: list[int], sizes: tuple[int, ...], batch: int, link_gb_s: float) -> float:
     """Projected samples/s of a K-stage pipeline with one GPU per stage (see the module docstring)."""
-    from pipeline.partition import stage_times
+    from pipeline.engine.partition import stage_times
 
     return batch / max(stage_times(compute_s, [b / (link_gb_s * 1e9) for b in out_bytes], sizes))
 
@@ -58,8 +58,8 @@ def block_profile(flags: list[str], device: str) -> tuple[list[float], list[int]
     """(seconds per training step, fp32 output bytes) of every block of the network FLAGS describe, and its batch size."""
     from pipeline.cli import build_parser, config_from_args
     from pipeline.data import BatchSource
-    from pipeline.factories import build_blocks
-    from pipeline.profile import block_costs
+    from pipeline.model.factories import build_blocks
+    from pipeline.engine.profile import block_costs
 
     cfg = config_from_args(build_parser().parse_args(["train", *flags, "--device", device]))
     compute = block_costs(cfg, torch.device(device)).compute
@@ -74,7 +74,7 @@ def block_profile(flags: list[str], device: str) -> tuple[list[float], list[int]
 
 def projections(compute: list[float], out_bytes: list[int], batch: int, ks: tuple[int, ...] = (2, 4)) -> dict[str, float]:
     """Projected samples/s for K GPUs, the even and the balanced split, over each link in LINKS_GB_S."""
-    from pipeline.partition import balanced_partition, resolve_partition
+    from pipeline.engine.partition import balanced_partition, resolve_partition
 
     projected = {}
     for k in ks:

@@ -4,7 +4,7 @@
     python benchmarks/memory.py --models mlp vgg8b-x0.5 --stages 1 2 4 --out DIR
 
 Every contender trains the same network on the same synthetic batches (batch 128; CIFAR-10 shapes, MNIST's for
-the MLP) for a few steps, and reports what pipeline/memory.py counts in each process ([Note: memory accounting]):
+the MLP) for a few steps, and reports what pipeline/observe/memory.py counts in each process ([Note: memory accounting]):
 the bytes autograd saved for backward (by storage; the peak), parameters and buffers, the gradients alive at once,
 the optimizer state and the messages in flight. Ours runs as `python -m pipeline train` (its stage_stats), at K = 1
 as the sequential trainer; the peers (GPipe, 1F1B and the V-shaped zero-bubble schedule) run benchmarks/gpipe.py,
@@ -87,7 +87,7 @@ def split_heads_partition(blocks: int, stages: int) -> str:
 
 def _block_count(model: list[str]) -> int:
     from pipeline.cli import build_parser, config_from_args
-    from pipeline.factories import count_blocks
+    from pipeline.model.factories import count_blocks
 
     return count_blocks(config_from_args(build_parser().parse_args(["train", "--dataset", "synthetic", *model])))
 

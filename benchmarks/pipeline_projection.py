@@ -4,8 +4,8 @@
     python benchmarks/gpu_projection.py --out benchmarks/results/gpu     # on a GPU: measured runs and this projection
 
 From costs measured on one device (one process, one block at a time), with one device per stage:
-- local learning: every block's layer and heads timed apart (pipeline/profile.py); the best whole-block placement
-  and the best placement with split heads (pipeline/partition.py), each at batch B / its slowest stage;
+- local learning: every block's layer and heads timed apart (pipeline/engine/profile.py); the best whole-block placement
+  and the best placement with split heads (pipeline/engine/partition.py), each at batch B / its slowest stage;
   the exact schedule is held to each split block's serial chain (layer, heads and the messages between them,
   partition.split_chain); without it (--heads-max-delay >= 1) a split can run as its stage times say;
 - GPipe and 1F1B: every block's forward, and backward + step, under global backprop, timed at the micro-batch
@@ -41,8 +41,8 @@ def backprop_costs(flags: list[str], device: torch.device, batch: int, rounds: i
     `batch` (medians of `rounds` after one untimed round): the gradient at each block's output is given, as a
     pipeline stage receives it."""
     from pipeline.data import BatchSource
-    from pipeline.factories import build_blocks
-    from pipeline.profile import timed
+    from pipeline.model.factories import build_blocks
+    from pipeline.engine.profile import timed
 
     cfg = _config(flags + ["--loss", "backprop", "--batch-size", str(batch)])
     shape, classes = BatchSource.shape_of(cfg.data)
@@ -89,8 +89,8 @@ def project(flags: list[str], device: torch.device, ks: tuple[int, ...]) -> dict
         from schedule_sim import gpipe_closed_form, local_step_time, step_time
     except ImportError:
         from benchmarks.schedule_sim import gpipe_closed_form, local_step_time, step_time
-    from pipeline.partition import balanced_partition, balanced_placement, split_chain, stage_times
-    from pipeline.profile import block_costs, send_path
+    from pipeline.engine.partition import balanced_partition, balanced_placement, split_chain, stage_times
+    from pipeline.engine.profile import block_costs, send_path
 
     cfg = _config(flags)
     batch = cfg.data.batch_size

@@ -189,7 +189,7 @@ def even_splits(blocks: int, k: int) -> list[list[int]]:
 def partition_study(steps: int, warmup: int, repeats: int) -> list[dict]:
     """--partition auto against every even split (sizes within one block), for MLPs and vgg8b at K=2."""
     from pipeline.cli import build_parser, config_from_args
-    from pipeline.factories import count_blocks
+    from pipeline.model.factories import count_blocks
 
     rows = []
     for label, model in (("mlp 3x1024", MLP), ("mlp 4x1024", MLP4), ("vgg8b x0.25", VGG)):

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from pipeline.runtime import stage_processes
+from pipeline.run.runtime import stage_processes
 
 
 def rss_mib(pid: int) -> float | None:

@@ -46,7 +46,7 @@ class _Ours:
     """Our channels: `forward` rank 0 -> 1, `back` rank 1 -> 0."""
 
     def __init__(self, kind: str, rank: int, store, queues):
-        from pipeline.message import Kind, Message
+        from pipeline.transport.message import Kind, Message
 
         self.Kind, self.Message = Kind, Message
         cpu = torch.device("cpu")

@@ -5,12 +5,12 @@ learning rule or a LocalHead of your own; or from_modules of a model one has), t
 """
 
 from pipeline.config import Config, ConfigError
-from pipeline.from_modules import from_modules
-from pipeline.network import BlockSpec, Network, NetworkContext, OutputSpec
-from pipeline.heads import LocalHead
-from pipeline.rules import DFA, LearningRule, Pred, PredSim, Sim
+from pipeline.model.from_modules import from_modules
+from pipeline.model.network import BlockSpec, Network, NetworkContext, OutputSpec
+from pipeline.model.heads import LocalHead
+from pipeline.model.rules import DFA, LearningRule, Pred, PredSim, Sim
 from pipeline.sequential import SequentialTrainer
-from pipeline.trained import TrainedNetwork, load
+from pipeline.persistence.trained import TrainedNetwork, load
 from pipeline.training import train
 
 __all__ = ["BlockSpec", "Config", "ConfigError", "DFA", "LearningRule", "LocalHead", "Network", "NetworkContext",

@@ -13,25 +13,25 @@ from typing import Any
 
 import torch
 
-from pipeline.align import run_align
-from pipeline.blocks import NonFiniteLoss
+from pipeline.observe.align import run_align
+from pipeline.block.blocks import NonFiniteLoss
 from pipeline.config import (DEVICES, DIST_BACKENDS, LOSSES, NONLINEARITIES, OPTIMIZERS, TRANSPORTS, Config, ConfigError,
                              DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig, RULE_DEFAULTS,
                              STAGE_ORDERS, default_threads, rule_defaults)
 from pipeline.config_file import config_path, file_values, read, to_flags
 from pipeline.config_file import write as write_config
-from pipeline.factories import check_network
-from pipeline.interrupt import StopRequest
-from pipeline.launcher import launch
-from pipeline.models import MODELS
-from pipeline.partition import Placement
-from pipeline.plots import plot_runs
-from pipeline.resources import check_resources
-from pipeline.restarts import EXIT_STOPPED, attempt, record_start, resolve_resume, stopped_before
-from pipeline.runtime import run_stage_from_env
-from pipeline.schedule_print import describe
+from pipeline.model.factories import check_network
+from pipeline.run.interrupt import StopRequest
+from pipeline.run.launcher import launch
+from pipeline.model.models import MODELS
+from pipeline.engine.partition import Placement
+from pipeline.observe.plots import plot_runs
+from pipeline.run.resources import check_resources
+from pipeline.run.restarts import EXIT_STOPPED, attempt, record_start, resolve_resume, stopped_before
+from pipeline.run.runtime import run_stage_from_env
+from pipeline.engine.schedule_print import describe
 from pipeline.sequential import SequentialTrainer
-from pipeline.trained import evaluate, report
+from pipeline.persistence.trained import evaluate, report
 from pipeline.transport.zmq import CurveKeys
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", required=True, help="folder for the PNGs")
     plot.add_argument("--labels", nargs="+", default=None, help="legend names of the runs (default: folder, rule, K)")
     sched = commands.add_parser("schedule", help="every stage's actions per training batch, side by side, and a "
-                                "simulated timeline (pipeline/schedule.py)", formatter_class=_Formatter)
+                                "simulated timeline (pipeline/engine/schedule.py)", formatter_class=_Formatter)
     sched.add_argument("--stages", type=int, default=None, metavar="K", help="stages, one block each (or give --partition)")
     sched.add_argument("--partition", type=_partition, default=None, help="as for train: 2,2 or 1.5,2.5 or 1.5h,2.5")
     sched.add_argument("--loss", default="predsim", help="dfa for DFA's schedule; any other rule has the local one")

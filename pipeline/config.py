@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.partition import Placement, format_sizes
+from pipeline.engine.partition import Placement, format_sizes
 from pipeline.data import DATASETS
-from pipeline.precision import supported
-from pipeline.tensorboard_log import check_available
+from pipeline.block.precision import supported
+from pipeline.observe.tensorboard_log import check_available
 import torch
 
 LOCAL_LOSSES = ("predsim", "pred", "sim")
@@ -42,7 +42,7 @@ class ModelConfig:
 
     name: str = "mlp"
     """A built-in network (mlp, vgg6a ... vgg19, resnet18 ... resnet152, wresnet10-8 ... wresnet40-10a; see
-    pipeline/models.py) or a user's factory, package.module:function or path/to/file.py:function (pipeline/network.py)."""
+    pipeline/model/models.py) or a user's factory, package.module:function or path/to/file.py:function (pipeline/model/network.py)."""
     num_layers: int = 1
     """Hidden fully connected layers (the whole mlp, at least 1; the classifier part of a vgg)."""
     num_hidden: int = 1024
@@ -287,7 +287,7 @@ class RunConfig:
     log_alignment: int | None = None
     """Every this many training steps, log each hidden layer's angle to the backprop gradient (alignment.jsonl)."""
     checkpoint_dir: str | None = None
-    """Folder of resumable checkpoints (every stage writes its part; see pipeline/checkpoint.py)."""
+    """Folder of resumable checkpoints (every stage writes its part; see pipeline/persistence/checkpoint.py)."""
     checkpoint_every: int | None = None
     """Write a checkpoint every this many training batches (or epochs, see checkpoint_unit); one is also written
     at the end of the run and when it is interrupted (SIGINT/SIGTERM)."""
@@ -297,7 +297,7 @@ class RunConfig:
     """Continue from the newest complete checkpoint in checkpoint_dir."""
     auto_resume: bool = False
     """Continue from the newest complete checkpoint in checkpoint_dir if there is one, else start from the beginning:
-    the same command starts a run and continues it (a requeued cluster job; see pipeline/restarts.py)."""
+    the same command starts a run and continues it (a requeued cluster job; see pipeline/run/restarts.py)."""
     max_restarts: int = 0
     """The local launcher restarts the stages this many times after a failure, each time resuming from the newest
     complete checkpoint (under torchrun, give torchrun --max-restarts instead)."""
@@ -307,13 +307,13 @@ class RunConfig:
     """Skip (and count) an update whose loss is NaN or infinite, instead of stopping the run there."""
     precision: str = "fp32"
     """fp32; bf16 or fp16: each block's forward under autocast, its output (what a stage sends) in that dtype,
-    losses and weights in fp32; fp16 adds a loss scaler per block (pipeline/precision.py)."""
+    losses and weights in fp32; fp16 adds a loss scaler per block (pipeline/block/precision.py)."""
     alignment_batches: int = 2
     """Held-out batches each alignment measurement averages over."""
     tensorboard: str | None = None
     """Folder for TensorBoard event files (the optional extra: pip install -e .[tensorboard])."""
     deterministic: bool = False
-    """Deterministic cuDNN/cuBLAS algorithms and no TF32 (pipeline/determinism.py): on one GPU model, runs and
+    """Deterministic cuDNN/cuBLAS algorithms and no TF32 (pipeline/run/determinism.py): on one GPU model, runs and
     stage counts agree bit for bit; an op without a deterministic algorithm raises."""
 
     def __post_init__(self) -> None:
@@ -349,7 +349,7 @@ class Config:
 
     def __post_init__(self) -> None:
         # what depends on the network itself (its block count against --stages and --partition, whether its blocks
-        # fit together) is judged by pipeline.factories.check_network, which knows the factories
+        # fit together) is judged by pipeline.model.factories.check_network, which knows the factories
         stages = self.pipeline.stages
         _require(not (self.loss.loss in GLOBAL_LOSSES and stages > 1),
                  f"--loss {self.loss.loss} sends the error back through every layer, so it needs the whole network in one process: use --stages 1 (or --loss dfa)")

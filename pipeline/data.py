@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
-from pipeline.seeding import generator
+from pipeline.model.seeding import generator
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig

@@ -12,33 +12,33 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.alignment import AlignmentLog
-from pipeline.blocks import Block, evaluate_blocks, learning_rate
-from pipeline.checkpoint import (fingerprint, finish_checkpoint, load_stage_checkpoint, restore_stage, save_stage_checkpoint,
+from pipeline.observe.alignment import AlignmentLog
+from pipeline.block.blocks import Block, evaluate_blocks, learning_rate
+from pipeline.persistence.checkpoint import (fingerprint, finish_checkpoint, load_stage_checkpoint, restore_stage, save_stage_checkpoint,
                                  save_weights, stage_state, verify_checkpoint)
 from pipeline.config import Config, default_threads
 from pipeline.data import BatchSource
-from pipeline.determinism import use_deterministic
-from pipeline.dfa_stage import DfaOutput
-from pipeline.faults import Hooks
-from pipeline.interrupt import StopRequest
-from pipeline.memory import MemoryMeter
-from pipeline.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record, test_record
-from pipeline.factories import build_blocks
-from pipeline.nonfinite import NonFiniteWatch
-from pipeline.partition import Placement
-from pipeline.progress import progress_bar
-from pipeline.roles import Step, WholeBlocks, take_actions
-from pipeline.schedule import stage_schedule
+from pipeline.run.determinism import use_deterministic
+from pipeline.engine.dfa_stage import DfaOutput
+from pipeline.run.faults import Hooks
+from pipeline.run.interrupt import StopRequest
+from pipeline.observe.memory import MemoryMeter
+from pipeline.observe.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record, test_record
+from pipeline.model.factories import build_blocks
+from pipeline.block.nonfinite import NonFiniteWatch
+from pipeline.engine.partition import Placement
+from pipeline.observe.progress import progress_bar
+from pipeline.engine.roles import Step, WholeBlocks, take_actions
+from pipeline.engine.schedule import stage_schedule
 
 
 class SequentialTrainer:
     """Trains all blocks in one process: per batch each block does forward, local loss, update, then detaches."""
 
     def __init__(self, cfg: Config, source: BatchSource | None = None, hooks: Hooks | None = None):
-        """`hooks`: the faults and stop a test injects (default: what the environment asks for, pipeline/faults.py)."""
+        """`hooks`: the faults and stop a test injects (default: what the environment asks for, pipeline/run/faults.py)."""
         self.cfg = cfg
-        use_deterministic(cfg.run.deterministic)  # before anything touches the GPU (see pipeline/determinism.py)
+        use_deterministic(cfg.run.deterministic)  # before anything touches the GPU (see pipeline/run/determinism.py)
         self.device = torch.device(cfg.run.device)
         torch.set_num_threads(cfg.run.threads or default_threads(1))
         self.source = source or BatchSource(cfg.data, cfg.run.seed, self.device)
@@ -46,7 +46,7 @@ class SequentialTrainer:
         self.watch = NonFiniteWatch(device=self.device).attach(self.blocks)  # read before weights or stats are
         self.memory = MemoryMeter().attach(self.blocks)
         self.throughput = Throughput(cfg.run.warmup_batches)
-        self.position = {"epoch": 1, "batch": 0, "step": 0}  # what comes next (see pipeline/checkpoint.py)
+        self.position = {"epoch": 1, "batch": 0, "step": 0}  # what comes next (see pipeline/persistence/checkpoint.py)
         if cfg.run.resume:
             folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg)
             restore_stage(self.blocks, load_stage_checkpoint(folder, 0))
@@ -55,7 +55,7 @@ class SequentialTrainer:
         self.writer: MetricsWriter | None = None  # run()'s
         self.started = time.perf_counter()  # when run() began
         self.test_s = 0.0  # seconds spent in test passes (tests.jsonl)
-        self.hooks = Hooks.from_env() if hooks is None else hooks  # a test's faults and stop (pipeline/faults.py)
+        self.hooks = Hooks.from_env() if hooks is None else hooks  # a test's faults and stop (pipeline/run/faults.py)
         self.fault = self.hooks.fault(0)
         dfa = cfg.loss.loss == "dfa"
         self.schedule = (stage_schedule(Placement((len(self.blocks),)), 0, dfa=dfa)
@@ -67,7 +67,7 @@ class SequentialTrainer:
             self.alignment = AlignmentLog(heldout, cfg.loss.loss, cfg.run.out)
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.schedule:  # local rules and DFA: one stage's schedule (pipeline/schedule.py), taken as a stage takes it
+        if self.schedule:  # local rules and DFA: one stage's schedule (pipeline/engine/schedule.py), taken as a stage takes it
             take_actions(self.schedule, self.roles, Step(None, x, y), send=None)
             return
         # backprop / fa: one loss at the output, its error sent back through every block (through the forward

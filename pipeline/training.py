@@ -10,10 +10,10 @@ import tempfile
 from typing import Any, Callable
 
 from pipeline.config import Config, ConfigError
-from pipeline.factories import check_network
-from pipeline.network import NetworkContext
-from pipeline.launcher import launch
-from pipeline.resources import check_resources
+from pipeline.model.factories import check_network
+from pipeline.model.network import NetworkContext
+from pipeline.run.launcher import launch
+from pipeline.run.resources import check_resources
 from pipeline.sequential import SequentialTrainer
 
 

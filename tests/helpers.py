@@ -3,7 +3,7 @@
 import dataclasses
 
 from pipeline.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig
-from pipeline.in_process import run_in_process
+from pipeline.run.in_process import run_in_process
 from pipeline.training import train
 
 
@@ -26,7 +26,7 @@ def small_config(model="mlp", loss="predsim", like="mnist", stages=1, **override
 
 
 def run_pipeline(cfg: Config, transport: str = "threads") -> dict:
-    """Train cfg's pipeline with its stages as threads of this process ("threads": pipeline/in_process.py, the fast
+    """Train cfg's pipeline with its stages as threads of this process ("threads": pipeline/run/in_process.py, the fast
     tier), or as stage processes over `transport` (pipeline.train); returns the run's summary."""
     if transport == "threads":
         return run_in_process(cfg)

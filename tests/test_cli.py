@@ -156,9 +156,9 @@ def test_a_batch_larger_than_mnist_exits_2_before_any_process_starts(tmp_path):
 
 def test_a_batch_whose_similarity_matrices_do_not_fit_exits_2(monkeypatch, capsys):
     import pipeline.cli
-    import pipeline.resources
+    import pipeline.run.resources
 
-    monkeypatch.setattr(pipeline.resources, "device_memory", lambda device: (16 * 2 ** 30, "this host (RAM)"))
+    monkeypatch.setattr(pipeline.run.resources, "device_memory", lambda device: (16 * 2 ** 30, "this host (RAM)"))
     monkeypatch.setattr(pipeline.cli, "launch", lambda cfg: pytest.fail("stages started"))
     args = ["--dataset", "mnist", "--data-dir", "none", "--no-download", "--no-progress", "--stages", "2"]
     assert main(["train", *args, "--batch-size", "60000"]) == 2  # one 60000x60000 fp32 matrix alone is 14.4 GB
@@ -167,9 +167,9 @@ def test_a_batch_whose_similarity_matrices_do_not_fit_exits_2(monkeypatch, capsy
     # the estimate grows with B^2 and sums the stages that share the host; a reasonable batch passes
     from helpers import small_config
 
-    small, large = (pipeline.resources.stage_bytes(small_config(data__batch_size=b, stages=2)) for b in (32, 3200))
-    assert len(small) == 2 and large[0] > pipeline.resources.SIM_COPIES * 4 * 3200 ** 2 > 100 * small[0]
-    pipeline.resources.check_memory(small_config(data__batch_size=128, data__synthetic_train_size=128))
+    small, large = (pipeline.run.resources.stage_bytes(small_config(data__batch_size=b, stages=2)) for b in (32, 3200))
+    assert len(small) == 2 and large[0] > pipeline.run.resources.SIM_COPIES * 4 * 3200 ** 2 > 100 * small[0]
+    pipeline.run.resources.check_memory(small_config(data__batch_size=128, data__synthetic_train_size=128))
 
 
 def test_progress_in_a_log_is_a_few_lines_without_carriage_returns(capsys):
@@ -185,7 +185,7 @@ def test_progress_in_a_log_is_a_few_lines_without_carriage_returns(capsys):
 def test_line_progress_without_a_known_length_writes_once_a_minute():
     import io
 
-    from pipeline.progress import LineProgress
+    from pipeline.observe.progress import LineProgress
 
     log = io.StringIO()
     bar = LineProgress(None, desc="epoch 1", file=log, every_s=3600)

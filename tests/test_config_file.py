@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.checkpoint import load_weights
+from pipeline.persistence.checkpoint import load_weights
 from pipeline.cli import main
 from pipeline.config_file import dumps, tomllib  # tomli below Python 3.11
 

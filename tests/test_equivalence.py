@@ -5,7 +5,7 @@ not change a single bit (each process uses one intra-op thread, as does the refe
 batch norm's depend on the thread count; stages that are threads share their process's one).
 
 Two tiers: the grid (models x K x placements x rules) runs its stages as threads of the test's process
-("threads": pipeline/in_process.py, the real Stage objects over in-memory queues), in about a second a cell;
+("threads": pipeline/run/in_process.py, the real Stage objects over in-memory queues), in about a second a cell;
 stage processes run once per transport and placement kind, where the processes are the point.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import run_pipeline, small_config
-from pipeline.checkpoint import load_weights
+from pipeline.persistence.checkpoint import load_weights
 from pipeline.sequential import SequentialTrainer
 
 TRANSPORTS = ["dist", "zmq", "local"]  # tests/gpu runs every one
@@ -172,7 +172,7 @@ def test_explicit_uneven_partition_equals_sequential(references, tmp_path):
 
 @pytest.mark.timeout(180)
 def test_auto_partition_runs_the_placement_its_profile_picks_and_equals_sequential(references, tmp_path):
-    from pipeline.partition import balanced_placement, stage_times
+    from pipeline.engine.partition import balanced_placement, stage_times
 
     run_pipeline(_mlp(pipeline__stages=3, pipeline__partition="auto", run__out=str(tmp_path)), "threads")
     run = _results(tmp_path)
@@ -189,8 +189,8 @@ def test_auto_partition_runs_the_placement_its_profile_picks_and_equals_sequenti
     _assert_same(run, references["mlp"])
 
 
-# split heads: a block's layer on one stage, its heads on the next (pipeline/remote_heads.py), or its heads first,
-# on the stage before its layer's (an h in the partition, pipeline/upstream_heads.py); the exact schedules
+# split heads: a block's layer on one stage, its heads on the next (pipeline/engine/remote_heads.py), or its heads first,
+# on the stage before its layer's (an h in the partition, pipeline/engine/upstream_heads.py); the exact schedules
 SPLIT_HEADS = ([("mlp", sizes, "threads") for sizes in ((1.5, 2.5), (1.5, 1, 1.5), ("1.5h", 2.5), (0.5, 3.5), ("1.5h", 1.5, 1),
                                                          (1, "1.5h", 1.5), ("0.5h", 3.5))]
                + [("vgg8b", sizes, "threads") for sizes in ((3.5, 4.5), (1.5, 3, 3.5), ("3.5h", 4.5))]
@@ -217,7 +217,7 @@ def _text(sizes) -> str:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("model,sizes,transport", SPLIT_HEADS, ids=[f"{m}-{_text(p)}-{t}" for m, p, t in SPLIT_HEADS])
 def test_split_heads_pipeline_equals_sequential(references, tmp_path, model, sizes, transport):
-    from pipeline.partition import Placement
+    from pipeline.engine.partition import Placement
 
     run_pipeline(MODELS[model](pipeline__stages=len(sizes), pipeline__partition=sizes, run__out=str(tmp_path)), transport)
     run = _results(tmp_path)
@@ -234,7 +234,7 @@ def test_split_heads_pipeline_equals_sequential(references, tmp_path, model, siz
 def test_split_heads_with_a_bounded_delay_learn_within_it(references, tmp_path, sizes):
     """Block 0's layer alone on stage 0 has no work to overlap with dL/dh's return trip: with --heads-max-delay 2 it
     runs up to 2 batches ahead, each update with the weights of its forward. With its heads first (on stage 0), the
-    layer on stage 1 does the same. (tests/test_remote_heads.py checks the updates against a delayed reference.)"""
+    layer on stage 1 does the same. (tests/engine/test_remote_heads.py checks the updates against a delayed reference.)"""
     run_pipeline(_mlp(pipeline__stages=2, pipeline__partition=sizes, pipeline__heads_max_delay=2,
                       run__out=str(tmp_path)), "threads")
     summary, epochs, weights = _results(tmp_path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import small_config
-from pipeline.checkpoint import load_weights
+from pipeline.persistence.checkpoint import load_weights
 from pipeline.sequential import SequentialTrainer
 
 

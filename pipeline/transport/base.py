@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.message import Message, from_wire, to_wire
+from pipeline.transport.message import Message, from_wire, to_wire
 
 
 class PeerGone(ConnectionError):
@@ -49,7 +49,7 @@ def gradient_source(rank: int, gradients: list[tuple[int, int]]) -> int | None:
 @dataclass
 class Links:
     """All channels of one stage: the forward pipe, and the remote-gradient channels (DFA's output errors from the
-    last stage, or dL/dh from the stage that runs a block's heads; see pipeline/remote_gradient.py)."""
+    last stage, or dL/dh from the stage that runs a block's heads; see pipeline/engine/remote_gradient.py)."""
 
     inbox: Channel | None = None  # from stage k-1 (None at stage 0: the data source feeds it)
     outbox: Channel | None = None  # to stage k+1 (None at the last stage)

@@ -26,7 +26,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from pipeline.message import MAX_HEADER_BYTES, Kind, Message, ProtocolError, decode_header, encode_header, to_wire
+from pipeline.transport.message import MAX_HEADER_BYTES, Kind, Message, ProtocolError, decode_header, encode_header, to_wire
 from pipeline.transport.base import (BufferPool, Channel, Links, gradient_source, host_buffer, received, to_device,
                                      to_host)
 
@@ -39,7 +39,7 @@ class DistChannel(Channel):
 
     A channel is used by one helper thread of its stage, which issues everything on its own CUDA stream: with
     NCCL, `Work.wait()` makes that stream (not the CPU, not the compute stream) wait for the transfer, so a
-    pending receive never holds up the stage's compute (see [Note: stage streams] in pipeline/cuda_streams.py).
+    pending receive never holds up the stage's compute (see [Note: stage streams] in pipeline/engine/cuda_streams.py).
     """
 
     def __init__(self, peer: int, group, comm_device: torch.device, compute_device: torch.device, prepost: bool = True):

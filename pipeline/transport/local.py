@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-from pipeline.message import Message, decode_header, encode_header, to_wire
+from pipeline.transport.message import Message, decode_header, encode_header, to_wire
 from pipeline.transport.base import Channel, Links, PeerGone, received
 
 
@@ -66,7 +66,7 @@ class QueueChannel(Channel):
 
 
 class ThreadQueue(queue.Queue):
-    """A bounded queue between stages that are threads of one process (pipeline/in_process.py): waits give up with
+    """A bounded queue between stages that are threads of one process (pipeline/run/in_process.py): waits give up with
     PeerGone once `abort` is set (a stage failed), so no stage waits for ever on one that is gone."""
 
     def __init__(self, maxsize: int = 0, abort: threading.Event | None = None):

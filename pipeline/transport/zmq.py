@@ -20,8 +20,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from pipeline.errors import AgreedError
-from pipeline.control import exchange_strings, host_name
-from pipeline.message import (MAX_HEADER_BYTES, MAX_TENSOR_BYTES, Message, ProtocolError, TensorSpec, decode_header,
+from pipeline.run.control import exchange_strings, host_name
+from pipeline.transport.message import (MAX_HEADER_BYTES, MAX_TENSOR_BYTES, Message, ProtocolError, TensorSpec, decode_header,
                               encode_header)
 from pipeline.transport.base import (BufferPool, Channel, Links, gradient_source, host_buffer, received, to_device,
                                      to_host)

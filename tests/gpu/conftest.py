@@ -10,7 +10,7 @@ from test_equivalence import _results
 
 # The sequential references run in this pytest process and share its CUDA context, so cuBLAS must see its
 # reproducible workspace setting before the first test touches the GPU (see [Note: determinism] in
-# pipeline/determinism.py); the stage processes inherit it.
+# pipeline/run/determinism.py); the stage processes inherit it.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 def pytest_collection_modifyitems(config, items):

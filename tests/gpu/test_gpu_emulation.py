@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import small_config
-from pipeline.launcher import launch
+from pipeline.run.launcher import launch
 from pipeline.sequential import SequentialTrainer
 from test_equivalence import TRANSPORTS, _assert_same, _mlp, _results, _vgg
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.cuda
 STALL_S = 60.0  # a stalled stage fails its run in a minute, well inside each test's timeout
 # bf16 against fp32, in points of test error on 2000 synthetic test images (20 images). Five fp32 seeds of this
 # config on CPU end at 0.0-0.1%; bf16 only rounds the blocks' forward (losses, weights and optimizer stay fp32,
-# pipeline/precision.py), a smaller change than a new seed, while a bf16 path that breaks learning (overflow,
+# pipeline/block/precision.py), a smaller change than a new seed, while a bf16 path that breaks learning (overflow,
 # lost updates, a wrong cast on the wire) lands far above 1%.
 BF16_TOLERANCE = 1.0
 

@@ -7,7 +7,7 @@ run `dist` over NCCL. The configs and comparisons are tests/test_equivalence.py'
 import pytest
 import torch
 
-from pipeline.launcher import launch
+from pipeline.run.launcher import launch
 from test_equivalence import TRANSPORTS, _assert_same, _dfa, _mlp, _results, _vgg
 
 pytestmark = pytest.mark.cuda
@@ -59,8 +59,8 @@ def test_one_gpu_synchronous_dfa_equals_the_dfa_trainer(sequential_reference, on
 @pytest.mark.parametrize("sizes", [(1.5, 2.5), (1.5, 1, 1.5), ("1.5h", 2.5)], ids=["1.5,2.5", "1.5,1,1.5", "1.5h,2.5"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_one_gpu_split_heads_equal_sequential(sequential_reference, one_gpu, tmp_path, transport, sizes):
-    # h goes on and dL/dh comes back across helper threads' streams (pipeline/remote_heads.py); heads first: h comes
-    # back, dL/dh goes on, and the heads' weights go on before a test (pipeline/upstream_heads.py)
+    # h goes on and dL/dh comes back across helper threads' streams (pipeline/engine/remote_heads.py); heads first: h comes
+    # back, dL/dh goes on, and the heads' weights go on before a test (pipeline/engine/upstream_heads.py)
     cfg = CONFIGS["mlp"](pipeline__stages=len(sizes), pipeline__partition=sizes, pipeline__transport=transport,
                          run__out=str(tmp_path))
     run = _launch(cfg, tmp_path)

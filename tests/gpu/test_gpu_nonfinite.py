@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from helpers import small_config
-from pipeline.blocks import forward_for_feedback, learn_from_error, train_blocks
-from pipeline.feedback import output_error
-from pipeline.factories import build_blocks
-from pipeline.nonfinite import NonFiniteLoss, NonFiniteWatch
+from pipeline.block.blocks import forward_for_feedback, learn_from_error, train_blocks
+from pipeline.model.feedback import output_error
+from pipeline.model.factories import build_blocks
+from pipeline.block.nonfinite import NonFiniteLoss, NonFiniteWatch
 
 pytestmark = pytest.mark.cuda
 

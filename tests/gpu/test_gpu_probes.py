@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from pipeline.launcher import launch
+from pipeline.run.launcher import launch
 from test_equivalence import _assert_same, _mlp, _results
 from test_network import _residual
 
@@ -26,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # spinning kernel, the step takes about SPIN_S: with a real pending receive that would be a deadlock.
 PROBE = textwrap.dedent("""
     import json, sys, time, torch
-    from pipeline.blocks import evaluate_blocks, train_blocks
-    from pipeline.factories import build_blocks
+    from pipeline.block.blocks import evaluate_blocks, train_blocks
+    from pipeline.model.factories import build_blocks
     sys.path.insert(0, "tests")
     from helpers import small_config
     SPIN_S = 4.0
@@ -81,7 +81,7 @@ def test_first_time_kernels_do_not_wait_for_a_pending_kernel_on_another_stream()
 # producer's allocator reuse memory the consumer has yet to read. SKIP_WAIT drops the consumer's wait: the control.
 STRESS = textwrap.dedent("""
     import os, torch
-    import pipeline.cuda_streams as streams
+    import pipeline.engine.cuda_streams as streams
     CYCLES = 2 * 10 ** 6  # about a millisecond on an H100
     record, accept = streams.CudaStreams.record, streams.CudaStreams.accept
     def delayed_record(self):

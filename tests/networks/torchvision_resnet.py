@@ -1,4 +1,4 @@
-"""torchvision's resnet18 as a network of local learners, through pipeline.from_modules (docs/your-own-network.md's example)."""
+"""torchvision's resnet18 as a network of local learners, through pipeline.model.from_modules (docs/your-own-network.md's example)."""
 
 import torchvision
 

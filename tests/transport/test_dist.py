@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import init_gloo, run_ranks
-from pipeline.message import Kind, Message
+from pipeline.transport.message import Kind, Message
 from pipeline.transport.base import dfa_gradient_links
 from pipeline.transport.dist import open_dist
 
@@ -69,7 +69,7 @@ class _Group:
 
 
 def test_split_heads_get_a_gradient_group_from_each_heads_stage_to_its_layer_stage(monkeypatch):
-    from pipeline.partition import Placement
+    from pipeline.engine.partition import Placement
     from pipeline.transport import dist as dist_transport
 
     made = []
@@ -123,7 +123,7 @@ def test_warm_up_touches_every_link_of_a_rank_once_from_the_main_thread():
 def test_a_gradient_channel_leaves_no_receive_posted_after_a_message(monkeypatch):
     """[Note: no receive left posted on a gradient link]: a forward link posts the next header's receive as soon as
     a message is in; a remote-gradient link (open_dist's feedback_in) posts nothing until it is asked to receive."""
-    from pipeline.message import encode_header
+    from pipeline.transport.message import encode_header
     from pipeline.transport import dist as dist_transport
 
     payload = encode_header(Message(Kind.FEEDBACK, 1, 0, [torch.zeros(2)]))

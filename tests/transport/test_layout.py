@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import init_gloo, run_ranks
-from pipeline.message import Kind, Message, ProtocolError, decode_header, encode_header, from_wire, memory_order, to_wire
+from pipeline.transport.message import Kind, Message, ProtocolError, decode_header, encode_header, from_wire, memory_order, to_wire
 from pipeline.transport.dist import open_dist
 from pipeline.transport.local import QueueChannel
 from pipeline.transport.zmq import ZmqReceiver, ZmqSender

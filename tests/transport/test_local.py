@@ -4,7 +4,7 @@ import queue
 
 import torch
 
-from pipeline.message import Kind, Message
+from pipeline.transport.message import Kind, Message
 from pipeline.transport.local import QueueChannel
 
 

@@ -10,7 +10,7 @@ from helpers import malformed_messages
 import torch
 import zmq
 
-from pipeline.message import Kind, Message
+from pipeline.transport.message import Kind, Message
 from pipeline.transport.zmq import ZmqReceiver, ZmqSender
 
 

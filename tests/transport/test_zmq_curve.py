@@ -10,8 +10,8 @@ import torch
 import zmq
 
 from helpers import run_group
-from pipeline.checkpoint import load_weights
-from pipeline.message import Kind, Message
+from pipeline.persistence.checkpoint import load_weights
+from pipeline.transport.message import Kind, Message
 from pipeline.transport.zmq import CurveKeys, ZmqReceiver, ZmqSender
 
 

@@ -56,7 +56,7 @@ def test_stages_on_two_nodes_talk_over_tcp_and_train_as_the_sequential_trainer(t
     import torch
 
     from helpers import ProcessGroup, run_group
-    from pipeline.checkpoint import load_weights
+    from pipeline.persistence.checkpoint import load_weights
 
     reference = run_group([sys.executable, *ARGS, "--out", str(tmp_path / "sequential")], timeout=120)
     assert reference.returncode == 0, reference.stderr

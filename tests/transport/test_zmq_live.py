@@ -12,7 +12,7 @@ import torch
 import zmq
 
 from helpers import OutputWatch, ProcessGroup, malformed_messages, small_config
-from pipeline.checkpoint import load_weights
+from pipeline.persistence.checkpoint import load_weights
 from pipeline.sequential import SequentialTrainer
 
 ROUNDS = 100

@@ -1,0 +1,1 @@
+"""Observability: metrics, stage reports and summaries, memory accounting, alignment angles, progress, plots and TensorBoard."""

@@ -1,0 +1,1 @@
+"""Persistence: checkpoints, their writer thread, and a finished run loaded back."""

@@ -1,0 +1,113 @@
+"""A finished run back as a network: evaluate reproduces summary.json, load gives the sequential logits, bad files exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pipeline
+from pipeline.cli import main
+from pipeline.data import BatchSource
+from pipeline.persistence.trained import early_exit, evaluate, run_config
+
+SMALL = ["--dataset", "synthetic", "--synthetic-train-size", "256", "--synthetic-test-size", "96", "--batch-size", "32",
+         "--num-layers", "2", "--num-hidden", "32", "--dropout", "0.1", "--nonlin", "leakyrelu", "--lr", "2e-3",
+         "--no-progress", "--threads", "1", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same network trained sequentially (in this process) and as 3 zmq stages (3 processes), two of its blocks
+    split (their layers on one stage, their heads on the next: each half saved by its own stage)."""
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["train", *SMALL, "--out", str(root / "seq")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", *SMALL, "--stages", "3", "--transport", "zmq",
+                           "--partition", "0.5,1,1.5", "--out", str(root / "k3")], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def summary_errors(folder):
+    return json.loads((folder / "summary.json").read_text())["layer_test_errors"]
+
+
+@pytest.mark.parametrize("name", ["seq", "k3"])
+def test_evaluate_reproduces_the_runs_per_layer_test_errors_exactly(runs, name):
+    result = evaluate(str(runs / name))
+    assert result.layer_test_errors == summary_errors(runs / name) and result.examples == 96
+
+
+def test_the_evaluate_command_prints_every_layer(runs, capsys):
+    assert main(["evaluate", str(runs / "k3"), "--exit-threshold", "0.5", "0.9", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    errors = summary_errors(runs / "k3")
+    assert f"     0  {errors[0]:.2f}%" in out and f"output  {errors[-1]:.2f}%" in out
+    assert out.count("early exit at confidence") == 3
+    assert f"confidence >= 1: accuracy {100 - errors[-1]:.2f}%, average depth 3.00 of 3 blocks" in out  # all at the output
+
+
+def test_load_of_a_3_stage_run_gives_the_sequential_networks_logits(runs):
+    seq, k3 = pipeline.load(str(runs / "seq")), pipeline.load(str(runs / "k3"))
+    assert not k3.training and not any(m.training for m in k3.modules())
+    x = next(BatchSource(run_config(str(runs / "seq")).data, 1).eval_batches()).x
+    logits = k3(x)
+    assert logits.shape == (32, 10) and torch.equal(logits, seq(x))
+    scores = k3.local_classifiers(x)
+    assert len(scores) == 3 and scores[0].shape == (32, 10) and torch.equal(scores[-1], logits)
+
+
+def test_early_exit_answers_at_the_first_confident_layer():
+    labels = torch.tensor([0, 1, 1])
+    first = torch.tensor([[9.0, 0.0], [0.0, 9.0], [0.1, 0.0]])  # sure and right, sure and right, unsure (0.52)
+    third = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 0.0]])  # example 2: 0.95 sure of the wrong class
+    output = torch.tensor([[0.0, 1.0]] * 3)  # says 1 for everyone
+    scores = [first, None, third, output]
+    assert early_exit(scores, labels, 0.99) == (3, 1 + 1 + 4)  # example 2 reaches the output, which is right
+    assert early_exit(scores, labels, 0.9) == (2, 1 + 1 + 3)  # example 2 stops at block 3, wrongly
+    assert early_exit(scores, labels, 0.0) == (2, 3)  # everyone at block 1
+    assert early_exit(scores, labels, 1.01) == (2, 12)  # everyone at the output
+
+
+def test_a_dfa_run_has_no_local_classifiers_but_evaluates(tmp_path):
+    assert main(["train", *SMALL[:-2], "--epochs", "1", "--loss", "dfa", "--out", str(tmp_path)]) == 0
+    assert evaluate(str(tmp_path)).layer_test_errors == summary_errors(tmp_path)
+    assert pipeline.load(str(tmp_path)).local_classifiers(torch.zeros(2, 1, 28, 28))[0] is None
+
+
+def damage(folder, how, other):
+    path = folder / "weights-stage0.pt"
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif how == "garbage":
+        path.write_bytes(b"not a torch file at all")
+    elif how == "foreign tensors":
+        torch.save({"weight": torch.zeros(3)}, path)
+    elif how == "another network":
+        path.write_bytes((other / "weights-stage0.pt").read_bytes())
+    elif how == "missing":
+        path.unlink()
+    elif how == "no summary":
+        (folder / "summary.json").unlink()
+    elif how == "foreign summary":
+        (folder / "summary.json").write_text('{"config": {"model": {"layers": 3}}}')
+
+
+DAMAGES = {"truncated": "cannot read", "garbage": "cannot read", "foreign tensors": "is not a weights file of this project",
+           "another network": "do not fit its config's network", "missing": "no weights-stage*.pt",
+           "no summary": "no readable summary.json", "foreign summary": "holds no config of this project"}
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_or_foreign_files_exit_2_with_one_line(how, tmp_path, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    tiny = ["--dataset", "synthetic", "--synthetic-train-size", "32", "--synthetic-test-size", "32", "--batch-size", "32",
+            "--no-progress", "--num-hidden", "8"]
+    assert main(["train", *tiny, "--out", str(run)]) == 0
+    assert main(["train", *tiny[:-1], "16", "--out", str(other)]) == 0
+    capsys.readouterr()
+    damage(run, how, other)
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and DAMAGES[how] in err and "Traceback" not in err

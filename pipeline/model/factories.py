@@ -214,12 +214,16 @@ def check_splittable(cfg: Config, index: int) -> None:
 
 
 def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
-                 indices: Sequence[int] | None = None, device: str | torch.device = "cpu") -> list[Block]:
-    """Build blocks of the run's network (all, or those at `indices`), each under its own seed, so that any
-    process builds the same block; parameters are drawn on the CPU and then moved, so a block's initial weights
-    do not depend on the device."""
+                 indices: Sequence[int] | None = None, device: str | torch.device = "cpu",
+                 placement: Placement | None = None, rank: int = 0) -> list[Block]:
+    """Build blocks of the run's network (all, or those at `indices`; with a `placement`, stage `rank`'s, each
+    knowing the half it trains of a split block), each under its own seed, so that any process builds the same
+    block; parameters are drawn on the CPU and then moved, so a block's initial weights do not depend on the
+    device."""
 
     network, ctx, shape = resolve(cfg, tuple(input_shape), num_classes)
+    if placement is not None:
+        indices = placement.ranges[rank]
     chosen = range(len(network)) if indices is None else list(indices)
     precision = Precision(cfg.run.precision, torch.device(device).type)
     blocks = []
@@ -235,6 +239,8 @@ def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: in
                      generator(cfg.run.seed, "dropout", index, device=device))
         if torch.device(device).type != "cpu":
             block.host_generator = generator(cfg.run.seed, "host draws", index)
+        if placement is not None:  # whole, or the half of a block split with another stage
+            block.part, block.partner = placement.part(rank, index), placement.partner(rank, index)
         blocks.append(block)
     return blocks
 

@@ -140,10 +140,8 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
 def stage_blocks(cfg: Config, rank: int, placement: Placement, device: torch.device) -> list:
     """The blocks stage `rank` trains, built from the run's seed (a split block: both halves, each stepping its own)."""
     spec = DATASETS[cfg.data.shape_source]
-    blocks = build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, indices=placement.ranges[rank], device=device)
-    for block in blocks:
-        block.part, block.partner = placement.part(rank, block.index), placement.partner(rank, block.index)
-    return blocks
+    return build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, device=device, placement=placement,
+                        rank=rank)
 
 
 def make_stage(cfg: Config, rank: int, world: int, placement: Placement, blocks: list, links, device: torch.device,

@@ -11,9 +11,6 @@ from typing import Any
 from pipeline.errors import ConfigError
 from pipeline.engine.partition import Placement, format_sizes
 from pipeline.data import DATASETS
-from pipeline.block.precision import supported
-from pipeline.observe.tensorboard_log import check_available
-import torch
 
 LOCAL_LOSSES = ("predsim", "pred", "sim")
 GLOBAL_LOSSES = ("backprop", "fa")  # one loss at the output, its error sent back through every layer
@@ -241,8 +238,6 @@ class PipelineConfig:
         _require(self.dist_backend == "auto" or self.transport == "dist", f"--dist-backend {self.dist_backend} applies to --transport dist only")
         if self.zmq_curve_keys is not None:
             _require(self.transport == "zmq", "--zmq-curve-keys secures the zmq transport: add --transport zmq")
-            missing = [n for n in ("server.key_secret", "client.key_secret", "authorized") if not os.path.exists(os.path.join(self.zmq_curve_keys, n))]
-            _require(not missing, f"--zmq-curve-keys {self.zmq_curve_keys} lacks {', '.join(missing)}: make the keys with python -m pipeline keys DIR")
         if self.dfa_sync:
             self.dfa_max_delay = 0
         if isinstance(self.partition, str):
@@ -328,9 +323,6 @@ class RunConfig:
         _require(self.warmup_batches >= 1, f"--warmup-batches must be >= 1, got {self.warmup_batches}")
         _require(self.checkpoint_every is None or self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         _choice(self.checkpoint_unit, ("batch", "epoch"), "checkpoint unit")
-        if self.tensorboard:
-
-            check_available()
         _require(self.checkpoint_dir is not None or not (self.resume or self.checkpoint_every or self.auto_resume),
                  "--resume, --auto-resume and --checkpoint-every need --checkpoint-dir DIR")
         _require(self.max_restarts >= 0, f"--max-restarts must be >= 0, got {self.max_restarts}")
@@ -361,14 +353,8 @@ class Config:
         if self.model.nonlin is None:
             self.model.nonlin = "tanh" if self.loss.loss == "dfa" else "relu"
         _require(not (self.pipeline.dist_backend == "nccl" and self.run.device != "cuda"), "--dist-backend nccl needs --device cuda")
-        if self.run.device == "cuda":
-
-            _require(torch.cuda.is_available(), "--device cuda but no CUDA GPU is visible: use --device cpu")
-        if self.run.precision != "fp32":
-
-
-            _require(supported(self.run.precision, self.run.device),
-                     f"--precision {self.run.precision} is not supported on {self.run.device} by torch {torch.__version__}: use --precision fp32 or another device")
+        # what depends on this machine (a GPU, the precision it supports, optional packages, key files) is judged
+        # where a run starts, not here: pipeline/run/resources.py, check_machine
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (the 'resolved config' of summary.json)."""

@@ -19,6 +19,7 @@ from pipeline.persistence.checkpoint import (fingerprint, finish_checkpoint, loa
 from pipeline.config import Config, default_threads
 from pipeline.data import BatchSource
 from pipeline.run.determinism import use_deterministic
+from pipeline.run.resources import check_machine
 from pipeline.engine.dfa_stage import DfaOutput
 from pipeline.run.faults import Hooks
 from pipeline.run.interrupt import StopRequest
@@ -38,6 +39,7 @@ class SequentialTrainer:
     def __init__(self, cfg: Config, source: BatchSource | None = None, hooks: Hooks | None = None):
         """`hooks`: the faults and stop a test injects (default: what the environment asks for, pipeline/run/faults.py)."""
         self.cfg = cfg
+        check_machine(cfg)  # what the config asks of this machine (pipeline/run/resources.py)
         use_deterministic(cfg.run.deterministic)  # before anything touches the GPU (see pipeline/run/determinism.py)
         self.device = torch.device(cfg.run.device)
         torch.set_num_threads(cfg.run.threads or default_threads(1))

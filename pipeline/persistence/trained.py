@@ -76,10 +76,10 @@ def run_config(run_dir: str, device: str = "cpu", **data: object) -> Config:
     try:
         with open(os.path.join(run_dir, "summary.json")) as f:
             values = json.load(f)["config"]
-        values["run"].update(device=device, out=None, resume=False, auto_resume=False, max_restarts=0, checkpoint_dir=None,
-                             checkpoint_every=None, log_alignment=None, progress=False)
-        values["pipeline"].update(stages=1, partition=None, transport="dist", zmq_curve_keys=None, dfa_sync=False,
-                                  dist_backend="auto")
+        # one process on `device`: what only a pipeline or another machine needs goes (what the machine offers
+        # is judged where a run starts, pipeline/run/resources.py, so the rest of the config loads as it was saved)
+        values["run"].update(device=device, out=None, max_restarts=0, progress=False)
+        values["pipeline"].update(stages=1, partition=None, dist_backend="auto")
         values["data"].update({k: v for k, v in data.items() if v is not None})
         return Config.from_dict(values)
     except OSError as exc:

@@ -25,6 +25,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import check_available
 from pipeline.model.factories import check_network
 from pipeline.run.interrupt import ABORT_AFTER_S, STOP_SIGNALS
+from pipeline.run.resources import check_machine
 from pipeline.run.restarts import EXIT_STOPPED, RESTART_ENV, record_start, resolve_resume
 from pipeline.run.runtime import gradient_links, guarded, run_stage
 from pipeline.transport.local import make_queues
@@ -106,6 +107,7 @@ def supervise(processes: list, device: str = "cpu") -> int:
 
 def preflight(cfg: Config) -> None:
     """Everything about a run that can be judged before its processes start; a ConfigError otherwise."""
+    check_machine(cfg)  # a GPU, the precision, TensorBoard, the key files
     check_network(cfg)  # the factory imports and builds a network that fits the stages
     check_available(cfg.data)  # a missing dataset is reported here, once
     if cfg.run.resume:

@@ -20,6 +20,8 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import DATASETS
 from pipeline.model.factories import resolve
 from pipeline.engine.partition import resolve_partition
+from pipeline.block.precision import supported
+from pipeline.observe.tensorboard_log import check_available
 import torch
 
 SIM_COPIES = 4
@@ -28,8 +30,28 @@ FP32 = 4
 GIB = 2 ** 30
 
 
+def check_machine(cfg: Config) -> None:
+    """What the config asks of this machine, judged where a run starts (not when a Config is made, so that a
+    finished run's config loads anywhere): the GPU, the precision it supports, TensorBoard, the CURVE key files."""
+    run, pipe = cfg.run, cfg.pipeline
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    if run.precision != "fp32" and not supported(run.precision, run.device):
+        raise ConfigError(f"--precision {run.precision} is not supported on {run.device} by torch {torch.__version__}: "
+                          f"use --precision fp32 or another device")
+    if run.tensorboard:
+        check_available()
+    if pipe.zmq_curve_keys is not None:
+        missing = [n for n in ("server.key_secret", "client.key_secret", "authorized")
+                   if not os.path.exists(os.path.join(pipe.zmq_curve_keys, n))]
+        if missing:
+            raise ConfigError(f"--zmq-curve-keys {pipe.zmq_curve_keys} lacks {', '.join(missing)}: make the keys with "
+                              f"python -m pipeline keys DIR")
+
+
 def check_resources(cfg: Config) -> None:
     """Every resource check of a run; raises ConfigError with one line."""
+    check_machine(cfg)
     for flag, folder in (("--out", cfg.run.out), ("--checkpoint-dir", cfg.run.checkpoint_dir), ("--tensorboard", cfg.run.tensorboard)):
         if folder:
             check_writable(flag, folder)

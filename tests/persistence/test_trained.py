@@ -111,3 +111,17 @@ def test_damaged_or_foreign_files_exit_2_with_one_line(how, tmp_path, capsys):
     assert main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and DAMAGES[how] in err and "Traceback" not in err
+
+
+def test_a_run_from_another_machine_loads_here(runs, tmp_path):
+    """A summary written on a GPU cluster (CUDA, CURVE keys, TensorBoard, checkpoints, restarts) is read back on this
+    machine: what the machine offers is judged where a run starts, not when its config is read."""
+    summary = json.loads((runs / "k3" / "summary.json").read_text())
+    summary["config"]["run"].update(device="cuda", tensorboard=str(tmp_path / "gone-tb"), checkpoint_dir=str(tmp_path / "gone"),
+                                    checkpoint_every=5, auto_resume=True, max_restarts=3)
+    summary["config"]["pipeline"].update(zmq_curve_keys=str(tmp_path / "gone-keys"), dist_backend="nccl")
+    other = tmp_path / "cluster-run"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps(summary))
+    cfg = run_config(str(other))
+    assert (cfg.run.device, cfg.pipeline.stages, cfg.pipeline.zmq_curve_keys) == ("cpu", 1, str(tmp_path / "gone-keys"))

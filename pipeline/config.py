@@ -1,4 +1,9 @@
-"""Run configuration: nested dataclasses with every check on user input in one place."""
+"""Run configuration: nested dataclasses with every check on user input in one place.
+
+Each field, with the docstring below it, is also its command-line flag, its --help line and its config-file key
+(pipeline/options.py makes them). What depends on the machine a run starts on is judged there, not here
+(pipeline/run/resources.py, check_machine).
+"""
 
 from __future__ import annotations
 
@@ -37,19 +42,19 @@ def _choice(value: str, options: tuple[str, ...], flag: str) -> None:
 class ModelConfig:
     """The network: which architecture and how wide, deep and regularised it is."""
 
-    name: str = "mlp"
+    name: str = field(default="mlp", metadata={"flag": "--model"})
     """A built-in network (mlp, vgg6a ... vgg19, resnet18 ... resnet152, wresnet10-8 ... wresnet40-10a; see
     pipeline/model/models.py) or a user's factory, package.module:function or path/to/file.py:function (pipeline/model/network.py)."""
     num_layers: int = 1
     """Hidden fully connected layers (the whole mlp, at least 1; the classifier part of a vgg)."""
     num_hidden: int = 1024
     """Units in each hidden fully connected layer."""
-    hidden_sizes: tuple[int, ...] | None = None
-    """Width of each hidden fully connected layer (e.g. 800,8,800 for a bottleneck); overrides num_layers/num_hidden."""
+    hidden_sizes: tuple[int, ...] | None = field(default=None, metadata={"parse": "int_list"})
+    """Width of each hidden fully connected layer (e.g. 800,8,800 for a bottleneck); overrides num_layers and num_hidden."""
     feat_mult: float = 1.0
     """Multiplier on the number of feature maps of the convolutions (vgg, resnet)."""
     nonlin: str | None = None
-    """relu, leakyrelu (slope 0.01) or tanh; default tanh under --loss dfa, else relu."""
+    """relu, leakyrelu (slope 0.01) or tanh."""
     dropout: float = 0.0
     """Dropout after each nonlinearity; the local loss is taken before it."""
     batch_norm: bool = True
@@ -121,7 +126,7 @@ class OptimConfig:
     """SGD momentum."""
     weight_decay: float = 0.0
     """L2 weight decay."""
-    lr_decay_milestones: tuple[int, ...] = (200, 300, 350, 375)
+    lr_decay_milestones: tuple[int, ...] = field(default=(200, 300, 350, 375), metadata={"nargs": "+"})
     """Epochs after which the learning rate is multiplied by lr_decay_fact."""
     lr_decay_fact: float = 0.25
     """Learning rate factor at each milestone."""
@@ -181,13 +186,13 @@ class DataConfig:
 class PipelineConfig:
     """How the blocks are cut into concurrent stage processes and how those talk."""
 
-    stages: int = 1
-    """Number of stage processes K; 1 runs the sequential trainer in this process."""
-    partition: tuple[float | str, ...] | str | None = None
+    stages: int = field(default=1, metadata={"unset": True})
+    """Number of stage processes K; 1 runs the sequential trainer in this process; under torchrun, its WORLD_SIZE."""
+    partition: tuple[float | str, ...] | str | None = field(default=None, metadata={"parse": "partition"})
     """Blocks per stage (e.g. 2,1,1), the output classifier counting as the last block; a half splits a hidden
     block, its layer on one stage and its local heads on the next (1.5,2.5: block 1's layer on stage 0, its heads
     on stage 1), or with an h its heads on one stage and its layer on the next (1.5h,2.5: block 1's heads on
-    stage 0, its layer on stage 1); None splits evenly; "auto" times every block's layer and heads and picks the contiguous placement
+    stage 0, its layer on stage 1); left out, the blocks are split evenly; "auto" times every block's layer and heads and picks the contiguous placement
     whose slowest stage is fastest, splitting a block only where that helps."""
     transport: str = "dist"
     """dist (torch.distributed: NCCL on GPUs, gloo on CPU), zmq (PUSH/PULL + msgpack) or local (torch.multiprocessing queues)."""
@@ -201,22 +206,22 @@ class PipelineConfig:
     dfa_sync: bool = False
     """DFA: each stage waits for batch t's error before it forwards batch t+1 (exactly the sequential DFA trainer);
     the same as dfa_max_delay 0."""
-    dfa_max_delay: int | None = 2
+    dfa_max_delay: int | None = field(default=2, metadata={"parse": "optional_int", "metavar": "N"})
     """DFA, asynchronous: a stage forwards at most this many batches past the oldest one whose error it still
-    awaits (bounded staleness); None: no bound, the delay is how far the stage runs ahead of the last one plus
+    awaits (bounded staleness); none (None): no bound, the delay is how far the stage runs ahead of the last one plus
     the time the error takes to come back (on busy cores that return trip can take many batches)."""
-    heads_max_delay: int = 0
+    heads_max_delay: int = field(default=0, metadata={"metavar": "D"})
     """Split heads (a half in --partition): the block's layer forwards at most this many batches past the oldest one
     whose dL/dh it still awaits; 0 (default) is exactly the sequential trainer (the stage overlaps the gradient's
     return trip with its other blocks: those before the split one, or with the heads first, those after it); D > 0
     keeps each forward's weights for its delayed update."""
-    stall_timeout: float = 300.0
+    stall_timeout: float = field(default=300.0, metadata={"metavar": "S"})
     """Seconds a stage may wait for its next batch, for room to send one, or for a remote gradient (a DFA error, a
     split block's dL/dh, or with the heads first its h or heads' weights), before it declares its peer dead or
     deadlocked and fails the run."""
     zmq_host: str = "127.0.0.1"
     """Interface the zmq stages bind on when they are on different hosts; ipc:// is used within one host."""
-    zmq_curve_keys: str | None = None
+    zmq_curve_keys: str | None = field(default=None, metadata={"metavar": "DIR"})
     """Folder of ZeroMQ CURVE keys (python -m pipeline keys DIR): zmq links are encrypted and only stages holding
     the client key can send to a stage."""
     master_port: int = 0
@@ -275,25 +280,26 @@ class RunConfig:
     """Folder for summary.json, metrics.jsonl and the trained weights."""
     progress: bool = True
     """Show a progress bar on the console."""
-    eval_every: int | None = None
+    eval_every: int | None = field(default=None, metadata={"metavar": "N"})
     """Also test every this many training batches (tests.jsonl), besides after each epoch: accuracy against time.
     Exact runs train the same with or without it; with a delay (--heads-max-delay, --dfa-max-delay above 0) every
     test first applies the updates still awaited, as an epoch's test does, which changes the run."""
-    log_alignment: int | None = None
+    log_alignment: int | None = field(default=None, metadata={"metavar": "N"})
     """Every this many training steps, log each hidden layer's angle to the backprop gradient (alignment.jsonl)."""
     checkpoint_dir: str | None = None
     """Folder of resumable checkpoints (every stage writes its part; see pipeline/persistence/checkpoint.py)."""
-    checkpoint_every: int | None = None
-    """Write a checkpoint every this many training batches (or epochs, see checkpoint_unit); one is also written
+    checkpoint_every: int | None = field(default=None, metadata={"parse": "every", "unit": "checkpoint_unit",
+                                                                 "metavar": "N|Ne"})
+    """Write a checkpoint every N training batches, or with a trailing e every N epochs (2e); one is also written
     at the end of the run and when it is interrupted (SIGINT/SIGTERM)."""
-    checkpoint_unit: str = "batch"
-    """batch or epoch: what checkpoint_every counts."""
+    checkpoint_unit: str = field(default="batch", metadata={"flag": None})
+    """batch or epoch: what checkpoint_every counts (on the command line, its trailing e)."""
     resume: bool = False
     """Continue from the newest complete checkpoint in checkpoint_dir."""
     auto_resume: bool = False
     """Continue from the newest complete checkpoint in checkpoint_dir if there is one, else start from the beginning:
     the same command starts a run and continues it (a requeued cluster job; see pipeline/run/restarts.py)."""
-    max_restarts: int = 0
+    max_restarts: int = field(default=0, metadata={"metavar": "N"})
     """The local launcher restarts the stages this many times after a failure, each time resuming from the newest
     complete checkpoint (under torchrun, give torchrun --max-restarts instead)."""
     warmup_batches: int = 1
@@ -303,9 +309,9 @@ class RunConfig:
     precision: str = "fp32"
     """fp32; bf16 or fp16: each block's forward under autocast, its output (what a stage sends) in that dtype,
     losses and weights in fp32; fp16 adds a loss scaler per block (pipeline/block/precision.py)."""
-    alignment_batches: int = 2
+    alignment_batches: int = field(default=2, metadata={"flag": "--align-batches", "metavar": "M"})
     """Held-out batches each alignment measurement averages over."""
-    tensorboard: str | None = None
+    tensorboard: str | None = field(default=None, metadata={"metavar": "DIR"})
     """Folder for TensorBoard event files (the optional extra: pip install -e .[tensorboard])."""
     deterministic: bool = False
     """Deterministic cuDNN/cuBLAS algorithms and no TF32 (pipeline/run/determinism.py): on one GPU model, runs and

@@ -2,7 +2,8 @@
 
 `--config run.toml` turns the file into the flags it stands for, put before the command line's own, so that
 flags given on the command line win. Every run writes `config.toml` into --out with every option's resolved
-value (the learning rule's defaults included), and `train --config RUN/config.toml` reruns it.
+value (the learning rule's defaults included), and `train --config RUN/config.toml` reruns it. The keys and
+what each must hold come from the options, which come from the config's fields (pipeline/options.py).
 
 The file is read with the standard library's tomllib (Python >= 3.11; the tomli backport below that). It is
 written by `dumps` below rather than by tomli-w: the file is flat `key = value` lines of strings, numbers,
@@ -11,7 +12,6 @@ booleans and arrays of numbers, which takes twenty lines, and the tests read eve
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -19,14 +19,12 @@ import sys
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.options import Option, options
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - the backport, where the standard library lacks it
     import tomli as tomllib
-
-NOT_IN_FILES = {"help", "config"}  # options a config file cannot hold
-
 
 def config_path(argv: list[str]) -> str | None:
     """The FILE of `--config FILE` (or `--config=FILE`) in a command line, if any."""
@@ -38,14 +36,15 @@ def config_path(argv: list[str]) -> str | None:
     return None
 
 
-def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """The parser's options by their file key: the long flag without its dashes (num-hidden, no-progress, ...)."""
-    keys = {}
-    for action in parser._actions:  # argparse has no public list of a parser's actions
-        for flag in action.option_strings:
-            if flag.startswith("--") and action.dest not in NOT_IN_FILES:
-                keys[flag[2:]] = action
-    return keys
+def keys() -> dict[str, Option]:
+    """Every train option by its file key: the flag without its dashes (num-hidden, no-progress; batch-norm and
+    no-batch-norm for an option that goes both ways)."""
+    found = {}
+    for option in options():
+        found[option.key] = option
+        if option.kind is bool and option.rule_dependent:
+            found[f"no-{option.key}"] = option
+    return found
 
 
 def read(path: str) -> dict[str, Any]:
@@ -58,13 +57,15 @@ def read(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
 
 
-def _kind(action: argparse.Action) -> str:
+def _kind(option: Option) -> str:
     """What a key's value must be: bool, int, float, str, ints (an array of integers) or any (the flag's own parser)."""
-    if action.nargs == 0:
+    if option.kind is bool:
         return "bool"
-    if action.nargs == "+":
+    if "nargs" in option.field.metadata:
         return "ints"
-    return {int: "int", float: "float", None: "str"}.get(action.type, "any")
+    if "parse" in option.field.metadata:
+        return "any"
+    return {int: "int", float: "float", str: "str"}[option.kind]
 
 
 def _matches(kind: str, value: Any) -> bool:
@@ -83,32 +84,32 @@ KIND_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number",
               "ints": "an array of integers", "any": "a string, an integer or an array of numbers (or strings like \"1.5h\")"}
 
 
-def to_flags(values: dict[str, Any], parser: argparse.ArgumentParser, path: str) -> list[str]:
+def to_flags(values: dict[str, Any], path: str) -> list[str]:
     """The command-line tokens a config file stands for; unknown keys and wrong types are a ConfigError."""
-    known = options(parser)
+    known = keys()
     tokens: list[str] = []
     for key, value in values.items():
         if isinstance(value, dict):
             raise ConfigError(f"--config {path}: [{key}] is a table, but the file is flat: write its keys at the top, e.g. num-hidden = 800")
-        action = known.get(key)
-        if action is None:
+        option = known.get(key)
+        if option is None:
             hint = f" (did you mean {key.replace('_', '-')}?)" if key.replace("_", "-") in known else ""
             raise ConfigError(f"--config {path}: unknown key '{key}'{hint}; keys are the train flags without --, e.g. num-hidden")
-        kind = _kind(action)
+        kind = _kind(option)
         if not _matches(kind, value):
             raise ConfigError(f"--config {path}: {key} must be {KIND_NAMES[kind]}, got {type(value).__name__} {value!r}")
-        if kind == "bool":
-            if isinstance(action, argparse.BooleanOptionalAction):
-                positive = key if not key.startswith("no-") or f"--{key}" == action.option_strings[0] else key[3:]
-                tokens.append(f"--{positive}" if value == (positive == key) else f"--no-{positive}")
-            elif value:  # store_true: false is the default, which is what leaving it out means
-                tokens.append(f"--{key}")
+        if kind == "bool" and option.rule_dependent:  # batch-norm = false, or no-batch-norm = true
+            on = value if key == option.key else not value
+            tokens.append(f"--{option.key}" if on else f"--no-{option.key}")
+        elif kind == "bool":
+            if value:  # a switch: false is its default, which is what leaving it out means
+                tokens.append(option.flag)
         elif kind == "ints":
-            tokens += [f"--{key}", *map(str, value)]
+            tokens += [option.flag, *map(str, value)]
         elif isinstance(value, list):
-            tokens += [f"--{key}", ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
+            tokens += [option.flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
         else:
-            tokens += [f"--{key}", repr(value) if isinstance(value, float) else str(value)]
+            tokens += [option.flag, repr(value) if isinstance(value, float) else str(value)]
     return tokens
 
 
@@ -131,23 +132,6 @@ def dumps(values: dict[str, Any], header: str = "") -> str:
     lines = [f"# {line}" for line in header.splitlines()]
     lines += [f"{key} = {_value(value)}" for key, value in values.items() if value is not None]
     return "\n".join(lines) + "\n"
-
-
-def file_values(args: argparse.Namespace, parser: argparse.ArgumentParser, resolved: dict[str, Any]) -> dict[str, Any]:
-    """Every option of a parsed command line as a config-file key, with `resolved` (dest -> value) taking precedence."""
-    values: dict[str, Any] = {}
-    for key, action in options(parser).items():
-        if key != action.option_strings[0][2:]:
-            continue  # --no-batch-norm: the key is batch-norm
-        value = resolved.get(action.dest, getattr(args, action.dest))
-        if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction) and not value:
-            continue  # an unset store_true flag
-        if action.dest == "checkpoint_every" and value is not None:
-            value = f"{value[0]}e" if value[1] == "epoch" else value[0]
-        if action.dest == "dfa_max_delay" and value is None:
-            value = "none"
-        values[key] = list(value) if isinstance(value, tuple) else value
-    return values
 
 
 def write(folder: str, values: dict[str, Any]) -> str:

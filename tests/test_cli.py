@@ -224,9 +224,11 @@ def test_help_shows_every_resolved_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("initial learning rate (default 0.0005; under --loss dfa: 0.001)", "(default on; under --loss dfa: off)",
+    for shown in ("Initial learning rate (default 0.0005; under --loss dfa: 0.001)", "(default on; under --loss dfa: off)",
                   "(default 200 300 350 375; under --loss dfa: 4 7)", "(default relu; under --loss dfa: tanh)",
-                  "training and test batch size (default 128)", "passes over the training set (default 1)"):
+                  "Training and evaluation batch size (default 128)", "Passes over the training set (default 1)",
+                  "--dropout DROPOUT Dropout after each nonlinearity; the local loss is taken before it (default 0.0)",
+                  "--no-download turn off (on by default): download a dataset that is missing from --data-dir"):
         assert shown in text, shown
 
 

@@ -82,9 +82,8 @@ def test_what_dumps_writes_reads_back_with_tomllib():
 
 
 def test_a_partition_with_halves_reads_back():
-    from pipeline.cli import build_parser, command_parser
     from pipeline.config_file import to_flags
 
-    train = command_parser(build_parser(), "train")
-    assert to_flags({"partition": [1.5, 2, 0.5]}, train, "x.toml") == ["--partition", "1.5,2,0.5"]
-    assert to_flags({"partition": ["1.5h", 2.5]}, train, "x.toml") == ["--partition", "1.5h,2.5"]  # heads first
+    assert to_flags({"partition": [1.5, 2, 0.5]}, "x.toml") == ["--partition", "1.5,2,0.5"]
+    assert to_flags({"partition": ["1.5h", 2.5]}, "x.toml") == ["--partition", "1.5h,2.5"]  # heads first
+    assert to_flags({"no-batch-norm": True, "augment": False}, "x.toml") == ["--no-batch-norm", "--no-augment"]

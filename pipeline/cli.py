@@ -32,6 +32,7 @@ from pipeline.persistence.trained import evaluate, report
 from pipeline.transport.zmq import CurveKeys
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+COMMAND_KEYS = {"train": {}, "align": {"align-every": int, "load": str}}  # a command's own config-file keys
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         path = config_path(argv)
         if path is not None and argv and argv[0] in ("train", "align"):  # the file's options first: flags win
-            argv = [argv[0], *to_flags(read(path), path), *argv[1:]]
+            argv = [argv[0], *to_flags(read(path), path, COMMAND_KEYS[argv[0]]), *argv[1:]]
         args = parser.parse_args(argv)
         if args.command == "keys":
 

@@ -277,7 +277,7 @@ class RunConfig:
     threads: int | None = None
     """Intra-op CPU threads per process; default: the cores divided among the processes."""
     out: str | None = None
-    """Folder for summary.json, metrics.jsonl and the trained weights."""
+    """Folder for summary.json, metrics.jsonl, the trained weights and config.toml (which reruns the run)."""
     progress: bool = True
     """Show a progress bar on the console."""
     eval_every: int | None = field(default=None, metadata={"metavar": "N"})
@@ -309,7 +309,8 @@ class RunConfig:
     precision: str = "fp32"
     """fp32; bf16 or fp16: each block's forward under autocast, its output (what a stage sends) in that dtype,
     losses and weights in fp32; fp16 adds a loss scaler per block (pipeline/block/precision.py)."""
-    alignment_batches: int = field(default=2, metadata={"flag": "--align-batches", "metavar": "M"})
+    alignment_batches: int = field(default=2, metadata={"flag": "--align-batches", "metavar": "M",
+                                                         "written_with": "log_alignment"})
     """Held-out batches each alignment measurement averages over."""
     tensorboard: str | None = field(default=None, metadata={"metavar": "DIR"})
     """Folder for TensorBoard event files (the optional extra: pip install -e .[tensorboard])."""

@@ -84,13 +84,20 @@ KIND_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number",
               "ints": "an array of integers", "any": "a string, an integer or an array of numbers (or strings like \"1.5h\")"}
 
 
-def to_flags(values: dict[str, Any], path: str) -> list[str]:
-    """The command-line tokens a config file stands for; unknown keys and wrong types are a ConfigError."""
-    known = keys()
+def to_flags(values: dict[str, Any], path: str, own: dict[str, type] | None = None) -> list[str]:
+    """The command-line tokens a config file stands for; unknown keys and wrong types are a ConfigError. `own`: the
+    command's options besides the train options (align's align-every and load), by key and type."""
+    known, own = keys(), own or {}
     tokens: list[str] = []
     for key, value in values.items():
         if isinstance(value, dict):
             raise ConfigError(f"--config {path}: [{key}] is a table, but the file is flat: write its keys at the top, e.g. num-hidden = 800")
+        if key in own:
+            kind = {int: "int", str: "str"}[own[key]]
+            if not _matches(kind, value):
+                raise ConfigError(f"--config {path}: {key} must be {KIND_NAMES[kind]}, got {type(value).__name__} {value!r}")
+            tokens += [f"--{key}", str(value)]
+            continue
         option = known.get(key)
         if option is None:
             hint = f" (did you mean {key.replace('_', '-')}?)" if key.replace("_", "-") in known else ""

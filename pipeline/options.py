@@ -7,7 +7,9 @@ An option is written once, as a field of a section of pipeline/config.py with it
   one whose default depends on the learning rule goes both ways (`--batch-norm`, `--no-batch-norm`);
 - `field(metadata=...)` says where a field differs: another spelling (`flag`: `--model` for model.name, None for
   none), a parser of its own (`parse`: `--partition 1.5h,2.5`, `--checkpoint-every 2e`, `--dfa-max-delay none`),
-  `nargs`, `metavar`, and `unset` for a default worked out later (the stage count under torchrun).
+  `nargs`, `metavar`, `unset` for a default worked out later (the stage count under torchrun), and `written_with`
+  for a field a config file holds only where that other field is set (align's held-out batches: align keeps
+  its own default where a train run did not measure alignment).
 The config file's keys are the flags without their dashes (pipeline/config_file.py reads them off this parser),
 and the config.toml a run writes comes from its Config through `file_values`: a new field is a new flag, a new
 help line and a new key at once.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import os
 import re
@@ -37,6 +40,7 @@ from pipeline.errors import ConfigError
 
 SECTIONS = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "data": DataConfig,
             "pipeline": PipelineConfig, "run": RunConfig}
+TITLES = {"loss": "learning rule", "optim": "optimizer"}  # the --help group of a section, where not its name
 
 
 class _Unset:
@@ -125,6 +129,7 @@ class Option:
         return self.name in rule_defaults("predsim")
 
 
+@functools.cache
 def _docstrings(cls: type) -> dict[str, str]:
     """The docstring below each field of a dataclass and of the dataclasses it extends (the source's string after
     `name: type = ...`; Python keeps no such docstring at run time)."""
@@ -190,6 +195,8 @@ def _help(option: Option, flags: dict[str, str]) -> str:
     if option.kind is bool and option.flag.startswith("--no-"):
         lowered = text[:1].lower() + text[1:] if text[1:2].islower() else text  # not DFA's D
         return f"turn off (on by default): {lowered}"
+    if option.field.metadata.get("unset"):
+        return f"{text} (default {option.field.default})"
     return text
 
 
@@ -203,12 +210,15 @@ class HelpFormatter(argparse.HelpFormatter):
             return text
         return f"{text} (default %(default)s)".lstrip()
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)  # --dfa-max-delay stays whole
+
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """Every train option, grouped by section (the section's docstring heads its group)."""
     all_options = options()
     flags = {o.name: o.flag for o in all_options}
-    groups = {section: parser.add_argument_group(section, cls.__doc__) for section, cls in SECTIONS.items()}
+    groups = {section: parser.add_argument_group(TITLES.get(section, section), cls.__doc__) for section, cls in SECTIONS.items()}
     for option in all_options:
         meta, default = option.field.metadata, option.field.default
         how: dict[str, Any] = {"dest": option.name, "help": _help(option, flags)}
@@ -267,6 +277,9 @@ def file_values(cfg: Config) -> dict[str, Any]:
         section = getattr(cfg, option.section)
         value = getattr(section, option.name)
         unit = option.field.metadata.get("unit")
+        written_with = option.field.metadata.get("written_with")
+        if written_with is not None and getattr(section, written_with) is None:
+            continue
         if option.kind is bool and not option.rule_dependent:
             if value == (option.field.default is True):
                 continue  # the switch left as it is: leaving its key out says so

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline import options as options_module
 from pipeline.cli import build_parser, command_parser
+from pipeline.errors import ConfigError
 from pipeline.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, PipelineConfig, RunConfig
 from pipeline.config_file import dumps, to_flags, tomllib
 from pipeline.options import SECTIONS, config_from_args, file_values, options
@@ -114,3 +115,26 @@ def test_a_field_of_a_type_the_generator_cannot_parse_is_refused_when_the_option
     monkeypatch.setitem(options_module.SECTIONS, "run", WithPairs)
     with pytest.raises(TypeError, match="WithPairs.pairs: a tuple"):
         options()
+
+
+def test_align_reads_its_own_keys_and_keeps_its_own_default_from_a_train_runs_file(tmp_path):
+    from pipeline.cli import COMMAND_KEYS
+
+    values = tomllib.loads(dumps(file_values(Config())))  # the config.toml of a run that did not measure alignment
+    assert "align-batches" not in values and file_values(LOCAL)["align-batches"] == 5
+    values.update({"align-every": 10, "load": "run"})
+    args = build_parser().parse_args(["align", *to_flags(values, "x.toml", COMMAND_KEYS["align"])])
+    assert (args.align_every, args.load, args.alignment_batches) == (10, "run", 4)
+    with pytest.raises(ConfigError, match="unknown key 'align-every'"):
+        to_flags({"align-every": 10}, "x.toml", COMMAND_KEYS["train"])
+    with pytest.raises(ConfigError, match="align-every must be an integer"):
+        to_flags({"align-every": "ten"}, "x.toml", COMMAND_KEYS["align"])
+
+
+def test_help_names_sections_and_defaults_and_keeps_flags_whole(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "learning rule:" in out and "optimizer:" in out
+    assert "--stages STAGES" in out and "its WORLD_SIZE (default 1)" in " ".join(out.split())
+    assert not [line for line in out.splitlines() if line.rstrip().endswith("-") and "--" in line.split()[-1]]

@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.block.blocks import Block, LocalBlock, evaluate_blocks
 from pipeline.persistence.checkpoint import load_weights
+from pipeline.run.resources import check_device
 from pipeline.config import Config, ConfigError
 from pipeline.data import BatchSource
 from pipeline.observe.metrics import layer_errors
@@ -76,18 +77,23 @@ def run_config(run_dir: str, device: str = "cpu", **data: object) -> Config:
     try:
         with open(os.path.join(run_dir, "summary.json")) as f:
             values = json.load(f)["config"]
-        # one process on `device`: what only a pipeline or another machine needs goes (what the machine offers
-        # is judged where a run starts, pipeline/run/resources.py, so the rest of the config loads as it was saved)
-        values["run"].update(device=device, out=None, max_restarts=0, progress=False)
-        values["pipeline"].update(stages=1, partition=None, dist_backend="auto")
+        # the network in one process on `device`, tied to none of the run's processes, links or outputs (its
+        # checkpoints, key files, TensorBoard folder): what this machine offers is judged where a run starts
+        # (pipeline/run/resources.py), so a run from another machine loads here
+        values["run"].update(device=device, out=None, resume=False, auto_resume=False, max_restarts=0, checkpoint_dir=None,
+                             checkpoint_every=None, log_alignment=None, progress=False, tensorboard=None)
+        values["pipeline"].update(stages=1, partition=None, transport="dist", zmq_curve_keys=None, dfa_sync=False,
+                                  dist_backend="auto")
         values["data"].update({k: v for k, v in data.items() if v is not None})
-        return Config.from_dict(values)
+        cfg = Config.from_dict(values)
     except OSError as exc:
         raise _fail(run_dir, f"no readable summary.json of a finished run ({exc.strerror or exc})") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise _fail(run_dir, f"summary.json holds no config of this project ({type(exc).__name__}: {exc})") from None
+    check_device(cfg)  # the device asked for here is on this machine and supports the run's precision
+    return cfg
 
 
 def read_weights(run_dir: str) -> dict[int, dict[str, torch.Tensor]]:

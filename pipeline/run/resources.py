@@ -30,15 +30,21 @@ FP32 = 4
 GIB = 2 ** 30
 
 
-def check_machine(cfg: Config) -> None:
-    """What the config asks of this machine, judged where a run starts (not when a Config is made, so that a
-    finished run's config loads anywhere): the GPU, the precision it supports, TensorBoard, the CURVE key files."""
-    run, pipe = cfg.run, cfg.pipeline
+def check_device(cfg: Config) -> None:
+    """The config's device is on this machine and supports its precision."""
+    run = cfg.run
     if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu")
     if run.precision != "fp32" and not supported(run.precision, run.device):
         raise ConfigError(f"--precision {run.precision} is not supported on {run.device} by torch {torch.__version__}: "
                           f"use --precision fp32 or another device")
+
+
+def check_machine(cfg: Config) -> None:
+    """What the config asks of this machine, judged where a run starts (not when a Config is made, so that a
+    finished run's config loads anywhere): the GPU, the precision it supports, TensorBoard, the CURVE key files."""
+    check_device(cfg)
+    run, pipe = cfg.run, cfg.pipeline
     if run.tensorboard:
         check_available()
     if pipe.zmq_curve_keys is not None:

@@ -124,4 +124,12 @@ def test_a_run_from_another_machine_loads_here(runs, tmp_path):
     other.mkdir()
     (other / "summary.json").write_text(json.dumps(summary))
     cfg = run_config(str(other))
-    assert (cfg.run.device, cfg.pipeline.stages, cfg.pipeline.zmq_curve_keys) == ("cpu", 1, str(tmp_path / "gone-keys"))
+    assert (cfg.run.device, cfg.pipeline.stages, cfg.run.precision) == ("cpu", 1, "fp32")
+    # tied to none of the run's processes and outputs: training it on does not touch its checkpoints
+    assert (cfg.run.checkpoint_dir, cfg.run.auto_resume, cfg.run.tensorboard, cfg.pipeline.zmq_curve_keys) == (None, False, None, None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_evaluate_on_a_missing_gpu_is_one_line_and_exit_2(runs, capsys):
+    assert main(["evaluate", str(runs / "seq"), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "error: --device cuda but no CUDA GPU is visible: use --device cpu\n"

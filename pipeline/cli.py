@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {path}")
             return EXIT_OK
         cfg = config_from_args(args)
-        check_network(cfg)  # the factory imports, its blocks fit together, the stages fit its blocks
-        check_resources(cfg)  # output folders, batch size, memory: judged before any process starts
+        shape = check_network(cfg)[2]  # the factory imports, its blocks fit together, the stages fit its blocks
+        check_resources(cfg, shape)  # output folders, batch size, memory: judged before any process starts
         if args.command == "train" and cfg.run.out:
             write_config(cfg.run.out, file_values(cfg))
         if args.command == "align":

@@ -25,7 +25,7 @@ from pipeline.run.faults import Hooks
 from pipeline.run.interrupt import StopRequest
 from pipeline.observe.memory import MemoryMeter
 from pipeline.observe.metrics import MetricsWriter, Throughput, describe_epoch, epoch_record, test_record
-from pipeline.model.factories import build_blocks
+from pipeline.model.factories import build_blocks, resolve
 from pipeline.block.nonfinite import NonFiniteWatch
 from pipeline.engine.partition import Placement
 from pipeline.observe.progress import progress_bar
@@ -44,13 +44,16 @@ class SequentialTrainer:
         self.device = torch.device(cfg.run.device)
         torch.set_num_threads(cfg.run.threads or default_threads(1))
         self.source = source or BatchSource(cfg.data, cfg.run.seed, self.device)
-        self.blocks: list[Block] = build_blocks(cfg, self.source.input_shape, self.source.num_classes, device=self.device)
+        shape = resolve(cfg, self.source.input_shape, self.source.num_classes)[2]  # the network's one dry run
+        self.network = shape.fingerprint
+        self.blocks: list[Block] = build_blocks(cfg, self.source.input_shape, self.source.num_classes, device=self.device,
+                                                shape=shape)
         self.watch = NonFiniteWatch(device=self.device).attach(self.blocks)  # read before weights or stats are
         self.memory = MemoryMeter().attach(self.blocks)
         self.throughput = Throughput(cfg.run.warmup_batches)
         self.position = {"epoch": 1, "batch": 0, "step": 0}  # what comes next (see pipeline/persistence/checkpoint.py)
         if cfg.run.resume:
-            folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg)
+            folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg, self.network)
             restore_stage(self.blocks, load_stage_checkpoint(folder, 0))
             self.position = dict(manifest["position"])
         self.steps = self.position["step"]
@@ -87,7 +90,7 @@ class SequentialTrainer:
         root = self.cfg.run.checkpoint_dir
         self.watch.check()
         if root:
-            print_ = fingerprint(self.cfg)
+            print_ = fingerprint(self.cfg, self.network)
             entry = save_stage_checkpoint(root, stage_state(self.blocks, 0, 1, self.position, print_))
             finish_checkpoint(root, self.position, 1, [entry], print_)
 

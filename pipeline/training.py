@@ -40,11 +40,8 @@ def train(cfg: Config, network: Callable[[NetworkContext], Any] | str | None = N
     if network is not None:
         name = network if isinstance(network, str) else factory_name(network)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name))
-    check_network(cfg)
-
-    check_resources(cfg)
+    check_resources(cfg, check_network(cfg)[2])
     if cfg.pipeline.stages == 1:
-
         return SequentialTrainer(cfg).run()
 
     with tempfile.TemporaryDirectory(prefix="pipeline-run-") as scratch:

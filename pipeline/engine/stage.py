@@ -78,12 +78,14 @@ class Stage:
     def __init__(self, cfg: Config, rank: int, world: int, blocks: list[Block], placement: Placement, *, links: Links,
                  source: BatchSource | None, device: torch.device, host: str, start: dict | None = None,
                  stop: threading.Event | None = None, streams: NoStreams | None = None, token: str = "",
-                 hooks: Hooks = Hooks()):
+                 hooks: Hooks = Hooks(), network: str | None = None):
         """`token`: this run attempt's, the same on every stage (it tells its checkpoint entries from stale ones);
-        `hooks`: the faults and stops a test injects (pipeline/run/faults.py)."""
+        `hooks`: the faults and stops a test injects (pipeline/run/faults.py); `network`: the network's fingerprint
+        from the run's plan, which its checkpoints record (None: made here when first needed)."""
         if (rank == 0) != (source is not None) or (rank > 0) != (links.inbox is not None) or (rank < world - 1) != (links.outbox is not None):
             raise ValueError(f"stage {rank} of {world} is wired wrongly")
         self.cfg, self.rank, self.world, self.blocks = cfg, rank, world, blocks
+        self.network, self._print = network, None
         self.links, self.source = links, source
         self.device, self.host = device, host
         self.is_last = rank == world - 1
@@ -258,7 +260,9 @@ class Stage:
         durable, and the last stage's completes the checkpoint (pipeline/persistence/checkpoint_writer.py)."""
         self._settle()  # no update may be in flight in a checkpoint (a remote gradient awaited)
         started = time.perf_counter()  # the stall: until the snapshot is taken and the marker handed on
-        print_ = fingerprint(self.cfg)
+        if self._print is None:
+            self._print = fingerprint(self.cfg, self.network)
+        print_ = self._print
         state = host_copy(stage_state(self.blocks, self.rank, self.world, msg.meta["position"], print_))
         if not self.is_last:  # on at once: the next stage never waits for this one's writes
             self.io.put(Message(Kind.CHECKPOINT, meta=msg.meta))

@@ -118,15 +118,20 @@ def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> Net
             if getattr(block, "heads", None) is not None:
                 _try_heads(block, h, index, device)
         heads = getattr(block, "heads", None)
-        structure = ";".join(f"{name}{tuple(t.shape)}" for name, t in block.state_dict().items())
         shapes.append(BlockShape(in_shape, shaped.activation_shape, shaped.output_shape,
                                  sum(p.numel() for p in block.parameters() if p.requires_grad),
                                  bool(getattr(heads, "uses_sim", False)), isinstance(block, FeedbackTrained), heads is not None,
-                                 f"{type(block).__name__}[{structure}]",
+                                 block_structure(block),
                                  any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in block.modules()),
                                  in_place))
         x = out
     return NetworkShape(shapes)
+
+
+def block_structure(block: Block) -> str:
+    """A block's type and its parameters' and buffers' names and shapes (what the fingerprint hashes): a stage
+    compares the blocks it built with the run's dry run by it."""
+    return f"{type(block).__name__}[{';'.join(f'{name}{tuple(t.shape)}' for name, t in block.state_dict().items())}]"
 
 
 def _try_heads(block: Block, h: torch.Tensor, index: int, device: torch.device) -> None:

@@ -6,14 +6,13 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
-import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from pipeline.model.dry_run import NetworkShape, built, first_line, network_shape
+from pipeline.model.dry_run import NetworkShape, block_structure, built, first_line, network_shape
 from pipeline.errors import ConfigError
 from pipeline.model.network import BlockContext, Network, NetworkContext
 from pipeline.block.blocks import head_loss, make_optimizer
@@ -95,22 +94,16 @@ def make_network(cfg: Config, input_shape: tuple[int, int, int], num_classes: in
     return network, ctx
 
 
-_SHAPES: dict[str, tuple[Network, NetworkContext, NetworkShape]] = {}
-
-
 def resolve(cfg: Config, input_shape: tuple[int, int, int] | None = None,
             num_classes: int | None = None) -> tuple[Network, NetworkContext, NetworkShape]:
-    """The run's network, its context and its dry-run shapes (once per process and config)."""
+    """The run's network, its context and its dry-run shapes (a dry run on the meta device each call: a run makes
+    them once, in its plan, pipeline/run/plan.py, and hands the shapes on)."""
     if input_shape is None or num_classes is None:
-
         input_shape, num_classes = BatchSource.shape_of(cfg.data)
-    key = json.dumps([cfg.to_dict(), list(input_shape), num_classes], sort_keys=True, default=str)
-    if key not in _SHAPES:
-        network, ctx = make_network(cfg, input_shape, num_classes)
-        shape = network_shape(network, ctx)
-        _check_rules(cfg, shape)
-        _SHAPES[key] = network, ctx, shape
-    return _SHAPES[key]
+    network, ctx = make_network(cfg, tuple(input_shape), num_classes)
+    shape = network_shape(network, ctx)
+    _check_rules(cfg, shape)
+    return network, ctx, shape
 
 
 def _check_rules(cfg: Config, shape: NetworkShape) -> None:
@@ -146,10 +139,11 @@ def fingerprint(cfg: Config) -> str:
     return resolve(cfg)[2].fingerprint
 
 
-def check_network(cfg: Config) -> None:
+def check_network(cfg: Config) -> tuple[Network, NetworkContext, NetworkShape]:
     """Everything about the run's network that can be judged before a process starts: that the factory imports
-    and builds a network whose blocks fit together, and that the stages and the partition fit the network."""
-    network = resolve(cfg)[0]
+    and builds a network whose blocks fit together, and that the stages and the partition fit the network.
+    Returns what it resolved."""
+    resolved = network, _, _ = resolve(cfg)
     for index, spec in enumerate(network.blocks):
         _optim_config(cfg, spec, index)  # a block's optimizer settings are checked like the run's
     blocks = len(network)
@@ -158,45 +152,37 @@ def check_network(cfg: Config) -> None:
         raise ConfigError(f"--stages {stages} is more than the {blocks} blocks of {name} (output classifier "
                           f"included): use at most {blocks}")
     if isinstance(cfg.pipeline.partition, tuple):
-
         placement = Placement.parse(cfg.pipeline.partition)
         if sum(placement.sizes) != blocks:
             raise ConfigError(f"--partition sums to {sum(placement.sizes):g} but {name} has {blocks} blocks")
         for index in sorted(placement.split):
-            check_splittable(cfg, index)
+            why = splittable(cfg, index, resolved)
+            if why:
+                raise ConfigError(f"--partition {format_sizes(cfg.pipeline.partition)} puts block {index}'s "
+                                  f"heads on another stage than its layer, but {why}")
+    return resolved
 
 
-def splittable(cfg: Config, index: int) -> str | None:
-    """None if block `index`'s heads may run on another stage than its layer, else why not."""
-    shape = resolve(cfg)[2]
+def splittable(cfg: Config, index: int, resolved: tuple | None = None) -> str | None:
+    """None if block `index`'s heads may run on another stage than its layer, else why not (`resolved`: the
+    run's network as resolve gives it, or None to resolve it here)."""
+    _, ctx, shape = resolved or resolve(cfg)
     if index == len(shape.blocks) - 1:
         return "it is the output classifier, whose loss is its own"
     if not shape.blocks[index].heads:
         return "it has no local heads" + (" (DFA trains it from the output error)" if shape.blocks[index].feedback else "")
     if cfg.run.precision == "fp16":
         return "--precision fp16 scales the block's loss with one scaler over its layer and heads: use bf16"
-    if _heads_draw_random_numbers(cfg, index):
+    if _heads_draw_random_numbers(cfg, index, ctx, shape):
         return ("its heads draw random numbers from the block's generator, which its layer's stage draws from too "
                 "(keep them on their layer's stage)")
     return None
 
 
-_RANDOM_HEADS: dict[tuple[str, int], bool] = {}
-
-
-def _heads_draw_random_numbers(cfg: Config, index: int) -> bool:
+def _heads_draw_random_numbers(cfg: Config, index: int, ctx: NetworkContext, shape: NetworkShape) -> bool:
     """Whether block `index`'s heads draw from the block's generator (dropout in a user's head): their loss on a
-    random batch of 2, built on the CPU, compared with the generator's state before (once per process and config)."""
-    key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), index)
-    if key not in _RANDOM_HEADS:
-        _RANDOM_HEADS[key] = _probe_heads(cfg, index)
-    return _RANDOM_HEADS[key]
-
-
-def _probe_heads(cfg: Config, index: int) -> bool:
-
-    _, ctx, shape = resolve(cfg)
-    block = build_blocks(cfg, *BatchSource.shape_of(cfg.data), indices=[index])[0]
+    random batch of 2, built on the CPU, compared with the generator's state before."""
+    block = build_blocks(cfg, ctx.input_shape, ctx.num_classes, indices=[index], shape=shape)[0]
     before = block.generator.get_state()
     block.train()
     h = torch.randn(2, *shape.blocks[index].activation)
@@ -205,23 +191,17 @@ def _probe_heads(cfg: Config, index: int) -> bool:
     return not torch.equal(before, block.generator.get_state())
 
 
-def check_splittable(cfg: Config, index: int) -> None:
-    why = splittable(cfg, index)
-    if why:
-
-        raise ConfigError(f"--partition {format_sizes(cfg.pipeline.partition)} puts block {index}'s "
-                          f"heads on another stage than its layer, but {why}")
-
-
 def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
                  indices: Sequence[int] | None = None, device: str | torch.device = "cpu",
-                 placement: Placement | None = None, rank: int = 0) -> list[Block]:
+                 placement: Placement | None = None, rank: int = 0, shape: NetworkShape | None = None) -> list[Block]:
     """Build blocks of the run's network (all, or those at `indices`; with a `placement`, stage `rank`'s, each
     knowing the half it trains of a split block), each under its own seed, so that any process builds the same
     block; parameters are drawn on the CPU and then moved, so a block's initial weights do not depend on the
-    device."""
-
-    network, ctx, shape = resolve(cfg, tuple(input_shape), num_classes)
+    device. With the run's dry-run `shape` (its plan's) the factory is called but the dry run is not repeated."""
+    if shape is None:
+        network, ctx, shape = resolve(cfg, tuple(input_shape), num_classes)
+    else:
+        network, ctx = make_network(cfg, tuple(input_shape), num_classes)
     if placement is not None:
         indices = placement.ranges[rank]
     chosen = range(len(network)) if indices is None else list(indices)
@@ -255,11 +235,15 @@ def weights_checksum(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def initial_checksums(cfg: Config, indices: Sequence[int]) -> dict[int, str]:
-    """The checksum of each block at `indices` as this process builds it (on the CPU, one at a time, freed after)."""
-
-    network, ctx, shape = resolve(cfg, *BatchSource.shape_of(cfg.data))
-    return {index: weights_checksum(_fresh_block(cfg, network, ctx, shape, index)) for index in indices}
+def initial_checksums(cfg: Config, indices: Sequence[int], shape: NetworkShape) -> dict[int, tuple[str, str]]:
+    """The checksum and the structure of each block at `indices` as this process builds it from the run's dry-run
+    `shape` (on the CPU, one at a time, freed after)."""
+    network, ctx = make_network(cfg, *BatchSource.shape_of(cfg.data))
+    checked = {}
+    for index in indices:
+        block = _fresh_block(cfg, network, ctx, shape, index)
+        checked[index] = weights_checksum(block), block_structure(block)
+    return checked
 
 
 def _fresh_block(cfg: Config, network: Network, ctx: NetworkContext, shape: NetworkShape, index: int) -> Block:

@@ -83,16 +83,18 @@ MANIFEST = "MANIFEST.json"
 KEEP_CHECKPOINTS = 2
 
 
-def fingerprint(cfg) -> dict:
+def fingerprint(cfg, network: str | None = None) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint (epochs may grow, paths may move), the
-    structure of its network included (a user's factory may have changed since)."""
+    structure of its network included (a user's factory may have changed since): `network`, the fingerprint of
+    the run's dry run where the caller holds it (its plan), else one made here."""
 
     values = cfg.to_dict()
     data = {k: v for k, v in values["data"].items() if k not in ("data_dir", "download")}
     printed = {"model": values["model"], "loss": values["loss"], "optim": values["optim"], "data": data,
                "seed": values["run"]["seed"], "stages": values["pipeline"]["stages"],
                "partition": values["pipeline"]["partition"], "dfa_max_delay": values["pipeline"]["dfa_max_delay"],
-               "precision": values["run"]["precision"], "network": network_fingerprint(cfg)}
+               "precision": values["run"]["precision"],
+               "network": network if network is not None else network_fingerprint(cfg)}
     if values["pipeline"]["heads_max_delay"]:  # only when set: checkpoints from before the option still match
         printed["heads_max_delay"] = values["pipeline"]["heads_max_delay"]
     return printed
@@ -281,8 +283,9 @@ def latest_checkpoint(root: str) -> tuple[str, dict]:
     raise ConfigError(f"--resume: no complete checkpoint under '{root}' (a checkpoint counts once its {MANIFEST} is written)")
 
 
-def verify_checkpoint(root: str, cfg) -> tuple[str, dict]:
-    """The checkpoint a run resumes from, refused with a clear ConfigError if it is not this run's or is damaged."""
+def verify_checkpoint(root: str, cfg, network: str | None = None) -> tuple[str, dict]:
+    """The checkpoint a run resumes from, refused with a clear ConfigError if it is not this run's or is damaged
+    (`network`: the run's network fingerprint, as for `fingerprint`)."""
     folder, manifest = latest_checkpoint(root)
     if manifest.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"--resume: {folder} has checkpoint format {manifest.get('format')}, this version reads {CHECKPOINT_FORMAT}")
@@ -291,7 +294,7 @@ def verify_checkpoint(root: str, cfg) -> tuple[str, dict]:
                           f"{cfg.pipeline.stages}: use --stages {manifest['stages']}")
     if manifest.get("device") not in (None, cfg.run.device):  # None: written before the field existed
         raise _wrong_device(folder, manifest["device"], cfg.run.device)
-    mine = fingerprint(cfg)
+    mine = fingerprint(cfg, network)
     differs = [key for key in mine if json.dumps(mine[key], sort_keys=True) != json.dumps(manifest["fingerprint"].get(key), sort_keys=True)]
     if "model" in differs and "network" in differs:
         differs.remove("network")  # its structure differs because its options do: name the cause only

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import torch
 
@@ -23,6 +22,7 @@ from pipeline.config import Config
 from pipeline.run.determinism import use_deterministic
 from pipeline.run.faults import Hooks
 from pipeline.run.launcher import preflight
+from pipeline.run.plan import RunPlan
 from pipeline.run.restarts import record_start, resolve_resume
 from pipeline.run.runtime import choose_placement, gradient_links, make_stage, stage_blocks
 from pipeline.engine.stage import Stage
@@ -43,29 +43,30 @@ def run_in_process(cfg: Config, hooks: Hooks = Hooks(), timeout: float = 300.0) 
     returns the last stage's summary. Raises StageFailed with the first stage's exception as its cause when a
     stage fails."""
     cfg = resolve_resume(cfg, 0)
-    preflight(cfg)  # as the launcher judges a run before its processes start
+    plan = preflight(cfg)  # as the launcher judges a run before its processes start, and plans it
     record_start(cfg, 0)
     world, device = cfg.pipeline.stages, torch.device("cuda" if cfg.run.device == "cuda" else "cpu")
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     use_deterministic(cfg.run.deterministic)
     torch.set_num_threads(cfg.run.threads or 1)  # the process's: every stage's (and given back after)
     try:
-        return _run(cfg, hooks, timeout, world, device)
+        return _run(plan, hooks, timeout, world, device)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _run(cfg: Config, hooks: Hooks, timeout: float, world: int, device: torch.device) -> dict | None:
-    placement, profile = choose_placement(cfg, world, device)
+def _run(plan: RunPlan, hooks: Hooks, timeout: float, world: int, device: torch.device) -> dict | None:
+    cfg = plan.cfg
+    placement, profile = choose_placement(plan, world, device)
     abort = threading.Event()
     queues = make_queues(ThreadQueues(abort), world, cfg.pipeline.queue_depth, gradient_links(cfg, placement))
-    token, stages = uuid.uuid4().hex, []
+    stages = []
     for rank in range(world):
         links = open_local(rank, world, device, queues, gradient_links(cfg, placement))
         stop = threading.Event()  # no signal handler sets it here (the process's are its caller's)
-        stage = make_stage(cfg, rank, world, placement, stage_blocks(cfg, rank, placement, device), links, device,
-                           stop, token, hooks)
+        stage = make_stage(plan, rank, world, placement, stage_blocks(plan, rank, placement, device), links, device,
+                           stop, hooks)
         if profile and rank == 0:
             stage.notes["partition_profile"] = profile
         stage.notes.update(dist_backend=None, deterministic=torch.are_deterministic_algorithms_enabled())

@@ -23,10 +23,10 @@ import zmq
 from pipeline.persistence.checkpoint import verify_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.data import check_available
-from pipeline.model.factories import check_network
 from pipeline.run.interrupt import ABORT_AFTER_S, STOP_SIGNALS
 from pipeline.run.resources import check_machine
 from pipeline.run.restarts import EXIT_STOPPED, RESTART_ENV, record_start, resolve_resume
+from pipeline.run.plan import RunPlan, make_plan
 from pipeline.run.runtime import gradient_links, guarded, run_stage
 from pipeline.transport.local import make_queues
 
@@ -44,14 +44,15 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def stage_process(cfg: Config, rank: int, world: int, store_port: int, queues: dict | None, parent: int,
+def stage_process(plan: RunPlan, rank: int, world: int, store_port: int, queues: dict | None, parent: int,
                   number: int = 0) -> None:
     """Body of one stage process started by the launcher, in its attempt `number` (0, then 1 after a restart...)."""
     _die_with_parent(parent)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port), **{RESTART_ENV: str(number)})
     store = dist.TCPStore("127.0.0.1", store_port, is_master=False)  # run_stage meets under this attempt's prefix
-    sys.exit(guarded(rank, lambda: run_stage(cfg, rank, world, rank, world, store=store, local_queues=queues)))
+    sys.exit(guarded(rank, lambda: run_stage(plan.cfg, rank, world, rank, world, plan=plan, store=store,
+                                             local_queues=queues)))
 
 
 def _stop(processes: list, terminate: bool = True) -> None:
@@ -105,13 +106,14 @@ def supervise(processes: list, device: str = "cpu") -> int:
     return EXIT_STOPPED if stopped else 0
 
 
-def preflight(cfg: Config) -> None:
-    """Everything about a run that can be judged before its processes start; a ConfigError otherwise."""
+def preflight(cfg: Config) -> RunPlan:
+    """Everything about a run that can be judged before its processes start, and the plan of its first attempt;
+    a ConfigError otherwise."""
     check_machine(cfg)  # a GPU, the precision, TensorBoard, the key files
-    check_network(cfg)  # the factory imports and builds a network that fits the stages
+    plan = make_plan(cfg)  # the factory imports and builds a network that fits the stages
     check_available(cfg.data)  # a missing dataset is reported here, once
     if cfg.run.resume:
-        verify_checkpoint(cfg.run.checkpoint_dir, cfg)
+        verify_checkpoint(cfg.run.checkpoint_dir, cfg, plan.network)
     if cfg.pipeline.master_port:
         with socket.socket() as probe:
             try:
@@ -129,6 +131,7 @@ def preflight(cfg: Config) -> None:
                               f"give one of its addresses, or 0.0.0.0") from None
         finally:
             probe.close(linger=0)
+    return plan
 
 
 def launch(cfg: Config) -> int:
@@ -136,7 +139,7 @@ def launch(cfg: Config) -> int:
     to --max-restarts times, each time from the newest complete checkpoint (pipeline/run/restarts.py)."""
     given = cfg
     cfg = resolve_resume(given, 0)
-    preflight(cfg)
+    plan = preflight(cfg)
     record_start(cfg, 0)
     store = dist.TCPStore("127.0.0.1", cfg.pipeline.master_port, is_master=True, wait_for_workers=False)
     processes: list = []
@@ -145,7 +148,7 @@ def launch(cfg: Config) -> int:
     try:
         number = 0
         while True:
-            started, queues = _start(cfg, store.port, number)  # the queues live until the attempt ends
+            started, queues = _start(plan, store.port, number)  # the queues live until the attempt ends
             processes[:] = started
             if forward.signalled:  # it came while the stages were being restarted: it is theirs
                 forward.resend()
@@ -156,21 +159,23 @@ def launch(cfg: Config) -> int:
             number += 1
             print(f"restart {number} of {cfg.run.max_restarts}", file=sys.stderr, flush=True)
             cfg = resolve_resume(given, number)
+            plan = make_plan(cfg)  # this attempt's: what it resumes from, its token
             record_start(cfg, number)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
 
-def _start(cfg: Config, store_port: int, number: int) -> tuple[list, dict | None]:
+def _start(plan: RunPlan, store_port: int, number: int) -> tuple[list, dict | None]:
     """Start the K stage processes of attempt `number`; returns them and the local transport's queues, which the
     launcher must keep until they end (a queue freed here takes its semaphores with it before a child opens them)."""
+    cfg = plan.cfg
     world = cfg.pipeline.stages
     context = mp.get_context("spawn")
     queues = None
     if cfg.pipeline.transport == "local":
-        queues = make_queues(context, world, cfg.pipeline.queue_depth, gradient_links(cfg, None, world))
-    processes = [context.Process(target=stage_process, args=(cfg, rank, world, store_port, queues, os.getpid(), number),
+        queues = make_queues(context, world, cfg.pipeline.queue_depth, gradient_links(cfg, plan.placement, world))
+    processes = [context.Process(target=stage_process, args=(plan, rank, world, store_port, queues, os.getpid(), number),
                                  name=f"stage {rank}", daemon=False) for rank in range(world)]
     for process in processes:
         process.start()

@@ -18,6 +18,7 @@ import tempfile
 
 from pipeline.config import Config, ConfigError
 from pipeline.data import DATASETS
+from pipeline.model.dry_run import NetworkShape
 from pipeline.model.factories import resolve
 from pipeline.engine.partition import resolve_partition
 from pipeline.block.precision import supported
@@ -55,14 +56,16 @@ def check_machine(cfg: Config) -> None:
                               f"python -m pipeline keys DIR")
 
 
-def check_resources(cfg: Config) -> None:
-    """Every resource check of a run; raises ConfigError with one line."""
+def check_resources(cfg: Config, shape: NetworkShape | None = None) -> None:
+    """Every resource check of a run; raises ConfigError with one line (`shape`: the network's dry run where the
+    caller made it, check_network's, else one made here)."""
+    shape = shape or resolve(cfg)[2]
     check_machine(cfg)
     for flag, folder in (("--out", cfg.run.out), ("--checkpoint-dir", cfg.run.checkpoint_dir), ("--tensorboard", cfg.run.tensorboard)):
         if folder:
             check_writable(flag, folder)
-    check_batch_size(cfg)
-    check_memory(cfg)
+    check_batch_size(cfg, shape)
+    check_memory(cfg, shape)
 
 
 def check_writable(flag: str, folder: str) -> None:
@@ -80,7 +83,7 @@ def train_examples(cfg: Config) -> int:
     return cfg.data.synthetic_train_size if cfg.data.dataset == "synthetic" else DATASETS[cfg.data.dataset].train_examples
 
 
-def check_batch_size(cfg: Config) -> None:
+def check_batch_size(cfg: Config, shape: NetworkShape) -> None:
     """A batch the training set can fill, and, with batch norm, more than one example (training batch norm takes a
     variance over the batch; a last batch of one is dropped, pipeline/data.py)."""
 
@@ -88,29 +91,28 @@ def check_batch_size(cfg: Config) -> None:
     if batch > examples:
         raise ConfigError(f"--batch-size {batch} is larger than the {examples} examples of the {cfg.data.dataset} "
                           f"training set: use at most {examples}")
-    normed = [i for i, block in enumerate(resolve(cfg)[2].blocks) if block.batch_norm]
+    normed = [i for i, block in enumerate(shape.blocks) if block.batch_norm]
     if batch == 1 and normed:
         raise ConfigError(f"--batch-size 1 cannot train batch norm (block {normed[0]} has it, and a batch of one has no "
                           f"variance where it normalises one value per channel): use a batch of at least 2, or a "
                           f"network without batch norm")
 
 
-def block_bytes(cfg: Config) -> list[tuple[int, int]]:
+def block_bytes(cfg: Config, shape: NetworkShape) -> list[tuple[int, int]]:
     """(transient bytes at batch B, resident bytes) of each block, in order; see [Note: memory estimate]."""
 
     batch = cfg.data.batch_size
     result = []
-    for block in resolve(cfg)[2].blocks:  # shapes and parameter counts from the network's dry run
+    for block in shape.blocks:  # shapes and parameter counts from the network's dry run
         similarity = SIM_COPIES * batch * batch if block.similarity else 0
         transient = FP32 * (batch * (math.prod(block.input) + ACTIVATION_COPIES * math.prod(block.activation)) + similarity)
         result.append((transient, 4 * FP32 * block.parameters))  # weights, gradients, two Adam moments
     return result
 
 
-def stage_bytes(cfg: Config) -> list[int]:
+def stage_bytes(cfg: Config, shape: NetworkShape | None = None) -> list[int]:
     """Estimated peak bytes of each stage (even split for --partition auto: its split is measured at start)."""
-
-    blocks = block_bytes(cfg)
+    blocks = block_bytes(cfg, shape or resolve(cfg)[2])
     sizes = cfg.pipeline.partition if isinstance(cfg.pipeline.partition, tuple) else None
     ranges = resolve_partition(len(blocks), cfg.pipeline.stages, sizes)
     return [max(blocks[i][0] for i in r) + sum(blocks[i][1] for i in r) for r in ranges]
@@ -126,9 +128,9 @@ def device_memory(device: str) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host (RAM)"
 
 
-def check_memory(cfg: Config) -> None:
+def check_memory(cfg: Config, shape: NetworkShape | None = None) -> None:
     """Refuse a run whose stages on this device need more memory than the device has."""
-    stages = stage_bytes(cfg)
+    stages = stage_bytes(cfg, shape)
     if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: one stage per process, LOCAL_WORLD_SIZE of them on this node
         sharing = 1 if cfg.run.device == "cuda" else int(os.environ["LOCAL_WORLD_SIZE"])
         need = max(stages) * sharing

@@ -16,7 +16,6 @@ import socket
 import sys
 import threading
 import traceback
-import uuid
 
 import torch
 import torch.distributed as dist
@@ -27,12 +26,13 @@ from pipeline.persistence.checkpoint import latest_checkpoint, load_stage_checkp
 from pipeline.config import Config, ConfigError
 from pipeline.run.control import agree_backend, device_facts, exchange_strings
 from pipeline.errors import AgreedError
-from pipeline.data import DATASETS, BatchSource
+from pipeline.data import BatchSource
 from pipeline.run.determinism import use_deterministic
 from pipeline.run.faults import Hooks
 from pipeline.run.interrupt import StopRequest
-from pipeline.model.factories import build_blocks, count_blocks, fingerprint, initial_checksums, weights_checksum
-from pipeline.model.factories import splittable as splittable_block
+from pipeline.model.dry_run import block_structure
+from pipeline.model.factories import build_blocks, initial_checksums, weights_checksum
+from pipeline.run.plan import RunPlan, share_plan
 from pipeline.engine.partition import Placement, as_sizes, balanced_partition, balanced_placement, resolve_placement, stage_times
 from pipeline.engine.profile import block_costs, send_path
 from pipeline.run.restarts import EXIT_STOPPED, attempt
@@ -94,9 +94,10 @@ def pin_cores(local_rank: int, local_world: int) -> int:
     return max(1, per_stage)
 
 
-def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: int, *,
+def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: int, *, plan: RunPlan | None = None,
               store: dist.Store | None = None, local_queues: dict | None = None) -> int:
-    """Set up and run stage `rank`; returns its exit code: 0, or EXIT_STOPPED when a signal stopped the run early."""
+    """Set up and run stage `rank` of the attempt `plan` describes (None, under torchrun: rank 0 makes it from its
+    `cfg` and sends it); returns its exit code: 0, or EXIT_STOPPED when a signal stopped the run early."""
     name_process(rank)
     use_deterministic(cfg.run.deterministic)  # before anything touches the GPU (see pipeline/run/determinism.py)
     stop = StopRequest(announce=rank == 0).install()  # stage 0 turns it into a checkpoint and END; the others wait
@@ -115,15 +116,16 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
                             timeout=timeout)
     # every rank takes part, and all decide on every rank's facts: the same backend everywhere, or the same error
     backend = agree_backend(cfg.pipeline.dist_backend, device_facts(device)) if cfg.pipeline.transport == "dist" else None
-    agree_network(cfg, rank)
-    _, token = agree_resume(cfg)  # verified and restored below, once the blocks are built
-    placement, profile = agree_partition(cfg, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
-    blocks = stage_blocks(cfg, rank, placement, device)
-    agree_initial_weights(cfg, rank, world, blocks, placement)
+    agree_resume(cfg)  # what this rank sees (under torchrun each rank resolved --auto-resume alone)
+    plan = plan or share_plan(cfg, rank)
+    cfg = plan.cfg
+    placement, profile = agree_partition(plan, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
+    blocks = stage_blocks(plan, rank, placement, device)
+    agree_network(plan, rank, world, blocks, placement)
     links = open_links(cfg.pipeline.transport, rank, world, device, gradients=gradient_links(cfg, placement),
                        dist_backend=backend or "gloo", zmq_host=cfg.pipeline.zmq_host,
                        zmq_curve_keys=cfg.pipeline.zmq_curve_keys, local_queues=local_queues, timeout=timeout)
-    stage = make_stage(cfg, rank, world, placement, blocks, links, device, stop.event, token, Hooks.from_env())
+    stage = make_stage(plan, rank, world, placement, blocks, links, device, stop.event, Hooks.from_env())
     if profile:
         stage.notes["partition_profile"] = profile
     stage.notes.update(dist_backend=backend, deterministic=torch.are_deterministic_algorithms_enabled())
@@ -137,24 +139,24 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     return EXIT_STOPPED if stage.stopped_at else 0
 
 
-def stage_blocks(cfg: Config, rank: int, placement: Placement, device: torch.device) -> list:
-    """The blocks stage `rank` trains, built from the run's seed (a split block: both halves, each stepping its own)."""
-    spec = DATASETS[cfg.data.shape_source]
-    return build_blocks(cfg, (spec.channels, spec.size, spec.size), spec.classes, device=device, placement=placement,
-                        rank=rank)
+def stage_blocks(plan: RunPlan, rank: int, placement: Placement, device: torch.device) -> list:
+    """The blocks stage `rank` trains, built from the run's seed and the plan's shapes (a split block: both halves,
+    each stepping its own)."""
+    return build_blocks(plan.cfg, plan.input_shape, plan.num_classes, device=device, placement=placement, rank=rank,
+                        shape=plan.shape)
 
 
-def make_stage(cfg: Config, rank: int, world: int, placement: Placement, blocks: list, links, device: torch.device,
-               stop: threading.Event | None, token: str, hooks: Hooks) -> Stage:
-    """Stage `rank` on its blocks and links, restored from the run's checkpoint when it resumes."""
-    start = None
-    if cfg.run.resume:
-        folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg)
+def make_stage(plan: RunPlan, rank: int, world: int, placement: Placement, blocks: list, links, device: torch.device,
+               stop: threading.Event | None, hooks: Hooks) -> Stage:
+    """Stage `rank` on its blocks and links, restored from the plan's checkpoint when the attempt resumes."""
+    cfg, start = plan.cfg, None
+    if plan.resume_from is not None:
+        folder, manifest = verify_checkpoint(cfg.run.checkpoint_dir, cfg, plan.network)
         restore_stage(blocks, load_stage_checkpoint(folder, rank))
         start = manifest["position"]
     source = BatchSource(cfg.data, cfg.run.seed, device) if rank == 0 else None
     return Stage(cfg, rank, world, blocks, placement, links=links, source=source, device=device,
-                 host=socket.gethostname(), start=start, stop=stop, token=token, hooks=hooks)
+                 host=socket.gethostname(), start=start, stop=stop, token=plan.token, hooks=hooks, network=plan.network)
 
 
 def attempt_store(store: dist.Store | None, rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
@@ -166,50 +168,52 @@ def attempt_store(store: dist.Store | None, rank: int, world: int, timeout: date
     return dist.PrefixStore(f"attempt-{attempt()}/", store)
 
 
-def agree_resume(cfg: Config) -> tuple[str | None, str]:
-    """Every rank resumes from the same checkpoint or none does (collective): each decided alone (--auto-resume, a
-    restart) from what it sees of the checkpoint folder, and a folder that is not shared, or a manifest not yet
-    visible on some node, is refused on every rank. Also returns the attempt's token, stage 0's, the same on every
-    rank (pipeline/persistence/checkpoint_writer.py)."""
+def agree_resume(cfg: Config) -> str | None:
+    """Every rank resumes from the same checkpoint or none does (collective): under torchrun each rank decided alone
+    (--auto-resume, a restart) from what it sees of the checkpoint folder, and a folder that is not shared, or a
+    manifest not yet visible on some node, is refused on every rank. Returns the folder."""
     folder = latest_checkpoint(cfg.run.checkpoint_dir)[0] if cfg.run.resume else None
-    seen = exchange_strings(json.dumps([folder, uuid.uuid4().hex]))
-    folders = [json.loads(text)[0] for text in seen]
+    folders = [json.loads(text) for text in exchange_strings(json.dumps(folder))]
     if len(set(folders)) > 1:
         raise AgreedError(f"the stages do not see the same checkpoint to resume from ({', '.join(map(str, folders))}, "
                           f"by rank): --checkpoint-dir must be one folder every node shares")
-    return folder, json.loads(seen[0])[1]
+    return folder
 
 
-def agree_network(cfg: Config, rank: int) -> None:
-    """Every rank's factory built the same network (collective): a factory that reads something that differs between
-    ranks (an environment variable, a file that changed on one node) is refused by every rank alike."""
-    prints = exchange_strings(fingerprint(cfg))
-    if len(set(prints)) > 1:
-        odd = next(r for r, p in enumerate(prints) if p != prints[0])
-        raise AgreedError(f"--model {cfg.model.name} built different networks on different ranks (stage 0 and "
-                          f"stage {odd} differ): the factory must depend on its context only")
-
-
-def agree_initial_weights(cfg: Config, rank: int, world: int, blocks: list, placement: Placement) -> None:
-    """Every block starts from the same weights in every process (collective). The factory and each block are built
-    under seeds derived from the run's alone, which covers torch's, Python's and numpy's global generators; what
-    they cannot cover (a factory that seeds from the process id, reads a file that differs) is caught here: each
-    stage builds the blocks of the next stage too, and a block whose checksums differ is refused on every rank."""
+def agree_network(plan: RunPlan, rank: int, world: int, blocks: list, placement: Placement) -> None:
+    """Every block is the plan's and starts from the same weights in every process (collective). The factory and
+    each block are built under seeds derived from the run's alone, which covers torch's, Python's and numpy's global
+    generators; what they cannot cover (a factory that reads an environment variable or a file that differs
+    between ranks, or seeds from the process id) is caught here: each stage compares the blocks it built, and its
+    rebuilds of the next stage's, with the plan's dry run, and their weights with the other ranks' builds; a
+    difference is refused on every rank alike."""
     if world == 1:
         return
+    cfg = plan.cfg
+    built = {block.index: (weights_checksum(block), block_structure(block)) for block in blocks}
+    rebuilt = initial_checksums(cfg, placement.ranges[(rank + 1) % world], plan.shape)
     # the blocks it trains and its rebuilds of the next stage's, kept apart: a split block is in both
-    mine = [[block.index, weights_checksum(block)] for block in blocks]
-    mine += [[index, checksum] for index, checksum in initial_checksums(cfg, placement.ranges[(rank + 1) % world]).items()]
+    mine = [[index, checksum] for index, (checksum, _) in [*built.items(), *rebuilt.items()]]
+    odd = any(structure != plan.shape.blocks[index].structure for index, (_, structure) in [*built.items(), *rebuilt.items()])
     seen: dict[int, list[tuple[int, str]]] = {}
-    for other, text in enumerate(exchange_strings(json.dumps(mine))):
-        for index, checksum in json.loads(text):
+    differ = []
+    for other, text in enumerate(exchange_strings(json.dumps([odd, mine]))):
+        other_odd, checksums = json.loads(text)
+        if other_odd:
+            differ.append(other)
+        for index, checksum in checksums:
             seen.setdefault(int(index), []).append((other, checksum))
+    if differ:
+        same = next((r for r in range(world) if r not in differ), None)
+        pair = f"stage {same} and stage {differ[0]}" if same is not None else "the plan's dry run and every stage"
+        raise AgreedError(f"--model {cfg.model.name} built different networks on different ranks ({pair} differ): "
+                          f"the factory must depend on its context only")
     for index in sorted(seen):
         (first, expected), *others = seen[index]
-        odd = next((r for r, checksum in others if checksum != expected), None)
-        if odd is not None:
+        other = next((r for r, checksum in others if checksum != expected), None)
+        if other is not None:
             raise AgreedError(f"--model {cfg.model.name}: block {index} starts from different weights in stage "
-                              f"{first} and stage {odd}: the factory draws random numbers or reads values that "
+                              f"{first} and stage {other}: the factory draws random numbers or reads values that "
                               f"differ between processes (build modules in the specs, or only from the run's seed)")
 
 
@@ -227,15 +231,16 @@ def gradient_links(cfg: Config, placement: Placement | None, world: int | None =
     return []
 
 
-def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
+def agree_partition(plan: RunPlan, rank: int, world: int, device: torch.device,
                     path: str = "host") -> tuple[Placement, dict | None]:
-    """Where every block's layer and heads run, the same on every rank. For "auto", stage 0 profiles the blocks'
-    layers and heads and broadcasts its choice (timings differ between processes; the placement must not)."""
-    if cfg.pipeline.partition != "auto":
-        return choose_placement(cfg, world, device, path)
+    """Where every block's layer and heads run, the same on every rank: the plan's, or for "auto" the choice stage 0
+    makes by profiling the blocks' layers and heads where they will run, which it broadcasts (timings differ
+    between processes; the placement must not)."""
+    if plan.placement is not None:
+        return plan.placement, None
     placement, profile = Placement((1,) * world), None  # the other ranks receive rank 0's choice
     if rank == 0:
-        placement, profile = choose_placement(cfg, world, device, path)
+        placement, profile = choose_placement(plan, world, device, path)
     # half-blocks per stage, negative where the stage ends with a block's heads (heads first)
     halves = torch.tensor([int(2 * s) * (-1 if k in placement.heads_first else 1) for k, s in enumerate(placement.sizes)])
     dist.broadcast(halves, src=0)
@@ -243,18 +248,18 @@ def agree_partition(cfg: Config, rank: int, world: int, device: torch.device,
     return Placement(as_sizes([abs(h) for h in chosen]), frozenset(k for k, h in enumerate(chosen) if h < 0)), profile
 
 
-def choose_placement(cfg: Config, world: int, device: torch.device, path: str = "host") -> tuple[Placement, dict | None]:
-    """The run's placement as one process decides it: --partition as given, or for "auto" the checkpoint's (a
-    resumed run) or the one that profiling the blocks' layers and heads here makes fastest, with the profile."""
-    blocks = count_blocks(cfg)
-    if cfg.pipeline.partition != "auto":
-        return resolve_placement(blocks, world, cfg.pipeline.partition), None
-    resumed = _checkpoint_placement(cfg, world, blocks) if cfg.run.resume else None
+def choose_placement(plan: RunPlan, world: int, device: torch.device, path: str = "host") -> tuple[Placement, dict | None]:
+    """The run's placement as one process decides it: the plan's, or for "auto" the checkpoint's (a resumed run) or
+    the one that profiling the blocks' layers and heads here makes fastest, with the profile."""
+    cfg, blocks = plan.cfg, plan.blocks
+    if plan.placement is not None:
+        return plan.placement, None
+    resumed = _checkpoint_placement(cfg, world, blocks) if plan.resume_from is not None else None
     if resumed is not None:  # the placement the checkpoint was written with, not a new profile's
         placement, profile = resumed, {"resumed_placement": list(resumed.entries)}
     else:
         costs = block_costs(cfg, device, path=path)
-        splittable = [cfg.loss.local and splittable_block(cfg, i) is None for i in range(blocks)]
+        splittable = list(plan.splittable)
         placement, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, world,
                                               exact=cfg.pipeline.heads_max_delay == 0)
         whole = balanced_partition(costs.compute, costs.send, world)

@@ -62,6 +62,7 @@ def test_a_resumed_auto_run_keeps_the_placement_of_its_checkpoint(tmp_path, monk
 
     from helpers import small_config
     from pipeline.run import runtime
+    from pipeline.run.plan import make_plan
 
     cfg = small_config(model__num_layers=2, pipeline__stages=2, pipeline__partition="auto",
                        run__checkpoint_dir=str(tmp_path), run__resume=True)
@@ -71,12 +72,12 @@ def test_a_resumed_auto_run_keeps_the_placement_of_its_checkpoint(tmp_path, monk
     (step / "MANIFEST.json").write_text(json.dumps({"format": 1, "position": {}, "stages": 2, "files": files}))
     monkeypatch.setattr(runtime, "block_costs", lambda *a, **k: pytest.fail("a resumed auto run must not re-profile"))
     monkeypatch.setattr(runtime.dist, "broadcast", lambda tensor, src: None)
-    placement, profile = runtime.agree_partition(cfg, 0, 2, torch.device("cpu"))
+    placement, profile = runtime.agree_partition(make_plan(cfg), 0, 2, torch.device("cpu"))
     assert placement.sizes == (1.5, 1.5) and profile == {"resumed_placement": [1.5, 1.5]}
     # heads first: the stage that holds block 1's heads wrote its size as 1.5h
     files[1]["size"] = "1.5h"
     (step / "MANIFEST.json").write_text(json.dumps({"format": 1, "position": {}, "stages": 2, "files": files}))
-    placement, profile = runtime.agree_partition(cfg, 0, 2, torch.device("cpu"))
+    placement, profile = runtime.agree_partition(make_plan(cfg), 0, 2, torch.device("cpu"))
     assert placement.text == "1.5h,1.5" and profile == {"resumed_placement": ["1.5h", 1.5]}
 
 
@@ -88,8 +89,8 @@ def _resume_where(rank, world, port, results, roots):
 
     init_gloo(rank, world, port)
     try:
-        folder, token = agree_resume(Config(run=RunConfig(checkpoint_dir=roots[rank], resume=True)))
-        results.put((rank, ("agreed", folder, token)))
+        folder = agree_resume(Config(run=RunConfig(checkpoint_dir=roots[rank], resume=True)))
+        results.put((rank, ("agreed", folder)))
     except AgreedError as exc:
         results.put((rank, ("refused", str(exc), None)))
 
@@ -106,6 +107,6 @@ def test_every_rank_resumes_from_the_same_checkpoint_or_none_does(tmp_path):
         (tmp_path / name / f"step-{step:09d}").mkdir(parents=True)
         (tmp_path / name / f"step-{step:09d}" / "MANIFEST.json").write_text(json.dumps({"position": {"step": step}}))
     same = run_ranks(_resume_where, 2, args=([str(tmp_path / "shared")] * 2,))
-    assert [r[0] for r in same] == ["agreed"] * 2 and same[0][1:] == same[1][1:]  # one folder, one token
+    assert [r[0] for r in same] == ["agreed"] * 2 and same[0][1:] == same[1][1:]  # one folder
     differ = run_ranks(_resume_where, 2, args=([str(tmp_path / "shared"), str(tmp_path / "other")],))
     assert [r[0] for r in differ] == ["refused"] * 2 and "do not see the same checkpoint" in differ[0][1]

@@ -11,6 +11,7 @@ from pipeline.block.blocks import Block
 from pipeline.config import Config
 from pipeline.data import BatchSource
 from pipeline.model.feedback import output_error
+from pipeline.model.dry_run import NetworkShape
 from pipeline.model.factories import build_blocks
 from pipeline.engine.remote_heads import heads_step, layer_step
 
@@ -108,11 +109,13 @@ def _block_step(block: Block, x: torch.Tensor, y: torch.Tensor, dfa: bool, class
     return layer_s, heads_s, held[1].detach(), held[0].detach()
 
 
-def block_costs(cfg: Config, device: torch.device, batches: int = 6, warmup: int = 2, path: str = "host") -> BlockCosts:
+def block_costs(cfg: Config, device: torch.device, batches: int = 6, warmup: int = 2, path: str = "host",
+                network: NetworkShape | None = None) -> BlockCosts:
     """Every block's costs (BlockCosts), measured on random batches of the run's shape: the median of `batches`
-    timed steps after `warmup` untimed ones. send and send_h are timed along the transport's `path` (_send_cost)."""
+    timed steps after `warmup` untimed ones. send and send_h are timed along the transport's `path` (_send_cost).
+    `network`: the run's dry-run shapes where the caller holds them (its plan's)."""
     shape, classes = BatchSource.shape_of(cfg.data)
-    blocks: list[Block] = build_blocks(cfg, shape, classes, device=device)
+    blocks: list[Block] = build_blocks(cfg, shape, classes, device=device, shape=network)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(cfg.data.batch_size, *shape, generator=gen).to(device)
     y = torch.randint(0, classes, (cfg.data.batch_size,), generator=gen).to(device)

@@ -76,12 +76,29 @@ class _BlockFailed(Exception):
     pass
 
 
-def _dry_run(network: Network, ctx: NetworkContext, device: torch.device) -> NetworkShape:
+def blocks_unlike_plan(network: Network, ctx: NetworkContext, indices: list[int], planned: NetworkShape) -> list[int] | None:
+    """The blocks at `indices` that this process's factory builds otherwise than the plan's dry run saw them (their
+    shapes, parameters or structure): a dry run of just those blocks on the meta device, each from its planned
+    input. None where they cannot run there (data-dependent code): the caller compares what it built instead."""
+    try:
+        seen = _dry_run(network, ctx, torch.device("meta"), indices, planned).blocks
+    except ConfigError:  # a block that does not take its planned input
+        return list(indices)
+    except Exception:
+        return None
+    return [index for index, shape in zip(indices, seen) if shape != planned.blocks[index]]
+
+
+def _dry_run(network: Network, ctx: NetworkContext, device: torch.device, indices: list[int] | None = None,
+             planned: NetworkShape | None = None) -> NetworkShape:
 
     shapes = []
     x = torch.zeros(DRY_BATCH, *ctx.input_shape, device=device)
     last = len(network) - 1
-    for index, spec in enumerate(network.blocks):
+    for index in range(len(network)) if indices is None else indices:
+        spec = network.blocks[index]
+        if planned is not None:  # each block alone, from the input the plan says it gets
+            x = torch.zeros(DRY_BATCH, *planned.blocks[index].input, device=device)
         where = "the network's input" if index == 0 else f"block {index - 1}'s output"
         in_shape = tuple(x.shape[1:])
         with torch.device(device), torch.no_grad():

@@ -166,23 +166,23 @@ def check_network(cfg: Config) -> tuple[Network, NetworkContext, NetworkShape]:
 def splittable(cfg: Config, index: int, resolved: tuple | None = None) -> str | None:
     """None if block `index`'s heads may run on another stage than its layer, else why not (`resolved`: the
     run's network as resolve gives it, or None to resolve it here)."""
-    _, ctx, shape = resolved or resolve(cfg)
+    network, ctx, shape = resolved or resolve(cfg)
     if index == len(shape.blocks) - 1:
         return "it is the output classifier, whose loss is its own"
     if not shape.blocks[index].heads:
         return "it has no local heads" + (" (DFA trains it from the output error)" if shape.blocks[index].feedback else "")
     if cfg.run.precision == "fp16":
         return "--precision fp16 scales the block's loss with one scaler over its layer and heads: use bf16"
-    if _heads_draw_random_numbers(cfg, index, ctx, shape):
+    if _heads_draw_random_numbers(cfg, index, network, ctx, shape):
         return ("its heads draw random numbers from the block's generator, which its layer's stage draws from too "
                 "(keep them on their layer's stage)")
     return None
 
 
-def _heads_draw_random_numbers(cfg: Config, index: int, ctx: NetworkContext, shape: NetworkShape) -> bool:
+def _heads_draw_random_numbers(cfg: Config, index: int, network: Network, ctx: NetworkContext, shape: NetworkShape) -> bool:
     """Whether block `index`'s heads draw from the block's generator (dropout in a user's head): their loss on a
     random batch of 2, built on the CPU, compared with the generator's state before."""
-    block = build_blocks(cfg, ctx.input_shape, ctx.num_classes, indices=[index], shape=shape)[0]
+    block = build_blocks(cfg, ctx.input_shape, ctx.num_classes, indices=[index], resolved=(network, ctx, shape))[0]
     before = block.generator.get_state()
     block.train()
     h = torch.randn(2, *shape.blocks[index].activation)
@@ -193,12 +193,16 @@ def _heads_draw_random_numbers(cfg: Config, index: int, ctx: NetworkContext, sha
 
 def build_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
                  indices: Sequence[int] | None = None, device: str | torch.device = "cpu",
-                 placement: Placement | None = None, rank: int = 0, shape: NetworkShape | None = None) -> list[Block]:
+                 placement: Placement | None = None, rank: int = 0, shape: NetworkShape | None = None,
+                 resolved: tuple[Network, NetworkContext, NetworkShape] | None = None) -> list[Block]:
     """Build blocks of the run's network (all, or those at `indices`; with a `placement`, stage `rank`'s, each
     knowing the half it trains of a split block), each under its own seed, so that any process builds the same
     block; parameters are drawn on the CPU and then moved, so a block's initial weights do not depend on the
-    device. With the run's dry-run `shape` (its plan's) the factory is called but the dry run is not repeated."""
-    if shape is None:
+    device. With the run's dry-run `shape` (its plan's) the factory is called but the dry run is not repeated; with
+    all that `resolved` gives (network, context, shape), neither is."""
+    if resolved is not None:
+        network, ctx, shape = resolved
+    elif shape is None:
         network, ctx, shape = resolve(cfg, tuple(input_shape), num_classes)
     else:
         network, ctx = make_network(cfg, tuple(input_shape), num_classes)
@@ -235,10 +239,11 @@ def weights_checksum(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def initial_checksums(cfg: Config, indices: Sequence[int], shape: NetworkShape) -> dict[int, tuple[str, str]]:
-    """The checksum and the structure of each block at `indices` as this process builds it from the run's dry-run
-    `shape` (on the CPU, one at a time, freed after)."""
-    network, ctx = make_network(cfg, *BatchSource.shape_of(cfg.data))
+def initial_checksums(cfg: Config, indices: Sequence[int],
+                      resolved: tuple[Network, NetworkContext, NetworkShape]) -> dict[int, tuple[str, str]]:
+    """The checksum and the structure of each block at `indices` as this process builds it from the factory's
+    network and the run's dry-run shapes, `resolved` (on the CPU, one at a time, freed after)."""
+    network, ctx, shape = resolved
     checked = {}
     for index in indices:
         block = _fresh_block(cfg, network, ctx, shape, index)

@@ -12,6 +12,7 @@ stands above the ranks, rank 0 makes it and sends it to the others (`share_plan`
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 
@@ -58,17 +59,30 @@ def make_plan(cfg: Config) -> RunPlan:
     return RunPlan(cfg, ctx.input_shape, ctx.num_classes, shape, placement, split, resume_from, uuid.uuid4().hex)
 
 
+# What each rank keeps of its own config under torchrun: where this node binds, reads and writes (README: a
+# node's --zmq-host is its own address), not what the stages must agree on
+NODE_LOCAL = {"data": ("data_dir", "download"), "pipeline": ("zmq_host", "zmq_curve_keys"),
+              "run": ("out", "tensorboard", "threads", "progress")}
+
+
 def share_plan(cfg: Config, rank: int) -> RunPlan:
-    """Under torchrun (collective): rank 0 makes the plan from its config and every rank receives it. A plan rank 0
-    cannot make is refused on every rank with rank 0's reason. broadcast_object_list pickles the plan: it goes
-    only between the ranks of this run's own process group."""
+    """Under torchrun (collective): rank 0 makes the plan from its config and every rank receives it, keeping its
+    own node-local settings (NODE_LOCAL). A plan rank 0 cannot make is refused on every rank with rank 0's reason
+    (and rank 0 raises what it met). broadcast_object_list pickles the plan: it goes only between the ranks of
+    this run's own process group."""
     made: list = [None]
+    failed: BaseException | None = None
     if rank == 0:
         try:
             made = [make_plan(cfg)]
-        except ConfigError as exc:
-            made = [str(exc)]
+        except Exception as exc:  # noqa: BLE001 - every rank must leave the broadcast, and with the reason
+            failed, made = exc, [str(exc) if isinstance(exc, ConfigError) else f"stage 0 could not plan the run "
+                                 f"({type(exc).__name__}: {exc})"]
     dist.broadcast_object_list(made, src=0)
+    if failed is not None and not isinstance(failed, ConfigError):
+        raise failed
     if isinstance(made[0], str):
         raise AgreedError(made[0])
-    return made[0]
+    sections = {name: dataclasses.replace(getattr(made[0].cfg, name), **{f: getattr(getattr(cfg, name), f) for f in fields})
+                for name, fields in NODE_LOCAL.items()}
+    return dataclasses.replace(made[0], cfg=dataclasses.replace(made[0].cfg, **sections))

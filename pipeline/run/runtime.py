@@ -30,8 +30,8 @@ from pipeline.data import BatchSource
 from pipeline.run.determinism import use_deterministic
 from pipeline.run.faults import Hooks
 from pipeline.run.interrupt import StopRequest
-from pipeline.model.dry_run import block_structure
-from pipeline.model.factories import build_blocks, initial_checksums, weights_checksum
+from pipeline.model.dry_run import block_structure, blocks_unlike_plan
+from pipeline.model.factories import build_blocks, initial_checksums, make_network, weights_checksum
 from pipeline.run.plan import RunPlan, share_plan
 from pipeline.engine.partition import Placement, as_sizes, balanced_partition, balanced_placement, resolve_placement, stage_times
 from pipeline.engine.profile import block_costs, send_path
@@ -116,12 +116,14 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
                             timeout=timeout)
     # every rank takes part, and all decide on every rank's facts: the same backend everywhere, or the same error
     backend = agree_backend(cfg.pipeline.dist_backend, device_facts(device)) if cfg.pipeline.transport == "dist" else None
-    agree_resume(cfg)  # what this rank sees (under torchrun each rank resolved --auto-resume alone)
+    seen = agree_resume(cfg)  # what this rank sees (under torchrun each rank resolved --auto-resume alone)
     plan = plan or share_plan(cfg, rank)
     cfg = plan.cfg
+    if seen != plan.resume_from:  # every rank sees the same folder (agreed above): all refuse alike
+        raise AgreedError(f"the stages see checkpoint {seen} but the run was planned to resume from {plan.resume_from}: "
+                          f"was a checkpoint written or removed while the run started?")
     placement, profile = agree_partition(plan, rank, world, device, send_path(device, cfg.pipeline.transport, backend))
-    blocks = stage_blocks(plan, rank, placement, device)
-    agree_network(plan, rank, world, blocks, placement)
+    blocks = agreed_blocks(plan, rank, world, placement, device)
     links = open_links(cfg.pipeline.transport, rank, world, device, gradients=gradient_links(cfg, placement),
                        dist_backend=backend or "gloo", zmq_host=cfg.pipeline.zmq_host,
                        zmq_curve_keys=cfg.pipeline.zmq_curve_keys, local_queues=local_queues, timeout=timeout)
@@ -139,11 +141,12 @@ def run_stage(cfg: Config, rank: int, world: int, local_rank: int, local_world: 
     return EXIT_STOPPED if stage.stopped_at else 0
 
 
-def stage_blocks(plan: RunPlan, rank: int, placement: Placement, device: torch.device) -> list:
+def stage_blocks(plan: RunPlan, rank: int, placement: Placement, device: torch.device,
+                 resolved: tuple | None = None) -> list:
     """The blocks stage `rank` trains, built from the run's seed and the plan's shapes (a split block: both halves,
-    each stepping its own)."""
+    each stepping its own); `resolved`: the factory's network and context, where the caller has called it."""
     return build_blocks(plan.cfg, plan.input_shape, plan.num_classes, device=device, placement=placement, rank=rank,
-                        shape=plan.shape)
+                        shape=plan.shape, resolved=resolved)
 
 
 def make_stage(plan: RunPlan, rank: int, world: int, placement: Placement, blocks: list, links, device: torch.device,
@@ -180,29 +183,51 @@ def agree_resume(cfg: Config) -> str | None:
     return folder
 
 
-def agree_network(plan: RunPlan, rank: int, world: int, blocks: list, placement: Placement) -> None:
-    """Every block is the plan's and starts from the same weights in every process (collective). The factory and
-    each block are built under seeds derived from the run's alone, which covers torch's, Python's and numpy's global
-    generators; what they cannot cover (a factory that reads an environment variable or a file that differs
-    between ranks, or seeds from the process id) is caught here: each stage compares the blocks it built, and its
-    rebuilds of the next stage's, with the plan's dry run, and their weights with the other ranks' builds; a
-    difference is refused on every rank alike."""
+def agreed_blocks(plan: RunPlan, rank: int, world: int, placement: Placement, device: torch.device) -> list:
+    """Stage `rank`'s blocks, each the plan's and starting from the same weights in every process (collective).
+
+    The factory and each block are built under seeds derived from the run's alone, which covers torch's, Python's
+    and numpy's global generators; what they cannot cover (a factory that reads an environment variable or a file
+    that differs between ranks, or seeds from the process id) is caught here. Each stage builds its blocks and the
+    next stage's, dry-runs just those on the meta device and compares them with the plan's dry run (shapes,
+    parameters, structure), and compares their weights with the other ranks' builds. A difference, or a build
+    that fails, is refused on every rank alike: no rank raises before the exchange while the others wait in it."""
+    cfg, blocks, problem, odd, mine = plan.cfg, [], None, False, []
+    try:
+        network, ctx = make_network(cfg, plan.input_shape, plan.num_classes)
+        resolved = network, ctx, plan.shape
+        blocks = stage_blocks(plan, rank, placement, device, resolved)
+        if world > 1:
+            following = list(placement.ranges[(rank + 1) % world])
+            rebuilt = initial_checksums(cfg, following, resolved)
+            # the blocks it trains and its rebuilds of the next stage's, kept apart: a split block is in both
+            checked = [(b.index, weights_checksum(b), block_structure(b)) for b in blocks]
+            checked += [(index, checksum, structure) for index, (checksum, structure) in rebuilt.items()]
+            mine = [[index, checksum] for index, checksum, _ in checked]
+            mine_indices = sorted({index for index, _, _ in checked})
+            unlike = blocks_unlike_plan(network, ctx, mine_indices, plan.shape)
+            odd = len(network) != plan.blocks or bool(unlike) or any(
+                structure != plan.shape.blocks[index].structure for index, _, structure in checked)
+    except ConfigError as exc:
+        problem = str(exc)
+    except Exception:  # noqa: BLE001 - e.g. fewer blocks than the plan: a network unlike the plan's
+        odd = True
     if world == 1:
-        return
-    cfg = plan.cfg
-    built = {block.index: (weights_checksum(block), block_structure(block)) for block in blocks}
-    rebuilt = initial_checksums(cfg, placement.ranges[(rank + 1) % world], plan.shape)
-    # the blocks it trains and its rebuilds of the next stage's, kept apart: a split block is in both
-    mine = [[index, checksum] for index, (checksum, _) in [*built.items(), *rebuilt.items()]]
-    odd = any(structure != plan.shape.blocks[index].structure for index, (_, structure) in [*built.items(), *rebuilt.items()])
+        if problem is not None:
+            raise ConfigError(problem)
+        return blocks
     seen: dict[int, list[tuple[int, str]]] = {}
-    differ = []
-    for other, text in enumerate(exchange_strings(json.dumps([odd, mine]))):
-        other_odd, checksums = json.loads(text)
+    differ, problems = [], []
+    for other, text in enumerate(exchange_strings(json.dumps([problem, odd, mine]))):
+        other_problem, other_odd, checksums = json.loads(text)
+        if other_problem is not None:
+            problems.append((other, other_problem))
         if other_odd:
             differ.append(other)
         for index, checksum in checksums:
             seen.setdefault(int(index), []).append((other, checksum))
+    if problems:
+        raise AgreedError(f"stage {problems[0][0]}: {problems[0][1]}")
     if differ:
         same = next((r for r in range(world) if r not in differ), None)
         pair = f"stage {same} and stage {differ[0]}" if same is not None else "the plan's dry run and every stage"
@@ -215,6 +240,7 @@ def agree_network(plan: RunPlan, rank: int, world: int, blocks: list, placement:
             raise AgreedError(f"--model {cfg.model.name}: block {index} starts from different weights in stage "
                               f"{first} and stage {other}: the factory draws random numbers or reads values that "
                               f"differ between processes (build modules in the specs, or only from the run's seed)")
+    return blocks
 
 
 def gradient_links(cfg: Config, placement: Placement | None, world: int | None = None) -> list[tuple[int, int]]:
@@ -258,7 +284,7 @@ def choose_placement(plan: RunPlan, world: int, device: torch.device, path: str 
     if resumed is not None:  # the placement the checkpoint was written with, not a new profile's
         placement, profile = resumed, {"resumed_placement": list(resumed.entries)}
     else:
-        costs = block_costs(cfg, device, path=path)
+        costs = block_costs(cfg, device, path=path, network=plan.shape)
         splittable = list(plan.splittable)
         placement, times = balanced_placement(costs.layer, costs.heads, costs.send, costs.send_h, splittable, world,
                                               exact=cfg.pipeline.heads_max_delay == 0)

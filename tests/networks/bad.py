@@ -56,6 +56,19 @@ def by_rank(ctx):  # reads what differs between the stage processes
                        _out(16, ctx)])
 
 
+def fewer_by_rank(ctx):  # one block fewer on stage 1: its build fails where the others' succeed
+    hidden = [lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 16)))]
+    if os.environ.get("RANK", "0") != "1":
+        hidden.append(lp.BlockSpec(lambda: nn.Linear(16, 16)))
+    return lp.Network([*hidden, _out(16, ctx)])
+
+
+def pooled_by_rank(ctx):  # the same parameters everywhere, but stage 2's block 0 halves its output (no parameter)
+    after = (lambda: nn.MaxPool1d(2)) if os.environ.get("RANK", "0") == "2" else None
+    return lp.Network([lp.BlockSpec(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 16)), after=after),
+                       lp.BlockSpec(lambda: nn.Linear(16, 16)), _out(16, ctx)])
+
+
 def failing(ctx):
     raise KeyError("num_blocks")
 

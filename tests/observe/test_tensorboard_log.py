@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -36,11 +34,13 @@ def test_a_sequential_runs_events_read_back_with_the_expected_tags(tmp_path):
 
 
 def test_a_pipelines_events_have_every_stages_busy_fraction(tmp_path):
+    """Two stages (as threads: the last stage writes the events wherever its stages run)."""
     pytest.importorskip("tensorboard")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", *SMALL, "--stages", "2", "--transport", "local",
-                           "--out", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    from pipeline.cli import build_parser, config_from_args
+    from pipeline.run.in_process import run_in_process
+
+    run_in_process(config_from_args(build_parser().parse_args(
+        ["train", *SMALL, "--stages", "2", "--out", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")])))
     read = scalars(tmp_path / "tb")
     busy = json.loads((tmp_path / "run" / "summary.json").read_text())["busy_fraction"]
     assert [read[f"busy_fraction/stage_{k}"][0][1] for k in (0, 1)] == pytest.approx(busy, rel=1e-6)

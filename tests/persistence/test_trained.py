@@ -1,14 +1,13 @@
 """A finished run back as a network: evaluate reproduces summary.json, load gives the sequential logits, bad files exit 2."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import pipeline
-from pipeline.cli import main
+from pipeline.cli import build_parser, config_from_args, main
+from pipeline.run.in_process import run_in_process
 from pipeline.data import BatchSource
 from pipeline.persistence.trained import early_exit, evaluate, run_config
 
@@ -19,13 +18,13 @@ SMALL = ["--dataset", "synthetic", "--synthetic-train-size", "256", "--synthetic
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same network trained sequentially (in this process) and as 3 zmq stages (3 processes), two of its blocks
-    split (their layers on one stage, their heads on the next: each half saved by its own stage)."""
+    """The same network trained sequentially and as 3 stages (threads: every stage writes its own weights file),
+    two of its blocks split (their layers on one stage, their heads on the next: each half saved by its own stage)."""
     root = tmp_path_factory.mktemp("runs")
     assert main(["train", *SMALL, "--out", str(root / "seq")]) == 0
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", *SMALL, "--stages", "3", "--transport", "zmq",
-                           "--partition", "0.5,1,1.5", "--out", str(root / "k3")], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
+    run_in_process(config_from_args(build_parser().parse_args(
+        ["train", *SMALL, "--stages", "3", "--partition", "0.5,1,1.5", "--out", str(root / "k3")])))
+    assert len(list((root / "k3").glob("weights-stage*.pt"))) == 3
     return root
 
 

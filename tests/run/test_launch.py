@@ -125,8 +125,8 @@ LONG = [arg for arg in RUN if arg != "--no-progress"] + ["--stages", "3"] + LONG
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("victim", [0, 1, 2])
-@pytest.mark.parametrize("transport", ["dist", "zmq", "local"])
+# one run per transport, each killing another position: the first stage, a middle one, the last
+@pytest.mark.parametrize("transport,victim", [("local", 0), ("zmq", 1), ("dist", 2)])
 def test_killing_any_stage_ends_every_process_within_seconds(transport, victim):
     code, err, elapsed, pid, left = _kill_mid_run(LONG + ["--transport", transport], victim)
     assert code == 1 and elapsed < 10, (code, elapsed, err[-2000:])
@@ -135,7 +135,7 @@ def test_killing_any_stage_ends_every_process_within_seconds(transport, victim):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("victim", [0, 1, 2])
+@pytest.mark.parametrize("victim", [0, 2])  # the first stage (rank 0 plans the run) and the last
 def test_killing_a_stage_under_torchrun_ends_every_process_within_seconds(victim):
     # torchrun SIGTERMs the survivors and SIGKILLs them 30 s later; they must not wait for a checkpoint that the
     # dead stage can never complete

@@ -38,47 +38,36 @@ def test_the_plan_holds_the_placement_and_what_the_attempt_resumes_from(tmp_path
     assert auto.placement is None and auto.splittable == (True, True, False)  # the output block is never split
 
 
-def _shared(rank, world, port, results, bad):
-    from pipeline.errors import AgreedError
-    from pipeline.run.plan import share_plan
-
-    init_gloo(rank, world, port)
-    # every rank's config differs in its seed: the plan carries rank 0's to all
-    cfg = small_config(model="no-such-model" if bad else "mlp", stages=world, run__seed=10 + rank)
-    try:
-        plan = share_plan(cfg, rank)
-        results.put((rank, ("plan", plan.cfg.run.seed, plan.token, plan.network)))
-    except AgreedError as exc:
-        results.put((rank, ("refused", str(exc), None, None)))
+BAD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "networks", "bad.py")
+UNLIKE = {"by_rank": "stage 0 and stage 1", "fewer_by_rank": "stage 0 and stage 1", "pooled_by_rank": "stage 0 and stage 2"}
 
 
-@pytest.mark.timeout(120)
-def test_under_torchrun_rank_0s_plan_reaches_every_rank():
-    shared = run_ranks(_shared, 3, args=(False,))
-    assert [r[0] for r in shared] == ["plan"] * 3 and len({r[1:] for r in shared}) == 1 and shared[0][1] == 10
-    refused = run_ranks(_shared, 3, args=(True,))
-    assert [r[0] for r in refused] == ["refused"] * 3 and "unknown --model 'no-such-model'" in refused[2][1]
+def _ranks(rank, world, port, results):
+    """What three torchrun-like ranks make of the plan, in one process group (one start-up for every case)."""
+    import torch
 
-
-def _shared_keeps_local(rank, world, port, results):
-    from pipeline.run.plan import share_plan
-
-    init_gloo(rank, world, port)
-    cfg = small_config(stages=world, data__data_dir=f"/data-{rank}", run__out=f"/out-{rank}", run__seed=10 + rank)
-    plan = share_plan(cfg, rank)
-    results.put((rank, (plan.cfg.data.data_dir, plan.cfg.run.out, plan.cfg.run.seed)))
-
-
-@pytest.mark.timeout(120)
-def test_each_rank_keeps_where_its_node_reads_and_writes():
-    assert run_ranks(_shared_keeps_local, 2) == [("/data-0", "/out-0", 10), ("/data-1", "/out-1", 10)]
-
-
-def _plan_crashes(rank, world, port, results):
     from pipeline.errors import AgreedError
     from pipeline.run import plan as plan_module
+    from pipeline.run.runtime import agreed_blocks
 
     init_gloo(rank, world, port)
+    seen = {}
+    # every rank's config differs in its seed and its node's folders: the plan carries rank 0's seed to all
+    plan = plan_module.share_plan(small_config(stages=world, run__seed=10 + rank, data__data_dir=f"/data-{rank}",
+                                               run__out=f"/out-{rank}"), rank)
+    seen["plan"] = [plan.cfg.run.seed, plan.token, plan.network, plan.cfg.data.data_dir, plan.cfg.run.out]
+    try:
+        plan_module.share_plan(small_config(model="no-such-model", stages=world), rank)
+    except AgreedError as exc:
+        seen["bad model"] = str(exc)
+    for model in UNLIKE:
+        plan = make_plan(small_config(model=f"{BAD}:{model}", stages=world))  # as the launcher makes it: no RANK
+        os.environ["RANK"] = str(rank)  # what the factory reads in the stage
+        try:
+            seen[model] = [b.index for b in agreed_blocks(plan, rank, world, plan.placement, torch.device("cpu"))]
+        except AgreedError as exc:
+            seen[model] = str(exc)
+        del os.environ["RANK"]
 
     def crash(cfg):
         raise RuntimeError("disk on fire")
@@ -87,41 +76,34 @@ def _plan_crashes(rank, world, port, results):
     try:
         plan_module.share_plan(small_config(stages=world), rank)
     except (AgreedError, RuntimeError) as exc:
-        results.put((rank, (type(exc).__name__, str(exc))))
+        seen["crash"] = f"{type(exc).__name__}: {exc}"
+    results.put((rank, seen))
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return run_ranks(_ranks, 3, timeout=90)
 
 
 @pytest.mark.timeout(120)
-def test_a_plan_that_fails_on_rank_0_for_any_reason_releases_every_rank_with_it():
-    assert run_ranks(_plan_crashes, 3) == [("RuntimeError", "disk on fire")] + [
-        ("AgreedError", "stage 0 could not plan the run (RuntimeError: disk on fire)")] * 2
-
-
-def _agree_blocks(rank, world, port, results, model):
-    import os
-
-    import torch
-
-    from pipeline.errors import AgreedError
-    from pipeline.run.runtime import agreed_blocks
-
-    init_gloo(rank, world, port)
-    plan = make_plan(small_config(model=model, stages=world))  # as the launcher makes it: no RANK there
-    os.environ["RANK"] = str(rank)  # what the factory reads in the stage
-    try:
-        blocks = agreed_blocks(plan, rank, world, plan.placement, torch.device("cpu"))
-        results.put((rank, ("built", [b.index for b in blocks])))
-    except AgreedError as exc:
-        results.put((rank, ("refused", str(exc))))
+def test_under_torchrun_rank_0s_plan_reaches_every_rank_which_keeps_its_own_folders(ranks):
+    plans = [seen["plan"] for seen in ranks]
+    assert [p[0] for p in plans] == [10] * 3 and len({tuple(p[1:3]) for p in plans}) == 1
+    assert [p[3:] for p in plans] == [[f"/data-{r}", f"/out-{r}"] for r in range(3)]
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("model,pair", [("by_rank", "stage 0 and stage 1"), ("fewer_by_rank", "stage 0 and stage 1"),
-                                        ("pooled_by_rank", "stage 0 and stage 2")])
-def test_a_stage_whose_factory_builds_otherwise_is_refused_on_every_rank(model, pair):
+def test_a_plan_rank_0_refuses_or_fails_to_make_releases_every_rank_with_its_reason(ranks):
+    assert all("unknown --model 'no-such-model'" in seen["bad model"] for seen in ranks)
+    assert [seen["crash"] for seen in ranks] == ["RuntimeError: disk on fire"] + [
+        "AgreedError: stage 0 could not plan the run (RuntimeError: disk on fire)"] * 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model", UNLIKE)
+def test_a_stage_whose_factory_builds_otherwise_is_refused_on_every_rank(ranks, model):
     """Widths that differ, a block fewer (its build fails on one rank only), and a parameter-free step that changes a
     block's output but none of its parameters: each refused on all 3 ranks, none left waiting."""
-    name = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "networks", "bad.py") + f":{model}"
-    results = run_ranks(_agree_blocks, 3, args=(name,))
-    message = (f"--model {name} built different networks on different ranks ({pair} differ): the factory must "
-               f"depend on its context only")
-    assert results == [("refused", message)] * 3
+    message = (f"--model {BAD}:{model} built different networks on different ranks ({UNLIKE[model]} differ): the "
+               f"factory must depend on its context only")
+    assert [seen[model] for seen in ranks] == [message] * 3

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 from pipeline.errors import ConfigError
@@ -35,6 +36,9 @@ class Hooks:
     fail_batch: int | None = None
     fail_mode: str = "raise"
     stop_at: tuple[int, int] | None = None  # (epoch, batch): as if a signal came just before that training batch
+    # what ends an injected hang: a stage process sleeps for good, as a stuck one would (its neighbours must notice);
+    # stages as threads are released when their run is aborted, so that no thread is left behind
+    release: threading.Event | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.fail_mode not in MODES:
@@ -64,14 +68,14 @@ class Hooks:
     def fault(self, rank: int) -> InjectedFault:
         """Stage `rank`'s fault (none where another stage, or no stage, is to fail)."""
         mine = self.fail_stage == rank
-        return InjectedFault(rank, self.fail_batch if mine else None, self.fail_mode)
+        return InjectedFault(rank, self.fail_batch if mine else None, self.fail_mode, self.release)
 
 
 class InjectedFault:
     """The fault stage `rank` is to suffer at training batch `batch` (its index within every epoch), if any."""
 
-    def __init__(self, rank: int, batch: int | None = None, mode: str = "raise"):
-        self.rank, self.batch, self.mode = rank, batch, mode
+    def __init__(self, rank: int, batch: int | None = None, mode: str = "raise", release: threading.Event | None = None):
+        self.rank, self.batch, self.mode, self.release = rank, batch, mode, release
 
     @contextlib.contextmanager
     def around(self, batch: int, blocks: list) -> Iterator[None]:
@@ -81,7 +85,10 @@ class InjectedFault:
             return
         if self.mode == "hang":
             print(f"stage {self.rank}: injected hang at batch {batch} ({FAULT_ENV})", file=sys.stderr, flush=True)
-            time.sleep(10 ** 6)  # a stuck stage: its neighbours must notice (--stall-timeout)
+            if self.release is None:
+                time.sleep(10 ** 6)  # a stuck stage: its neighbours must notice (--stall-timeout)
+            self.release.wait()
+            raise RuntimeError(f"released from the injected hang at batch {batch}: the run was aborted")
         if self.mode == "raise":
             raise RuntimeError(f"injected failure at batch {batch} ({FAULT_ENV})")
         block = blocks[0]

@@ -13,6 +13,8 @@ one thread per stage, as the equivalence tests do.
 
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 import time
 
@@ -60,6 +62,7 @@ def _run(plan: RunPlan, hooks: Hooks, timeout: float, world: int, device: torch.
     cfg = plan.cfg
     placement, profile = choose_placement(plan, world, device)
     abort = threading.Event()
+    hooks = dataclasses.replace(hooks, release=abort)  # an injected hang ends with the run (pipeline/run/faults.py)
     queues = make_queues(ThreadQueues(abort), world, cfg.pipeline.queue_depth, gradient_links(cfg, placement))
     stages = []
     for rank in range(world):

@@ -162,3 +162,36 @@ def test_a_non_finite_loss_in_a_pipeline_stage_stops_the_run_naming_stage_batch_
     assert "error: stage 0, epoch 1 batch 1, block 0: loss is not finite" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+# stage 1 hangs at batch 10 (stages as threads: the hang ends when the run is aborted, pipeline/run/faults.py)
+STALLS = [
+    # stage 1 takes no more batches: stage 0's queue fills up, then its compute thread cannot hand one on
+    ("room to send", dict(pipeline__queue_depth=1), "stage 0 waited 3 s for stage 1 to take a batch (--stall-timeout)"),
+    # stage 1 (the last) never sends batch 10's error back
+    ("a DFA error", dict(loss="dfa", pipeline__dfa_sync=True),
+     "stage 0 waited 3 s for the error of batch 10 from the last stage (--stall-timeout)"),
+    # stage 1 runs block 1's heads and never sends batch 10's dL/dh back
+    ("dL/dh", dict(pipeline__partition=(1.5, 1.5)),
+     "stage 0 waited 3 s for dL/dh of block 1, batch 10, from stage 1 (--stall-timeout)"),
+    # stage 1 runs block 1's layer (its heads first, on stage 0) and never sends batch 10's h back
+    ("h", dict(pipeline__partition=("1.5h", 1.5)),
+     "stage 0 waited 3 s for h of block 1, batch 10, from stage 1 (--stall-timeout)")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("waiting_for,options,message", STALLS, ids=[s[0] for s in STALLS])
+def test_each_wait_of_a_stage_notices_a_stuck_neighbour(waiting_for, options, message):
+    """The stall timeout on every wait a stage makes: for room to send, and for each kind of remote gradient.
+    (Stuck stage processes over dist and zmq: tests/run/test_launch.py.)"""
+    from pipeline.engine.stage import StallError
+    from pipeline.run.faults import Hooks
+    from pipeline.run.in_process import StageFailed, run_in_process
+
+    cfg = small_config(stages=2, data__synthetic_train_size=2000, pipeline__stall_timeout=3.0, **options)
+    started = time.monotonic()
+    with pytest.raises(StageFailed) as failed:
+        run_in_process(cfg, Hooks(fail_stage=1, fail_batch=10, fail_mode="hang"))
+    rank, first = failed.value.failures[0]
+    assert (rank, type(first)) == (0, StallError) and str(first).startswith(message), str(first)
+    assert time.monotonic() - started < 12  # the hung stage was released, not waited for (3 s, then a 10 s grace)

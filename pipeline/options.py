@@ -40,6 +40,7 @@ from pipeline.errors import ConfigError
 
 SECTIONS = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "data": DataConfig,
             "pipeline": PipelineConfig, "run": RunConfig}
+BASE_DEFAULTS = rule_defaults("predsim")  # the options whose default depends on the rule, at a local rule's
 TITLES = {"loss": "learning rule", "optim": "optimizer"}  # the --help group of a section, where not its name
 
 
@@ -126,7 +127,7 @@ class Option:
 
     @property
     def rule_dependent(self) -> bool:
-        return self.name in rule_defaults("predsim")
+        return self.name in BASE_DEFAULTS
 
 
 @functools.cache
@@ -191,7 +192,7 @@ def _help(option: Option, flags: dict[str, str]) -> str:
     if option.rule_dependent:
         rules = "".join(f"; under --loss {rule}: {_show(values[option.name])}" for rule, values in RULE_DEFAULTS.items()
                         if option.name in values)
-        return f"{text} (default {_show(rule_defaults('predsim')[option.name])}{rules})"
+        return f"{text} (default {_show(BASE_DEFAULTS[option.name])}{rules})"
     if option.kind is bool and option.flag.startswith("--no-"):
         lowered = text[:1].lower() + text[1:] if text[1:2].islower() else text  # not DFA's D
         return f"turn off (on by default): {lowered}"

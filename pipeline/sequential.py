@@ -44,10 +44,10 @@ class SequentialTrainer:
         self.device = torch.device(cfg.run.device)
         torch.set_num_threads(cfg.run.threads or default_threads(1))
         self.source = source or BatchSource(cfg.data, cfg.run.seed, self.device)
-        shape = resolve(cfg, self.source.input_shape, self.source.num_classes)[2]  # the network's one dry run
-        self.network = shape.fingerprint
+        resolved = resolve(cfg, self.source.input_shape, self.source.num_classes)  # one factory call, one dry run
+        self.network = resolved[2].fingerprint
         self.blocks: list[Block] = build_blocks(cfg, self.source.input_shape, self.source.num_classes, device=self.device,
-                                                shape=shape)
+                                                resolved=resolved)
         self.watch = NonFiniteWatch(device=self.device).attach(self.blocks)  # read before weights or stats are
         self.memory = MemoryMeter().attach(self.blocks)
         self.throughput = Throughput(cfg.run.warmup_batches)

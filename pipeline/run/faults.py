@@ -87,8 +87,9 @@ class InjectedFault:
             print(f"stage {self.rank}: injected hang at batch {batch} ({FAULT_ENV})", file=sys.stderr, flush=True)
             if self.release is None:
                 time.sleep(10 ** 6)  # a stuck stage: its neighbours must notice (--stall-timeout)
-            self.release.wait()
-            raise RuntimeError(f"released from the injected hang at batch {batch}: the run was aborted")
+            else:
+                self.release.wait()
+                raise RuntimeError(f"released from the injected hang at batch {batch}: the run was aborted")
         if self.mode == "raise":
             raise RuntimeError(f"injected failure at batch {batch} ({FAULT_ENV})")
         block = blocks[0]

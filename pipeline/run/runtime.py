@@ -206,8 +206,9 @@ def agreed_blocks(plan: RunPlan, rank: int, world: int, placement: Placement, de
             mine = [[index, checksum] for index, checksum, _ in checked]
             mine_indices = sorted({index for index, _, _ in checked})
             unlike = blocks_unlike_plan(network, ctx, mine_indices, plan.shape)
-            odd = len(network) != plan.blocks or bool(unlike) or any(
-                structure != plan.shape.blocks[index].structure for index, _, structure in checked)
+            if unlike is None:  # not runnable on the meta device: compare what was built
+                unlike = [index for index, _, structure in checked if structure != plan.shape.blocks[index].structure]
+            odd = len(network) != plan.blocks or bool(unlike)
     except ConfigError as exc:
         problem = str(exc)
     except Exception:  # noqa: BLE001 - e.g. fewer blocks than the plan: a network unlike the plan's
